@@ -1,0 +1,344 @@
+"""Typed, validated experiment configuration, read from TOML.
+
+A config has the sections ``model``, ``data``, ``partition``, ``method``, ``federation``,
+``runtime`` and ``output``; each is a dataclass below. Every key is checked where the config is
+built: unknown keys are rejected with the list of valid ones, wrong types and out-of-range values
+name the key. ``method`` holds ``name`` plus the options of that method (see
+:mod:`fedpeft.methods`), so each method validates its own options.
+
+Example
+-------
+>>> cfg = load_config("examples/quickstart.toml", overrides=["federation.rounds=3"])
+>>> cfg.federation.rounds
+3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from fedpeft.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Which pre-trained model to fine-tune.
+
+    ``name`` is a Hugging Face hub id, a local folder, or an alias: ``minilm`` (the packaged,
+    offline all-MiniLM-L6-v2) or ``tiny-bert``/``tiny-gpt2``/``tiny-llama``/``tiny-vit``
+    (small randomly initialised models for tests and smoke runs).
+    """
+
+    name: str = "minilm"
+    max_length: int = 64  # tokens per text sample (longer texts are truncated)
+    image_size: int | None = None  # resize images to this (default: the model's own size)
+
+    def validate(self) -> None:
+        _check(self.max_length >= 2, "model.max_length", "must be >= 2")
+        _check(self.image_size is None or self.image_size >= 8, "model.image_size", "must be >= 8")
+
+
+@dataclass
+class DataConfig:
+    """Where the labelled data comes from.
+
+    ``name`` is a known dataset (see ``fedpeft datasets``) looked up in ``data_dir`` first and on
+    the Hugging Face hub when that folder is absent. ``train``/``test`` are local CSV, JSON(L)
+    or Parquet files, or image folders, and take precedence over ``name``.
+    """
+
+    name: str | None = None
+    train: str | None = None
+    test: str | None = None
+    data_dir: str | None = None  # default: $FEDPEFT_DATA_DIR, then ./data
+    text_column: str | None = None  # default: the dataset's own, else "text"
+    label_column: str | None = None  # default: the dataset's own, else "label"
+    image_column: str | None = None  # default: "image" or "img" for image data
+    max_train_samples: int | None = None  # seeded shuffle, then the first N rows
+    max_test_samples: int | None = None
+    cache_dir: str | None = None  # tokenized-data cache; default ~/.cache/fedpeft
+
+    def validate(self) -> None:
+        _check(
+            self.name is not None or self.train is not None,
+            "data",
+            "set data.name (a known dataset) or data.train (a file path)",
+        )
+        for key in ("max_train_samples", "max_test_samples"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"data.{key}", "must be >= 1")
+
+
+@dataclass
+class PartitionConfig:
+    """How training samples are spread over clients (every sample goes to exactly one client)."""
+
+    scheme: Literal["iid", "dirichlet", "shards"] = "iid"
+    num_clients: int = 10
+    alpha: float = 0.5  # Dirichlet concentration: smaller -> more label skew
+    min_samples: int = 1  # dirichlet: resample until every client has at least this many
+    shards_per_client: int = 2  # shards: classes-ish per client (pathological non-IID)
+
+    def validate(self) -> None:
+        _check(self.num_clients >= 1, "partition.num_clients", "must be >= 1")
+        _check(self.alpha > 0, "partition.alpha", "must be > 0")
+        _check(self.min_samples >= 0, "partition.min_samples", "must be >= 0")
+        _check(self.shards_per_client >= 1, "partition.shards_per_client", "must be >= 1")
+
+
+@dataclass
+class MethodConfig:
+    """The fine-tuning method by registered name, and that method's own options."""
+
+    name: str = "lora"
+    options: Any = None  # the method's Options dataclass instance (filled by from_table)
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> "MethodConfig":
+        from fedpeft.methods import get_method_class, method_names
+
+        table = dict(table)
+        name = table.pop("name", cls.name)
+        if not isinstance(name, str):
+            raise ConfigError(f"method.name: expected a string, got {name!r}")
+        try:
+            method_cls = get_method_class(name)
+        except KeyError:
+            raise ConfigError(
+                f"method.name: unknown method {name!r}; known methods: {', '.join(method_names())}"
+            ) from None
+        options = _build(method_cls.Options, table, "method", extra_valid=["name"])
+        return cls(name=name, options=options)
+
+    def to_table(self) -> dict[str, Any]:
+        return {"name": self.name, **_to_table(self.options)}
+
+
+@dataclass
+class FederationConfig:
+    """Federated rounds, client sampling and instability, and local training."""
+
+    rounds: int = 5
+    clients_per_round: int | float = 1.0  # int: a count; float in (0, 1]: a fraction of clients
+    min_clients: int = 1  # a round aggregates only if at least this many clients reported
+    dropout: float = 0.0  # probability that a selected client fails to report
+    local_epochs: float = 1.0
+    local_steps: int | None = None  # if set, overrides local_epochs (batches per client-round)
+    batch_size: int = 16
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    max_grad_norm: float | None = 1.0  # None disables clipping
+    eval_every: int = 1  # evaluate the global model every N rounds (and after the last)
+    eval_batch_size: int = 64
+    checkpoint_every: int = 1  # write a resumable checkpoint every N rounds
+
+    def validate(self) -> None:
+        _check(self.rounds >= 1, "federation.rounds", "must be >= 1")
+        cpr = self.clients_per_round
+        if isinstance(cpr, float):
+            _check(0 < cpr <= 1, "federation.clients_per_round", "a fraction must be in (0, 1]")
+        else:
+            _check(cpr >= 1, "federation.clients_per_round", "a count must be >= 1")
+        _check(self.min_clients >= 1, "federation.min_clients", "must be >= 1")
+        _check(0 <= self.dropout < 1, "federation.dropout", "must be in [0, 1)")
+        _check(self.local_epochs > 0, "federation.local_epochs", "must be > 0")
+        _check(self.local_steps is None or self.local_steps >= 1, "federation.local_steps", "must be >= 1")
+        _check(self.batch_size >= 1, "federation.batch_size", "must be >= 1")
+        _check(self.lr > 0, "federation.lr", "must be > 0")
+        _check(self.weight_decay >= 0, "federation.weight_decay", "must be >= 0")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "federation.max_grad_norm", "must be > 0")
+        _check(self.eval_every >= 1, "federation.eval_every", "must be >= 1")
+        _check(self.eval_batch_size >= 1, "federation.eval_batch_size", "must be >= 1")
+        _check(self.checkpoint_every >= 1, "federation.checkpoint_every", "must be >= 1")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where the federation runs. ``local`` simulates every client in this process."""
+
+    kind: Literal["local"] = "local"
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads (default: torch's choice)
+    progress: bool = True  # rich progress bar over rounds and clients
+
+
+@dataclass
+class OutputConfig:
+    """Where results go. ``fedpeft run --out DIR`` overrides ``dir``."""
+
+    dir: str = "runs/{method}-{data}-seed{seed}"
+    save_model: bool = True
+
+
+@dataclass
+class Config:
+    """A whole experiment; built by :func:`load_config` or :meth:`from_dict`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(sections))
+        if unknown:
+            raise ConfigError(
+                f"unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(sections)}"
+            )
+        built: dict[str, Any] = {}
+        for name, f in sections.items():
+            table = raw.get(name, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{name}: expected a table [{name}], got {table!r}")
+            if name == "method":
+                built[name] = MethodConfig.from_table(table)
+            else:
+                built[name] = _build(f.default_factory().__class__, table, name)  # type: ignore[misc]
+        return cls(**built)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            out[f.name] = section.to_table() if isinstance(section, MethodConfig) else _to_table(section)
+        return out
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_toml())
+
+    def output_dir(self) -> Path:
+        data = self.data.name or Path(self.data.train or "data").stem
+        return Path(
+            self.output.dir.format(method=self.method.name, data=data, seed=self.runtime.seed)
+        )
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file, apply ``section.key=value`` overrides, and validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return Config.from_dict(apply_overrides(raw, overrides or []))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``section.key=value`` applied.
+
+    The value is read as a TOML value (``3``, ``0.5``, ``true``, ``["a", "b"]``); anything that
+    is not valid TOML is taken as a plain string, so ``method.name=lora`` works unquoted.
+    """
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. federation.rounds=3")
+        section, name = parts
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"--set {item!r}: {section} is not a section")
+        raw[section][name] = value
+    return raw
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _to_table(obj: Any) -> dict[str, Any]:
+    """A dataclass as a TOML-ready dict (TOML has no null: None values are left out)."""
+    if obj is None:
+        return {}
+    return {k: v for k, v in dataclasses.asdict(obj).items() if v is not None}
+
+
+def _build(cls: type, table: dict[str, Any], section: str, extra_valid: list[str] = ()) -> Any:
+    """Build dataclass ``cls`` from ``table``, checking keys and types, then ``validate()``."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        valid = ", ".join(list(extra_valid) + list(fields))
+        raise ConfigError(
+            f"{section}: unknown key(s) {', '.join(unknown)}; valid keys: {valid}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in table.items()}
+    obj = cls(**values)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against type ``hint``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        # int | float: keep the int as a count, a float as a fraction
+        for arg in args:
+            if arg is not type(None) and _matches(value, arg):
+                return _coerce(value, arg, key)
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg, key)
+                except ConfigError:
+                    pass
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value] if args else value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any or _matches(value, hint):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if typing.get_origin(hint) is not None:
+        return False
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

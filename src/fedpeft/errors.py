@@ -1,0 +1,17 @@
+"""Errors that name a user mistake; the CLI prints them as one line, without a traceback."""
+
+
+class FedPeftError(Exception):
+    """Base class for every error caused by input (config, data, files, client updates)."""
+
+
+class ConfigError(FedPeftError):
+    """A configuration key is unknown, of the wrong type or out of range."""
+
+
+class DataError(FedPeftError):
+    """A data file, column, label set or partition is unusable."""
+
+
+class UpdateRejected(FedPeftError):
+    """A client update failed validation (names, shapes, dtypes, non-finite values)."""

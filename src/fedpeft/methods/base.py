@@ -1,0 +1,95 @@
+"""The interface every fine-tuning method implements, and named-state helpers.
+
+A method answers two questions about a model: which parameters train, and which are sent to
+the server. Everything the federation exchanges is a *named state*: a ``dict`` from parameter
+name (as in ``model.named_parameters()`` of the prepared model) to a NumPy array. Never a
+positional list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedpeft.models import ModelInfo
+
+NamedArrays = dict[str, np.ndarray]
+
+
+@dataclass
+class NoOptions:
+    """For methods without options."""
+
+
+class Method:
+    """A fine-tuning method: prepares a model so that exactly its parameters train.
+
+    Subclasses set ``name`` (the registry key), ``Options`` (a dataclass of the method's config
+    keys, validated by :mod:`fedpeft.config`), ``paper`` (a link), and implement :meth:`prepare`.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    paper: ClassVar[str] = ""
+
+    def __init__(self, options: object | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    def prepare(self, model: nn.Module, info: ModelInfo) -> nn.Module:
+        """Freeze/augment ``model`` in place and return the module to train and evaluate.
+
+        The returned module may be a wrapper (e.g. a ``peft.PeftModel``). After this call,
+        ``requires_grad`` is True for exactly the method's trainable parameters; the
+        classification head always trains.
+        """
+        raise NotImplementedError
+
+    def exchanged_names(self, model: nn.Module) -> list[str]:
+        """Names of the parameters sent between clients and server (default: the trainable ones)."""
+        return trainable_names(model)
+
+    def save_pretrained(self, model: nn.Module, directory: Path, state: NamedArrays) -> None:
+        """Write the trainable part so that plain ``transformers``/``peft`` can load it.
+
+        The default writes ``exchanged.safetensors`` (the named state); methods wrapping a
+        ``peft`` model write a peft adapter folder instead.
+        """
+        from safetensors.numpy import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, directory / "exchanged.safetensors")
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def unfreeze_head(model: nn.Module, info: ModelInfo) -> None:
+    for head in info.head_names:
+        for p in getattr(model, head).parameters():
+            p.requires_grad_(True)
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def get_state(model: nn.Module, names: list[str]) -> NamedArrays:
+    """Copy the named parameters out of ``model`` as float arrays (a snapshot, not a view)."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().cpu().numpy().copy() for n in names}
+
+
+@torch.no_grad()
+def set_state(model: nn.Module, state: NamedArrays) -> None:
+    """Copy ``state`` into the model's parameters of the same names (shapes must match)."""
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        param = params[name]
+        param.copy_(torch.from_numpy(np.asarray(value)).to(param.dtype))

@@ -1,0 +1,23 @@
+"""``head``: only the classification head trains (linear probing; FedPEFT's "Head-tuning").
+
+Sun et al. 2022, FedPEFT: https://arxiv.org/abs/2210.01708
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fedpeft.methods.base import Method, freeze_all, unfreeze_head
+from fedpeft.methods.registry import register
+from fedpeft.models import ModelInfo
+
+
+@register
+class Head(Method):
+    name = "head"
+    paper = "https://arxiv.org/abs/2210.01708"
+
+    def prepare(self, model: nn.Module, info: ModelInfo) -> nn.Module:
+        freeze_all(model)
+        unfreeze_head(model, info)
+        return model

