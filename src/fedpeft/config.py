@@ -96,10 +96,16 @@ class PartitionConfig:
 
 @dataclass
 class MethodConfig:
-    """The fine-tuning method by registered name, and that method's own options."""
+    """The fine-tuning method by registered name, and that method's own options.
+
+    Keys that belong to another registered method (e.g. ``r`` when ``name = "head"``) are kept
+    but ignored, so one config can be swept over ``method.name``; keys no method knows are an
+    error.
+    """
 
     name: str = "lora"
     options: Any = None  # the method's Options dataclass instance (filled by from_table)
+    inactive: dict[str, Any] = field(default_factory=dict)  # other methods' keys, kept verbatim
 
     @classmethod
     def from_table(cls, table: dict[str, Any]) -> "MethodConfig":
@@ -115,11 +121,20 @@ class MethodConfig:
             raise ConfigError(
                 f"method.name: unknown method {name!r}; known methods: {', '.join(method_names())}"
             ) from None
-        options = _build(method_cls.Options, table, "method", extra_valid=["name"])
-        return cls(name=name, options=options)
+        own = {f.name for f in dataclasses.fields(method_cls.Options)}
+        others = {
+            f.name
+            for other in method_names()
+            if other != name
+            for f in dataclasses.fields(get_method_class(other).Options)
+        }
+        inactive = {k: v for k, v in table.items() if k not in own and k in others}
+        active = {k: v for k, v in table.items() if k not in inactive}
+        options = _build(method_cls.Options, active, "method", extra_valid=["name"])
+        return cls(name=name, options=options, inactive=inactive)
 
     def to_table(self) -> dict[str, Any]:
-        return {"name": self.name, **_to_table(self.options)}
+        return {"name": self.name, **_to_table(self.options), **self.inactive}
 
 
 @dataclass

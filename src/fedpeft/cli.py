@@ -1,0 +1,126 @@
+"""The ``fedpeft`` command line: a thin layer over :mod:`fedpeft.experiment`.
+
+User mistakes (bad config, missing files, unknown names) end in one ``error: ...`` line and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedpeft.errors import FedPeftError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated parameter-efficient fine-tuning of pre-trained transformers.")
+console = Console(stderr=True)
+
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable)."),
+]
+
+
+@app.command()
+def run(
+    config: Annotated[Optional[Path], typer.Argument(help="Experiment config (TOML).")] = None,
+    set_: SetOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default: output.dir).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the killed or finished run in this folder.")] = None,
+) -> None:
+    """Run a federated fine-tuning experiment and write its results to a run folder."""
+    from fedpeft.config import load_config
+    from fedpeft.experiment import run_experiment
+
+    if config is None and resume is None:
+        raise FedPeftError("give a CONFIG file, or --resume DIR to continue a run")
+    config = config if config is not None else resume / "config.toml"
+    cfg = load_config(config, set_ or [])
+    out_dir = resume if resume is not None else out
+    summary = run_experiment(cfg, out=out_dir, resume=resume is not None, console=console)
+    run_dir = out_dir or cfg.output_dir()
+    _print_summary(summary, run_dir)
+
+
+@app.command("eval")
+def eval_(run_dir: Annotated[Path, typer.Argument(help="A run folder written by `fedpeft run`.")]) -> None:
+    """Re-evaluate the saved global state of a run on its test split."""
+    from fedpeft.experiment import evaluate_run
+
+    metrics = evaluate_run(run_dir)
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command()
+def methods() -> None:
+    """List the registered fine-tuning methods and their options."""
+    import dataclasses
+
+    from fedpeft.methods import get_method_class, method_names
+
+    table = Table("method", "options (method.<key> = default)", "paper")
+    for name in method_names():
+        cls = get_method_class(name)
+        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options))
+        table.add_row(name, opts or "-", cls.paper)
+    Console().print(table)
+
+
+@app.command()
+def datasets() -> None:
+    """List the known dataset names (data.name) and where each is looked for."""
+    from fedpeft.data import KNOWN_DATASETS
+
+    table = Table("name", "local folder (under data.data_dir)", "hub fallback")
+    for name, spec in KNOWN_DATASETS.items():
+        table.add_row(name, getattr(spec, "folder", name), getattr(spec, "hub_id", "") or "-")
+    Console().print(table)
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    table = Table(title=f"fedpeft run: {run_dir}", show_header=False)
+    for key in (
+        "method", "final_accuracy", "best_accuracy", "final_macro_f1", "trainable_params", "total_params",
+        "bytes_per_client_update", "total_bytes_up", "total_bytes_down", "upload_reduction_vs_full",
+        "client_flops_total", "peak_rss_mb", "wall_s",
+    ):
+        value = summary.get(key)
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+def main() -> None:
+    """Console entry point: run the app and turn user errors into one line."""
+    logging.basicConfig(level=os.environ.get("FEDPEFT_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except FedPeftError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as exc:
+        sys.exit(getattr(exc, "code", getattr(exc, "exit_code", 0)) or 0)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Aggregation as pure functions over ``[(named_arrays, weight)]``, and update validation.
+
+FedAvg (McMahan et al. 2017, https://arxiv.org/abs/1602.05629) over the exchanged part only, as
+in FedPEFT (Sun et al. 2022, https://arxiv.org/abs/2210.01708). One-shot federated fine-tuning
+(Wang et al. 2024, https://arxiv.org/abs/2412.04650) is the same function called once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from fedpeft.errors import UpdateRejected
+
+NamedArrays = dict[str, np.ndarray]
+
+
+def fedavg(results: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> NamedArrays:
+    """Weighted average of named arrays: ``sum_k w_k * x_k / sum_k w_k`` for every name.
+
+    Parameters
+    ----------
+    results
+        ``(named_arrays, weight)`` pairs, e.g. a client's exchanged state and its sample count.
+        Every entry must have the same names and shapes; weights must be positive.
+
+    Returns
+    -------
+    dict
+        The average, accumulated in float64 and returned in each input array's dtype.
+
+    Examples
+    --------
+    >>> fedavg([({"w": np.array([0.0])}, 1), ({"w": np.array([3.0])}, 2)])["w"]
+    array([2.])
+    """
+    if not results:
+        raise ValueError("fedavg needs at least one (named_arrays, weight) pair")
+    weights = np.array([float(w) for _, w in results], dtype=np.float64)
+    if not np.all(np.isfinite(weights)) or np.any(weights <= 0):
+        raise ValueError(f"fedavg weights must be positive and finite, got {weights.tolist()}")
+    first = results[0][0]
+    for state, _ in results[1:]:
+        if state.keys() != first.keys():
+            raise ValueError("fedavg: the named arrays do not all have the same names")
+    weights = weights / weights.sum()
+    out: NamedArrays = {}
+    for name, ref in first.items():
+        acc = np.zeros(np.shape(ref), dtype=np.float64)
+        for (state, _), w in zip(results, weights):
+            acc += w * np.asarray(state[name], dtype=np.float64)
+        out[name] = acc.astype(np.asarray(ref).dtype, copy=False)
+    return out
+
+
+def validate_update(
+    update: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    max_bytes: int | None = None,
+) -> None:
+    """Raise :class:`UpdateRejected` unless ``update`` matches ``reference`` exactly in form.
+
+    Checks, in order: the same names (missing and unexpected ones are listed), each array's
+    shape and dtype, finite values only, and (optionally) the total payload size.
+    """
+    missing = sorted(set(reference) - set(update))
+    unexpected = sorted(set(update) - set(reference))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_few(unexpected)}")
+        raise UpdateRejected("wrong parameter names: " + "; ".join(parts))
+    total = 0
+    for name, ref in reference.items():
+        value = update[name]
+        if not isinstance(value, np.ndarray):
+            raise UpdateRejected(f"{name}: expected a numpy array, got {type(value).__name__}")
+        if value.shape != ref.shape:
+            raise UpdateRejected(f"{name}: shape {value.shape} != expected {ref.shape}")
+        if value.dtype != ref.dtype:
+            raise UpdateRejected(f"{name}: dtype {value.dtype} != expected {ref.dtype}")
+        if not np.all(np.isfinite(value)):
+            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+            raise UpdateRejected(f"{name}: {bad} non-finite value(s) (NaN or inf)")
+        total += value.nbytes
+    if max_bytes is not None and total > max_bytes:
+        raise UpdateRejected(f"payload of {total} bytes exceeds the limit of {max_bytes}")
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")

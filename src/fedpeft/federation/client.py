@@ -1,0 +1,156 @@
+"""Client-side local training and global evaluation on one shared, prepared model.
+
+A :class:`ClientTrainer` owns one model whose frozen backbone is shared by every simulated client:
+a client's whole state is its exchanged part, loaded in before training and read out after.
+The same trainer serves the in-process runtime (all clients in turn) and a Flower ClientApp
+(one client per process).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedpeft.config import FederationConfig
+from fedpeft.data import EncodedSplit
+from fedpeft.federation.costs import measure_step_flops
+from fedpeft.federation.strategy import ClientResult
+from fedpeft.methods.base import NamedArrays, get_state, set_state
+
+
+def client_seed(seed: int, rnd: int, client: int) -> int:
+    """The torch seed of one client's training in one round (data order, dropout)."""
+    return int(np.random.default_rng([seed, rnd, client, 0xC11E]).integers(2**62))
+
+
+@dataclass
+class FlopsProbe:
+    """Training FLOPs per processed token (text) or sample (image), measured once on a real step."""
+
+    per_unit: float | None = None
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        ids = batch.get("input_ids")
+        return int(ids.numel()) if ids is not None else int(batch["labels"].numel())
+
+
+class ClientTrainer:
+    """Trains a client's exchanged state from the global one on that client's rows."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: list[str],
+        train: EncodedSplit,
+        cfg: FederationConfig,
+        seed: int,
+    ) -> None:
+        self.model = model
+        self.names = names
+        self.train = train
+        self.cfg = cfg
+        self.seed = seed
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.flops = FlopsProbe()
+
+    def num_steps(self, num_samples: int) -> int:
+        if self.cfg.local_steps is not None:
+            return self.cfg.local_steps
+        return max(1, math.ceil(self.cfg.local_epochs * num_samples / self.cfg.batch_size))
+
+    def batch_order(self, indices: np.ndarray, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """``steps`` batches of row ids: reshuffled epochs over the client's rows."""
+        rows = torch.as_tensor(indices, dtype=torch.long)
+        bs = min(self.cfg.batch_size, len(rows))
+        per_epoch = math.ceil(len(rows) / bs)
+        batches: list[torch.Tensor] = []
+        while len(batches) < steps:
+            perm = rows[torch.randperm(len(rows), generator=generator)]
+            batches.extend(perm[i * bs : (i + 1) * bs] for i in range(per_epoch))
+        return batches[:steps]
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        if self.cfg.optimizer == "sgd":
+            return torch.optim.SGD(
+                self.params, lr=self.cfg.lr, momentum=self.cfg.momentum,
+                weight_decay=self.cfg.weight_decay,
+            )
+        return torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def fit(self, client: int, indices: np.ndarray, global_state: NamedArrays, rnd: int) -> ClientResult:
+        """Local training of ``client`` in round ``rnd``; returns its new exchanged state."""
+        start = time.perf_counter()
+        seed = client_seed(self.seed, rnd, client)
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        set_state(self.model, global_state)
+        self.model.train()
+        optimizer = self.make_optimizer()
+        steps = self.num_steps(len(indices))
+        loss_sum, units, samples = 0.0, 0, 0
+        for batch_rows in self.batch_order(indices, steps, generator):
+            batch = self.train.batch(batch_rows)
+            if self.flops.per_unit is None:
+                flops, loss = measure_step_flops(lambda: self._step(batch, optimizer))
+                self.flops.per_unit = flops / max(1, self.flops.units(batch))
+            else:
+                loss = self._step(batch, optimizer)
+            loss_sum += loss
+            units += self.flops.units(batch)
+            samples += len(batch_rows)
+        self.model.eval()
+        state = get_state(self.model, self.names)
+        metrics = {
+            "train_loss": loss_sum / steps,
+            "steps": float(steps),
+            "samples_processed": float(samples),
+            "flops": float(self.flops.per_unit * units),
+            "compute_s": time.perf_counter() - start,
+        }
+        return ClientResult(client, state, int(len(indices)), metrics)
+
+    def _step(self, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.model(**batch).loss
+        loss.backward()
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        optimizer.step()
+        return float(loss.detach())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: EncodedSplit, batch_size: int, num_labels: int) -> dict[str, float]:
+    """Accuracy, macro-F1 and mean cross-entropy of ``model`` on ``split``."""
+    model.eval()
+    preds, loss_sum = [], 0.0
+    order = torch.arange(len(split))
+    for i in range(0, len(split), batch_size):
+        batch = split.batch(order[i : i + batch_size])
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        preds.append(logits.argmax(-1))
+    y_pred = torch.cat(preds).numpy()
+    y_true = split.labels.numpy()
+    return {
+        "accuracy": float((y_pred == y_true).mean()),
+        "macro_f1": macro_f1(y_true, y_pred, num_labels),
+        "loss": loss_sum / len(split),
+    }
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> float:
+    """Unweighted mean F1 over the classes present in ``y_true`` or ``y_pred``."""
+    cm = np.bincount(y_true * num_labels + y_pred, minlength=num_labels**2).reshape(num_labels, num_labels)
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(1), cm.sum(0)
+    present = (support + predicted) > 0
+    denom = support + predicted
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return float(f1[present].mean()) if present.any() else 0.0

@@ -1,0 +1,207 @@
+"""End-to-end runs on tiny models and synthetic data: outputs, costs, resume, CLI errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from fedpeft.config import Config
+from fedpeft.errors import FedPeftError
+from fedpeft.experiment import evaluate_run, run_experiment
+from fedpeft.federation.costs import message_bytes
+
+WORDS = {
+    "sports": "goal match team score ball league coach",
+    "weather": "rain sun cloud storm wind snow cold",
+    "money": "bank card cash loan price pay account",
+}
+
+
+@pytest.fixture(scope="module")
+def csv_data(tmp_path_factory):
+    """A small 3-class text dataset whose class is readable from its words."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 120), ("test", 45)):
+        lines = ["text,label"]
+        for i in range(n):
+            label = list(WORDS)[i % 3]
+            words = rng.choice(WORDS[label].split(), size=5)
+            lines.append(f"{' '.join(words)},{label}")
+        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_cfg(csv_data, **sections):
+    raw = {
+        "model": {"name": "tiny-bert", "max_length": 16},
+        "data": {"train": str(csv_data / "train.csv"), "test": str(csv_data / "test.csv")},
+        "partition": {"scheme": "iid", "num_clients": 4},
+        "method": {"name": "lora", "r": 4},
+        "federation": {"rounds": 3, "clients_per_round": 2, "local_steps": 2, "batch_size": 8, "lr": 1e-2},
+        "runtime": {"seed": 0, "progress": False},
+    }
+    for name, table in sections.items():
+        raw[name] = {**raw.get(name, {}), **table}
+    return Config.from_dict(raw)
+
+
+def test_run_writes_every_output_with_exact_costs(csv_data, tmp_path):
+    cfg = make_cfg(csv_data, federation={"dropout": 0.3, "clients_per_round": 3})
+    summary = run_experiment(cfg, out=tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "partition.json"):
+        assert (run / name).stat().st_size > 0, name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    state = load_file(str(next((run / "checkpoint").glob("global-*.safetensors"))))
+    per_msg = message_bytes(state)
+    assert per_msg == sum(a.nbytes + len(k.encode()) for k, a in state.items())
+    assert summary["bytes_per_client_update"] == per_msg
+    for r in rows:
+        assert r["bytes_down"] == per_msg * r["clients_selected"]
+        assert r["bytes_up"] == per_msg * r["clients_reported"]
+        assert r["clients_reported"] + r["clients_dropped"] == r["clients_selected"] == 3
+        assert 0 <= r["accuracy"] <= 1 and r["loss"] > 0
+        assert {c["status"] for c in r["clients"]} <= {"ok", "dropped"}
+    assert summary["total_bytes_up"] == sum(r["bytes_up"] for r in rows)
+    assert summary["total_bytes_down"] == sum(r["bytes_down"] for r in rows)
+    assert summary["final_accuracy"] == rows[-1]["accuracy"]
+    assert summary["best_accuracy"] == max(r["accuracy"] for r in rows)
+    assert summary["trainable_params"] < summary["total_params"]
+    assert summary["full_model_bytes_per_message"] > 10 * per_msg
+    assert summary["client_flops_total"] > 0
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["final_accuracy"] == summary["final_accuracy"]
+    part = json.loads((run / "partition.json").read_text())
+    assert sum(c["samples"] for c in part["clients"]) == 120
+    assert (run / "model" / "adapter_config.json").exists()
+
+
+def test_same_seed_same_result_other_seed_differs(csv_data, tmp_path):
+    a = run_experiment(make_cfg(csv_data), out=tmp_path / "a")
+    b = run_experiment(make_cfg(csv_data), out=tmp_path / "b")
+    c = run_experiment(make_cfg(csv_data, runtime={"seed": 1}), out=tmp_path / "c")
+    sa, sb, sc = (load_file(str(next((tmp_path / d / "checkpoint").glob("*.safetensors")))) for d in "abc")
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k])
+    assert any(not np.array_equal(sa[k], sc[k]) for k in sa)
+    assert a["final_loss"] == b["final_loss"]
+
+
+def test_resume_after_interrupt_equals_uninterrupted(csv_data, tmp_path, monkeypatch):
+    cfg = make_cfg(csv_data, federation={"rounds": 4, "dropout": 0.2, "clients_per_round": 3})
+    full = run_experiment(cfg, out=tmp_path / "full")
+
+    from fedpeft.federation.client import ClientTrainer
+
+    real_fit = ClientTrainer.fit
+
+    def failing_fit(self, client, indices, state, rnd):
+        if rnd == 3:
+            raise KeyboardInterrupt
+        return real_fit(self, client, indices, state, rnd)
+
+    monkeypatch.setattr(ClientTrainer, "fit", failing_fit)
+    with pytest.raises(FedPeftError, match="interrupted after round 2; continue with: fedpeft run --resume"):
+        run_experiment(cfg, out=tmp_path / "cut")
+    monkeypatch.setattr(ClientTrainer, "fit", real_fit)
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(FedPeftError, match="already holds a run"):
+        run_experiment(cfg, out=tmp_path / "cut")
+    resumed = run_experiment(cfg, out=tmp_path / "cut", resume=True)
+
+    a = load_file(str(next((tmp_path / "full" / "checkpoint").glob("*.safetensors"))))
+    b = load_file(str(next((tmp_path / "cut" / "checkpoint").glob("*.safetensors"))))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    for key in ("final_accuracy", "final_loss", "total_bytes_up", "total_bytes_down", "rounds_completed"):
+        assert resumed[key] == full[key], key
+    rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_resume_extends_rounds_and_refuses_other_changes(csv_data, tmp_path):
+    run_experiment(make_cfg(csv_data, federation={"rounds": 2}), out=tmp_path / "r")
+    longer = run_experiment(make_cfg(csv_data, federation={"rounds": 3}), out=tmp_path / "r", resume=True)
+    assert longer["rounds_completed"] == 3
+    ref = run_experiment(make_cfg(csv_data, federation={"rounds": 3}), out=tmp_path / "ref")
+    assert ref["final_loss"] == longer["final_loss"]
+    with pytest.raises(FedPeftError, match="differs from the saved one in federation.lr"):
+        run_experiment(make_cfg(csv_data, federation={"rounds": 3, "lr": 0.5}), out=tmp_path / "r", resume=True)
+
+
+def test_round_with_all_clients_dropped_keeps_state(csv_data, tmp_path):
+    cfg = make_cfg(csv_data, federation={"dropout": 0.99, "rounds": 2})
+    summary = run_experiment(cfg, out=tmp_path / "d")
+    assert summary["rounds_without_aggregation"] == [1, 2]
+    assert summary["total_bytes_up"] == 0 and summary["total_bytes_down"] > 0
+    rows = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert "global state is unchanged" in rows[0]["message"]
+    assert rows[0]["accuracy"] == rows[1]["accuracy"]
+
+
+def test_training_learns_the_synthetic_task(csv_data, tmp_path):
+    cfg = make_cfg(csv_data, method={"name": "full"}, federation={"rounds": 4, "local_steps": 8, "lr": 3e-3, "clients_per_round": 4})
+    summary = run_experiment(cfg, out=tmp_path / "learn")
+    assert summary["final_accuracy"] > 0.8
+
+
+def test_eval_reproduces_the_final_accuracy(csv_data, tmp_path):
+    summary = run_experiment(make_cfg(csv_data, method={"name": "bias"}), out=tmp_path / "e")
+    metrics = evaluate_run(tmp_path / "e")
+    assert metrics["round"] == 3
+    assert metrics["accuracy"] == pytest.approx(summary["final_accuracy"])
+    assert metrics["loss"] == pytest.approx(summary["final_loss"], rel=1e-5)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fedpeft.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_cli_run_and_eval(csv_data, tmp_path):
+    cfg = make_cfg(csv_data)
+    cfg.save(tmp_path / "c.toml")
+    out = tmp_path / "cli"
+    res = _cli("run", str(tmp_path / "c.toml"), "--set", "federation.rounds=2", "--set", "method.name=head", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "head" and summary["rounds_completed"] == 2
+    assert "final_accuracy" in res.stdout
+    res = _cli("eval", str(out))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["accuracy"] == pytest.approx(summary["final_accuracy"])
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["method.name=nope"], "method.name: unknown method 'nope'"),
+        (["data.train=/nonexistent/train.csv"], "/nonexistent/train.csv"),
+        (["data.text_column=sentence"], "sentence"),
+        (["partition.num_clients=500"], "client"),
+        (["federation.rounds=-1"], "federation.rounds: must be >= 1"),
+    ],
+)
+def test_cli_user_errors_are_one_line(csv_data, tmp_path, sets, message):
+    make_cfg(csv_data).save(tmp_path / "c.toml")
+    args = ["run", str(tmp_path / "c.toml"), "--out", str(tmp_path / "o")]
+    for s in sets:
+        args += ["--set", s]
+    res = _cli(*args)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "error:" in res.stderr and message in res.stderr.replace("\n", "")
+
+
+def test_cli_label_mismatch_and_missing_config(csv_data, tmp_path):
+    bad = tmp_path / "test.csv"
+    bad.write_text("text,label\nhello,unseen_label\n")
+    make_cfg(csv_data, data={"test": str(bad)}).save(tmp_path / "c.toml")
+    res = _cli("run", str(tmp_path / "c.toml"), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "label set mismatch" in res.stderr
+    res = _cli("run", str(tmp_path / "missing.toml"))
+    assert res.returncode == 2 and "config file not found" in res.stderr
