@@ -1,0 +1,30 @@
+"""Labelled data for federated fine-tuning: load, encode (cached), and partition over clients.
+
+>>> data = load_data(cfg.data, seed=0)                    # train/test with "text"|"image" + "label"
+>>> train = encode(data.train, processor, data.modality, max_length=64)
+>>> parts = partition(train.labels.numpy(), cfg.partition, seed=0)  # one index array per client
+>>> batch = train.batch(parts[0][:16])                   # model inputs + "labels"
+"""
+
+from fedpeft.data.encode import EncodedSplit, default_cache_dir, encode
+from fedpeft.data.partition import label_histograms, partition
+from fedpeft.data.sources import (
+    KNOWN_DATASETS,
+    ClassificationData,
+    KnownDataset,
+    load_data,
+    resolve_data_dir,
+)
+
+__all__ = [
+    "KNOWN_DATASETS",
+    "ClassificationData",
+    "EncodedSplit",
+    "KnownDataset",
+    "default_cache_dir",
+    "encode",
+    "label_histograms",
+    "load_data",
+    "partition",
+    "resolve_data_dir",
+]

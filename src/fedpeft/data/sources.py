@@ -1,0 +1,278 @@
+"""Load a labelled classification dataset from local files, a known name, or the Hugging Face hub.
+
+Where the data comes from, in order of precedence:
+
+1. ``data.train`` / ``data.test``: local CSV, JSON/JSONL or Parquet files (chosen by extension),
+   or folders of images in class subfolders (the ``imagefolder`` layout). A ``labels.txt`` next
+   to the train file, if present, names the labels.
+2. ``data.name`` in :data:`KNOWN_DATASETS`: the folder ``<data_dir>/<folder>/`` (``train.csv``
+   and ``test.csv`` or ``train/`` and ``test/`` image folders, optional ``labels.txt``) when it
+   exists, else the dataset's Hugging Face hub id.
+3. Any other ``data.name`` containing ``/``: a Hugging Face hub id.
+
+Whatever the origin, :func:`load_data` returns train and test splits with exactly two columns,
+``"text"`` (str) or ``"image"`` (PIL image), and ``"label"`` (int64 in ``[0, num_labels)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import datasets
+import numpy as np
+
+from fedpeft.config import DataConfig
+from fedpeft.data.labels import encode_labels, label_values
+from fedpeft.data.tables import SUFFIXES, read_table
+from fedpeft.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Modality = Literal["text", "image"]
+
+
+@dataclass
+class ClassificationData:
+    """Train and test splits of one classification task, normalized to ``text|image`` + ``label``."""
+
+    train: datasets.Dataset
+    test: datasets.Dataset
+    label_names: list[str]
+    modality: Modality
+    source: str  # human-readable origin, e.g. "/abs/data/banking77 (local)" or "hub:PolyAI/banking77"
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+@dataclass(frozen=True)
+class KnownDataset:
+    """A dataset known by name: its folder under ``data_dir`` and its Hugging Face hub location."""
+
+    folder: str
+    hub_id: str
+    modality: Modality
+    hub_input_column: str  # the hub's text or image column
+    hub_label_column: str = "label"
+    hub_config: str | None = None
+    hub_train_split: str = "train"
+    hub_test_split: str = "test"
+    local_test_input_column: str | None = None  # when the local test file's text column differs
+
+
+KNOWN_DATASETS: dict[str, KnownDataset] = {
+    "banking77": KnownDataset("banking77", "PolyAI/banking77", "text", "text"),
+    # the hub's test split is unlabelled (-1): use validation as test
+    "sst2": KnownDataset("sst2", "stanfordnlp/sst2", "text", "sentence", hub_test_split="validation"),
+    # the local test.csv's "text" is title + description; train's text is the description only
+    "ag_news": KnownDataset(
+        "ag_news", "fancyzhx/ag_news", "text", "text", local_test_input_column="description"
+    ),
+    "cifar10": KnownDataset("cifar10", "uoft-cs/cifar10", "image", "img"),
+    "beans": KnownDataset("beans", "AI-Lab-Makerere/beans", "image", "image", hub_label_column="labels"),
+}
+
+
+@dataclass
+class _Split:
+    """One raw split before normalization, with where it came from (for error messages)."""
+
+    ds: datasets.Dataset
+    where: str  # a file path or "hub:<id>[<split>]"
+    input_column: str | None = None  # the source's own text/image column (None: guess)
+    label_column: str = "label"
+
+
+def resolve_data_dir(cfg: DataConfig) -> Path:
+    """The folder holding known datasets: ``data.data_dir``, else ``$FEDPEFT_DATA_DIR``, else ``./data``."""
+    return Path(cfg.data_dir or os.environ.get("FEDPEFT_DATA_DIR") or "data").expanduser()
+
+
+def load_data(cfg: DataConfig, seed: int) -> ClassificationData:
+    """Load, column-normalize, label-encode and subsample the train and test splits of ``cfg``.
+
+    The train split is always shuffled with ``seed`` (some files are sorted by label) and then cut
+    to ``cfg.max_train_samples``; the test split is shuffled and cut only if
+    ``cfg.max_test_samples`` is set.
+
+    Raises
+    ------
+    DataError
+        For a missing file or column, an unknown dataset name, or labels that do not match.
+    """
+    if cfg.train is None and cfg.test is not None:
+        raise DataError("data.test is set without data.train: give both files (they replace data.name)")
+    if cfg.train is not None:
+        train, test, labels_file, source = _from_files(cfg)
+        modality = _detect_modality(train.ds, cfg)
+    elif cfg.name in KNOWN_DATASETS:
+        spec = KNOWN_DATASETS[cfg.name]
+        folder = resolve_data_dir(cfg) / spec.folder
+        if folder.is_dir():
+            train, test, labels_file, source = _from_folder(folder, spec)
+        else:
+            log.info("%s not found: loading %s from the Hugging Face hub", folder, spec.hub_id)
+            train, test, source = _from_hub(
+                spec.hub_id, spec.hub_config, spec.hub_train_split, spec.hub_test_split,
+                spec.hub_input_column, spec.hub_label_column,
+            )
+            labels_file = None
+        modality = spec.modality
+    elif cfg.name is not None and "/" in cfg.name:
+        train, test, source = _from_hub(cfg.name, None, "train", None, None, "label")
+        labels_file = None
+        modality = _detect_modality(train.ds, cfg)
+    else:
+        known = ", ".join(sorted(KNOWN_DATASETS))
+        problem = "no dataset given" if cfg.name is None else f"unknown dataset {cfg.name!r}"
+        raise DataError(
+            f"data.name: {problem}; known datasets: {known} "
+            "(or a Hugging Face hub id such as 'owner/name', or set data.train and data.test)"
+        )
+    for split in (train, test):  # report a wrong text/image column before any label problem
+        _require_column(split, *_input_column(split, modality, cfg))
+    train_ids, test_ids, names = encode_labels(
+        label_values(train.ds, _label_column(train, cfg), train.where),
+        label_values(test.ds, _label_column(test, cfg), test.where),
+        labels_file,
+    )
+    train_ds = _normalize(train, train_ids, modality, cfg)
+    test_ds = _normalize(test, test_ids, modality, cfg)
+    train_ds = _shuffle_head(train_ds, cfg.max_train_samples, np.random.default_rng([seed, 0]))
+    if cfg.max_test_samples is not None:
+        test_ds = _shuffle_head(test_ds, cfg.max_test_samples, np.random.default_rng([seed, 1]))
+    return ClassificationData(train_ds, test_ds, names, modality, source)
+
+
+# --------------------------------------------------------------------------- origins
+
+
+def _from_files(cfg: DataConfig) -> tuple[_Split, _Split, Path | None, str]:
+    if cfg.test is None:
+        raise DataError(
+            f"data.test is missing: data.train = {cfg.train!r} is set, so give the test split as "
+            "data.test too (fedpeft does not split the train file silently)"
+        )
+    train_path, test_path = Path(cfg.train).expanduser(), Path(cfg.test).expanduser()
+    train = _read_local(train_path, "data.train", cfg.image_column)
+    test = _read_local(test_path, "data.test", cfg.image_column)
+    labels_file = train_path.parent / "labels.txt"
+    source = f"{train_path.resolve()} + {test_path.resolve()} (local)"
+    return train, test, labels_file if labels_file.is_file() else None, source
+
+
+def _from_folder(folder: Path, spec: KnownDataset) -> tuple[_Split, _Split, Path | None, str]:
+    splits = []
+    for name, column in (("train", None), ("test", spec.local_test_input_column)):
+        candidates = [folder / f"{name}{suffix}" for suffix in SUFFIXES] + [folder / name]
+        path = next((p for p in candidates if p.exists()), None)
+        if path is None:
+            expected = ", ".join(p.name for p in candidates)
+            raise DataError(f"{folder}: no {name} split found; expected one of: {expected}")
+        split = _read_local(path, f"{spec.folder} {name} split", None)
+        split.input_column = column
+        splits.append(split)
+    labels_file = folder / "labels.txt"
+    source = f"{folder.resolve()} (local)"
+    return splits[0], splits[1], labels_file if labels_file.is_file() else None, source
+
+
+def _from_hub(hub_id: str, config: str | None, train_split: str, test_split: str | None,
+              input_column: str | None, label_column: str) -> tuple[_Split, _Split, str]:
+    source = f"hub:{hub_id}" + (f"/{config}" if config else "")
+    try:
+        dsd = datasets.load_dataset(hub_id, config)
+    except Exception as exc:  # network, auth, unknown id, bad config: all reach the user as one line
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"data.name: cannot load {source} from the Hugging Face hub: {message}") from None
+    if test_split is None:  # unknown hub dataset: prefer a test split, else validation
+        test_split = next((s for s in ("test", "validation") if s in dsd), "test")
+    split_list = []
+    for split in (train_split, test_split):
+        if split not in dsd:
+            raise DataError(f"{source}: no {split!r} split; available splits: {', '.join(dsd)}")
+        split_list.append(_Split(dsd[split], f"{source}[{split}]", input_column, label_column))
+    return split_list[0], split_list[1], source
+
+
+def _read_local(path: Path, key: str, image_column: str | None) -> _Split:
+    """A table file (by extension) or an image folder as a raw split."""
+    if path.is_dir():
+        try:
+            # drop_labels=False: keep the label column even when the folder has one class subfolder
+            dsd = datasets.load_dataset("imagefolder", data_dir=str(path), drop_labels=False)
+        except Exception as exc:  # noqa: BLE001 - the builder raises many types for a bad folder
+            raise DataError(f"{key}: cannot read image folder {path}: {str(exc).strip()[:200]}") from None
+        return _Split(dsd["train"], str(path), "image")
+    if not path.is_file():
+        raise DataError(f"{key}: file not found: {path}")
+    return _Split(read_table(path, image_column), str(path))
+
+
+# --------------------------------------------------------------------------- normalization
+
+
+def _detect_modality(ds: datasets.Dataset, cfg: DataConfig) -> Modality:
+    if cfg.image_column is not None and cfg.text_column is not None:
+        raise DataError("data: set only one of data.text_column and data.image_column")
+    if cfg.image_column is not None:
+        return "image"
+    if cfg.text_column is not None:
+        return "text"
+    has_image = any(isinstance(ds.features.get(c), datasets.Image) for c in ("image", "img"))
+    return "image" if has_image else "text"
+
+
+def _input_column(split: _Split, modality: Modality, cfg: DataConfig) -> tuple[str, str]:
+    """The column holding the inputs and the config key that overrides it."""
+    if modality == "text":
+        return cfg.text_column or split.input_column or "text", "data.text_column"
+    if cfg.image_column or split.input_column:
+        return cfg.image_column or split.input_column, "data.image_column"
+    present = [c for c in ("image", "img") if c in split.ds.column_names]
+    return (present[0] if present else "image"), "data.image_column"
+
+
+def _label_column(split: _Split, cfg: DataConfig) -> str:
+    column = cfg.label_column or split.label_column
+    _require_column(split, column, "data.label_column")
+    return column
+
+
+def _require_column(split: _Split, column: str, key: str) -> None:
+    if column not in split.ds.column_names:
+        raise DataError(
+            f"{split.where}: no column {column!r} (set {key}); "
+            f"available columns: {', '.join(split.ds.column_names)}"
+        )
+
+
+def _normalize(split: _Split, ids: np.ndarray, modality: Modality, cfg: DataConfig) -> datasets.Dataset:
+    """Keep only the input column (renamed to ``text``/``image``) and the int64 ``label`` column."""
+    column, key = _input_column(split, modality, cfg)
+    ds = split.ds.select_columns([column])
+    if column != modality:
+        ds = ds.rename_column(column, modality)
+    feature = ds.features[modality]
+    if modality == "image" and not isinstance(feature, datasets.Image):
+        ds = ds.cast_column("image", datasets.Image())  # file paths or encoded bytes
+    elif modality == "text":
+        if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+            raise DataError(
+                f"{split.where}: text column {column!r} holds {feature}, not strings (set {key})"
+            )
+        nulls = ds.data.column(modality).null_count
+        if nulls:
+            raise DataError(f"{split.where}: text column {column!r} is empty in {nulls} row(s)")
+    return ds.add_column("label", ids.astype(np.int64), feature=datasets.Value("int64"))
+
+
+def _shuffle_head(ds: datasets.Dataset, n: int | None, rng: np.random.Generator) -> datasets.Dataset:
+    """A seeded shuffle of ``ds`` cut to its first ``n`` rows (all rows if ``n`` is None)."""
+    order = rng.permutation(len(ds))
+    return ds.select(order[:n] if n is not None else order)
