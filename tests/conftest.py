@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny models by family name and synthetic batches for them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from fedpeft.config import ModelConfig
+from fedpeft.models import LoadedModel, load_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model or data hub
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Encoded-data cache in a temporary folder, not the user's ~/.cache/fedpeft."""
+    old = os.environ.get("FEDPEFT_CACHE")
+    os.environ["FEDPEFT_CACHE"] = str(tmp_path_factory.mktemp("fedpeft-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FEDPEFT_CACHE", None)
+    else:
+        os.environ["FEDPEFT_CACHE"] = old
+
+
+TINY_FAMILIES = ["tiny-bert", "tiny-vit", "tiny-gpt2", "tiny-llama"]
+LABELS = ["a", "b", "c"]
+TEXTS = [
+    "a short one",
+    "the quick brown fox jumps over the lazy dog",
+    "federated learning with few parameters",
+    "ok",
+]
+
+
+def make_batch(loaded: LoadedModel, n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A small labelled batch for ``loaded``: tokenized texts (padded as fedpeft pads them) or
+    random pixels, plus random labels in ``range(num_labels)``."""
+    gen = torch.Generator().manual_seed(seed)
+    config = loaded.model.config
+    if loaded.info.modality == "image":
+        size = config.image_size
+        batch = {"pixel_values": torch.randn(n, config.num_channels, size, size, generator=gen)}
+    else:
+        texts = [TEXTS[i % len(TEXTS)] for i in range(n)]
+        batch = dict(loaded.processor(texts, padding=True, return_tensors="pt"))
+        if not getattr(config, "type_vocab_size", 0):  # only BERT-like models take segment ids
+            batch.pop("token_type_ids", None)
+    batch["labels"] = torch.randint(0, config.num_labels, (n,), generator=gen)
+    return batch
+
+
+@pytest.fixture
+def tiny() -> Callable[..., LoadedModel]:
+    """Factory: ``tiny("tiny-bert")`` loads a fresh, seeded tiny model with 3 labels."""
+
+    def load(name: str, labels: list[str] = LABELS, seed: int = 0) -> LoadedModel:
+        return load_model(ModelConfig(name=name), label_names=labels, seed=seed)
+
+    return load
+
+
+@pytest.fixture
+def batch_for() -> Callable[..., dict[str, torch.Tensor]]:
+    """Factory: ``batch_for(loaded, n=4)`` -> a synthetic batch for that model."""
+    return make_batch
