@@ -37,7 +37,7 @@ class ModelConfig:
     (small randomly initialised models for tests and smoke runs).
     """
 
-    name: str = "minilm"
+    name: str = "minilm"  # hub id, local folder, or alias (minilm, tiny-*)
     max_length: int = 64  # tokens per text sample (longer texts are truncated)
     image_size: int | None = None  # resize images to this (default: the model's own size)
 
@@ -55,15 +55,15 @@ class DataConfig:
     or Parquet files, or image folders, and take precedence over ``name``.
     """
 
-    name: str | None = None
-    train: str | None = None
-    test: str | None = None
+    name: str | None = None  # a known dataset (fedpeft datasets) or a hub id
+    train: str | None = None  # CSV / JSON(L) / Parquet file or image folder; overrides name
+    test: str | None = None  # required with train
     data_dir: str | None = None  # default: $FEDPEFT_DATA_DIR, then ./data
     text_column: str | None = None  # default: the dataset's own, else "text"
     label_column: str | None = None  # default: the dataset's own, else "label"
     image_column: str | None = None  # default: "image" or "img" for image data
     max_train_samples: int | None = None  # seeded shuffle, then the first N rows
-    max_test_samples: int | None = None
+    max_test_samples: int | None = None  # seeded shuffle, then the first N rows
     cache_dir: str | None = None  # tokenized-data cache; default ~/.cache/fedpeft
 
     def validate(self) -> None:
@@ -81,8 +81,8 @@ class DataConfig:
 class PartitionConfig:
     """How training samples are spread over clients (every sample goes to exactly one client)."""
 
-    scheme: Literal["iid", "dirichlet", "shards"] = "iid"
-    num_clients: int = 10
+    scheme: Literal["iid", "dirichlet", "shards"] = "iid"  # label distribution over clients
+    num_clients: int = 10  # simulated clients (every training row goes to exactly one)
     alpha: float = 0.5  # Dirichlet concentration: smaller -> more label skew
     min_samples: int = 1  # dirichlet: resample until every client has at least this many
     shards_per_client: int = 2  # shards: classes-ish per client (pathological non-IID)
@@ -141,20 +141,20 @@ class MethodConfig:
 class FederationConfig:
     """Federated rounds, client sampling and instability, and local training."""
 
-    rounds: int = 5
+    rounds: int = 5  # aggregation rounds (1 = one-shot federated fine-tuning)
     clients_per_round: int | float = 1.0  # int: a count; float in (0, 1]: a fraction of clients
     min_clients: int = 1  # a round aggregates only if at least this many clients reported
     dropout: float = 0.0  # probability that a selected client fails to report
-    local_epochs: float = 1.0
+    local_epochs: float = 1.0  # passes over a client's rows per round (fractions allowed)
     local_steps: int | None = None  # if set, overrides local_epochs (batches per client-round)
-    batch_size: int = 16
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 5e-3
-    weight_decay: float = 0.0
+    batch_size: int = 16  # local training batch size
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # a fresh optimizer per client and round
+    lr: float = 5e-3  # local learning rate (PEFT methods like 1e-3..1e-2; full ~1e-4)
+    weight_decay: float = 0.0  # decoupled (AdamW) or L2 (SGD)
     momentum: float = 0.9  # sgd only
-    max_grad_norm: float | None = 1.0  # None disables clipping
+    max_grad_norm: float = 1.0  # clip the trainable part's gradient norm; 0 disables clipping
     eval_every: int = 1  # evaluate the global model every N rounds (and after the last)
-    eval_batch_size: int = 64
+    eval_batch_size: int = 64  # batch size of global evaluation
     checkpoint_every: int = 1  # write a resumable checkpoint every N rounds
 
     def validate(self) -> None:
@@ -171,7 +171,7 @@ class FederationConfig:
         _check(self.batch_size >= 1, "federation.batch_size", "must be >= 1")
         _check(self.lr > 0, "federation.lr", "must be > 0")
         _check(self.weight_decay >= 0, "federation.weight_decay", "must be >= 0")
-        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "federation.max_grad_norm", "must be > 0")
+        _check(self.max_grad_norm >= 0, "federation.max_grad_norm", "must be >= 0 (0 disables clipping)")
         _check(self.eval_every >= 1, "federation.eval_every", "must be >= 1")
         _check(self.eval_batch_size >= 1, "federation.eval_batch_size", "must be >= 1")
         _check(self.checkpoint_every >= 1, "federation.checkpoint_every", "must be >= 1")
@@ -181,8 +181,8 @@ class FederationConfig:
 class RuntimeConfig:
     """Where the federation runs. ``local`` simulates every client in this process."""
 
-    kind: Literal["local"] = "local"
-    seed: int = 0
+    kind: Literal["local"] = "local"  # "local": in-process simulation of every client
+    seed: int = 0  # every random draw derives from it: same seed, same result
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
     progress: bool = True  # rich progress bar over rounds and clients
 
@@ -191,8 +191,8 @@ class RuntimeConfig:
 class OutputConfig:
     """Where results go. ``fedpeft run --out DIR`` overrides ``dir``."""
 
-    dir: str = "runs/{method}-{data}-seed{seed}"
-    save_model: bool = True
+    dir: str = "runs/{method}-{data}-seed{seed}"  # {method}, {data}, {seed} are filled in
+    save_model: bool = True  # export the final trainable part to DIR/model/
 
 
 @dataclass

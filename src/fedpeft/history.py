@@ -40,7 +40,7 @@ def round_row(
         else:
             entry["status"] = "rejected" if cid in outcome.rejected else "ok"
             entry["samples"] = res.num_samples
-            entry.update({k: res.metrics[k] for k in ("train_loss", "steps", "flops", "compute_s") if k in res.metrics})
+            entry.update({k: res.metrics[k] for k in ("train_loss", "steps", "samples_processed", "flops", "compute_s") if k in res.metrics})
             if cid in outcome.rejected:
                 entry["reason"] = outcome.rejected[cid]
         clients.append(entry)

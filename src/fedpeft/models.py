@@ -71,15 +71,11 @@ def is_image_model(name: str) -> bool:
 
 def load_model(cfg: ModelConfig, label_names: list[str], seed: int = 0) -> LoadedModel:
     """Load ``cfg.name`` with a fresh classification head of ``len(label_names)`` outputs."""
-    from transformers import (
-        AutoImageProcessor,
-        AutoModelForImageClassification,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     labels = {
         "num_labels": len(label_names),
         "id2label": dict(enumerate(label_names)),
@@ -90,12 +86,12 @@ def load_model(cfg: ModelConfig, label_names: list[str], seed: int = 0) -> Loade
         model, processor = _tiny_model(name, labels, seed, cfg.image_size)
     else:
         source = minilm_dir() if name == "minilm" else name
-        if is_image_model(source):
-            processor = AutoImageProcessor.from_pretrained(source)
-            model = _from_pretrained(AutoModelForImageClassification, source, labels)
+        if is_image_model(source):  # transformers' image modules import slowly: only when needed
+            processor = transformers.AutoImageProcessor.from_pretrained(source)
+            model = _from_pretrained(transformers.AutoModelForImageClassification, source, labels)
         else:
-            processor = AutoTokenizer.from_pretrained(source)
-            model = _from_pretrained(AutoModelForSequenceClassification, source, labels)
+            processor = transformers.AutoTokenizer.from_pretrained(source)
+            model = _from_pretrained(transformers.AutoModelForSequenceClassification, source, labels)
     info = _model_info(model)
     if info.modality == "text":
         _prepare_tokenizer(processor, model, info)
@@ -133,54 +129,41 @@ def _model_info(model: nn.Module) -> ModelInfo:
 
 
 def _tiny_model(name: str, labels: dict, seed: int, image_size: int | None) -> tuple[nn.Module, Any]:
-    from transformers import (
-        AutoModelForImageClassification,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        BertConfig,
-        GPT2Config,
-        LlamaConfig,
-        ViTConfig,
-        ViTImageProcessor,
-    )
+    import transformers as tf  # attribute access keeps the slow image modules unimported for text
 
     size = dict(hidden=32, layers=2, heads=2, ffn=64)
     torch.manual_seed(seed)
     if name == "tiny-vit":
         image_size = image_size or 32
-        config = ViTConfig(
+        config = tf.ViTConfig(
             image_size=image_size, patch_size=8, hidden_size=size["hidden"],
             num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
             intermediate_size=size["ffn"], **labels,
         )
-        processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
-        return AutoModelForImageClassification.from_config(config), processor
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+        processor = tf.ViTImageProcessor(size={"height": image_size, "width": image_size})
+        return tf.AutoModelForImageClassification.from_config(config), processor
+    tokenizer = tf.AutoTokenizer.from_pretrained(minilm_dir())
     common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **labels)
     if name == "tiny-bert":
-        config = BertConfig(
+        config = tf.BertConfig(
             hidden_size=size["hidden"], num_hidden_layers=size["layers"],
             num_attention_heads=size["heads"], intermediate_size=size["ffn"],
             max_position_embeddings=512, **common,
         )
     elif name == "tiny-gpt2":
-        config = GPT2Config(
+        config = tf.GPT2Config(
             n_embd=size["hidden"], n_layer=size["layers"], n_head=size["heads"],
             n_positions=512, bos_token_id=tokenizer.cls_token_id,
             eos_token_id=tokenizer.sep_token_id, **common,
         )
     else:  # tiny-llama
-        config = LlamaConfig(
+        config = tf.LlamaConfig(
             hidden_size=size["hidden"], num_hidden_layers=size["layers"],
             num_attention_heads=size["heads"], num_key_value_heads=size["heads"],
             intermediate_size=size["ffn"], max_position_embeddings=512,
             bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, **common,
         )
-    return AutoModelForSequenceClassification.from_config(config), tokenizer
-
-
-def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    return tf.AutoModelForSequenceClassification.from_config(config), tokenizer
 
 
 def _first_line(exc: Exception) -> str:

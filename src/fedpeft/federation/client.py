@@ -118,7 +118,7 @@ class ClientTrainer:
         optimizer.zero_grad(set_to_none=True)
         loss = self.model(**batch).loss
         loss.backward()
-        if self.cfg.max_grad_norm is not None:
+        if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         optimizer.step()
         return float(loss.detach())
