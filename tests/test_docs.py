@@ -29,3 +29,13 @@ def test_ci_runs_the_readme_commands():
     test_command = readme.split("## Run the tests", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip()
     assert test_command in [line.strip() for line in ci], f"{test_command!r} is not a line of .ci/run"
     assert any("torch==2.13.0" in line for line in ci)
+
+
+def test_every_example_config_is_valid():
+    from fedpeft.config import load_config
+
+    examples = sorted((ROOT / "examples").glob("*.toml"))
+    assert examples
+    for path in examples:
+        cfg = load_config(path)
+        assert cfg.federation.rounds >= 1, path

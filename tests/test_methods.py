@@ -10,6 +10,7 @@ import torch
 
 from fedpeft.config import Config
 from fedpeft.errors import ConfigError
+from fedpeft.federation.costs import param_counts
 from fedpeft.methods import get_method_class, get_state
 from fedpeft.methods.adapter import add_adapters
 from fedpeft.methods.prompt import add_visual_prompt
@@ -28,10 +29,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def count_params(model, trainable_only=False):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def prepared(tiny, method, family):
@@ -174,7 +171,8 @@ def test_save_pretrained_reloads_without_fedpeft(tiny, batch_for, tmp_path, meth
 @pytest.mark.parametrize("method", PEFT_METHODS + ["head", "bias"])
 def test_trainable_fraction_is_small(tiny, method):
     loaded, _, model = prepared(tiny, method, "tiny-bert")
-    assert count_params(model, trainable_only=True) / count_params(model) < 0.02
+    trainable, total = param_counts(model)
+    assert 0 < trainable / total < 0.02
 
 
 def test_deepcopy_keeps_hooks(tiny, batch_for):
@@ -213,3 +211,49 @@ def test_lora_unknown_targets_are_a_config_error(tiny):
     lora = get_method_class("lora")
     with pytest.raises(ConfigError, match="method.target_modules"):
         lora(lora.Options(target_modules=["nope"])).prepare(loaded.model, loaded.info)
+
+
+def encoded_split(loaded, batch_for, n=8):
+    """An EncodedSplit of ``n`` synthetic rows, as the data package would hand it over."""
+    from fedpeft.data import EncodedSplit
+
+    batch = batch_for(loaded, n=n)
+    labels = batch.pop("labels")
+    features = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    return EncodedSplit(features, labels, padding_side=getattr(loaded.processor, "padding_side", "right"))
+
+
+@pytest.mark.parametrize("method,family", MATRIX)
+def test_one_federated_round_changes_exactly_the_exchanged_state(tiny, batch_for, method, family):
+    """One FedAvg round of two clients moves every exchanged tensor and nothing else, and the
+    reported bytes are the exchanged tensors' nbytes plus their names."""
+    from fedpeft.config import FederationConfig
+    from fedpeft.federation.client import ClientTrainer
+    from fedpeft.federation.strategy import FedAvgStrategy
+    from fedpeft.history import round_row
+
+    loaded, m, model = prepared(tiny, method, family)
+    names = m.exchanged_names(model)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if n not in set(names)}
+    cfg = FederationConfig(clients_per_round=2, local_steps=2, batch_size=4, lr=1e-2)
+    trainer = ClientTrainer(model, names, encoded_split(loaded, batch_for), cfg, seed=0)
+    strategy = FedAvgStrategy(cfg, num_clients=2, seed=0)
+    parts = [np.arange(0, 4), np.arange(4, 8)]
+
+    start = get_state(model, names)
+    plan = strategy.plan_round(1)
+    results = [trainer.fit(c, parts[c], start, 1) for c in plan.training]
+    outcome = strategy.aggregate_round(1, start, results)
+
+    assert outcome.aggregated and set(outcome.state) == set(names)
+    unchanged = [n for n in names if np.array_equal(outcome.state[n], start[n])]
+    assert not unchanged, f"{method}/{family}: exchanged tensors not moved by a round: {unchanged[:3]}"
+    for n, p in model.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(p, frozen_before[n]), f"{method}/{family}: frozen {n} changed"
+    expected = sum(a.nbytes + len(k.encode()) for k, a in start.items())
+    row = round_row(plan, results, outcome, expected, None, {"wall_s": 1.0, "client_compute_s": 1.0}, None)
+    assert row["bytes_down"] == 2 * expected
+    assert row["bytes_up"] == sum(
+        sum(a.nbytes + len(k.encode()) for k, a in r.state.items()) for r in results
+    ) == 2 * expected

@@ -84,7 +84,7 @@ def test_run_writes_every_output_with_exact_costs(csv_data, tmp_path):
 def test_same_seed_same_result_other_seed_differs(csv_data, tmp_path):
     a = run_experiment(make_cfg(csv_data), out=tmp_path / "a")
     b = run_experiment(make_cfg(csv_data), out=tmp_path / "b")
-    c = run_experiment(make_cfg(csv_data, runtime={"seed": 1}), out=tmp_path / "c")
+    run_experiment(make_cfg(csv_data, runtime={"seed": 1}), out=tmp_path / "c")
     sa, sb, sc = (load_file(str(next((tmp_path / d / "checkpoint").glob("*.safetensors")))) for d in "abc")
     for k in sa:
         np.testing.assert_array_equal(sa[k], sb[k])
@@ -205,3 +205,31 @@ def test_cli_label_mismatch_and_missing_config(csv_data, tmp_path):
     assert res.returncode == 2 and "label set mismatch" in res.stderr
     res = _cli("run", str(tmp_path / "missing.toml"))
     assert res.returncode == 2 and "config file not found" in res.stderr
+
+
+def test_image_classification_runs_through_the_same_path(tmp_path):
+    """An image folder (class subfolders) + tiny ViT + visual prompts, end to end."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colors = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+    for split, n in (("train", 8), ("test", 3)):
+        for label, rgb in colors.items():
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(np.array(rgb) + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    cfg = Config.from_dict({
+        "model": {"name": "tiny-vit"},
+        "data": {"train": str(tmp_path / "train"), "test": str(tmp_path / "test")},
+        "partition": {"scheme": "iid", "num_clients": 2},
+        "method": {"name": "prompt", "num_virtual_tokens": 2},
+        "federation": {"rounds": 2, "local_steps": 2, "batch_size": 4},
+        "runtime": {"progress": False},
+    })
+    summary = run_experiment(cfg, out=tmp_path / "run")
+    assert summary["num_labels"] == 3 and summary["train_samples"] == 24 and summary["test_samples"] == 9
+    assert summary["rounds_completed"] == 2 and 0 <= summary["final_accuracy"] <= 1
+    assert summary["total_bytes_up"] == 2 * 2 * summary["bytes_per_client_update"]
+    assert (tmp_path / "run" / "model" / "exchanged.safetensors").exists()

@@ -65,7 +65,8 @@ def methods() -> None:
 
     from fedpeft.methods import get_method_class, method_names
 
-    table = Table("method", "options (method.<key> = default)", "paper")
+    table = Table("method", "options (method.<key> = default)")
+    table.add_column("paper", overflow="fold")
     for name in method_names():
         cls = get_method_class(name)
         opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options))

@@ -147,7 +147,7 @@ class Lora(Method):
     Options = LoraOptions
 
     def prepare(self, model: nn.Module, info: ModelInfo) -> nn.Module:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         opts = self.options
         targets = list(opts.target_modules or default_target_modules(model, info.family))
@@ -164,18 +164,22 @@ class Lora(Method):
             modules_to_save=peft_modules_to_save(info),
             fan_in_fan_out=_targets_conv1d(model, targets),
         )
-        with quiet_peft():
-            peft_model = get_peft_model(model, config)
-        dedupe_modules_to_save(peft_model)
-        check_head_trains(peft_model, info)
-        return peft_model
-
-    def exchanged_names(self, model: nn.Module) -> list[str]:
-        return trainable_names(model)
+        return wrap_with_peft(model, config, info)
 
     def save_pretrained(self, model: nn.Module, directory: Path, state: NamedArrays) -> None:
         """Load ``state`` into ``model``, then write a peft adapter folder (``PeftModel.from_pretrained``)."""
         save_peft_folder(model, directory, state)
+
+
+def wrap_with_peft(model: nn.Module, config: object, info: ModelInfo) -> nn.Module:
+    """``get_peft_model`` plus fedpeft's checks: the head's trainable copy must train."""
+    from peft import get_peft_model
+
+    with quiet_peft():
+        peft_model = get_peft_model(model, config)
+    dedupe_modules_to_save(peft_model)
+    check_head_trains(peft_model, info)
+    return peft_model
 
 
 def check_head_trains(peft_model: nn.Module, info: ModelInfo) -> None:

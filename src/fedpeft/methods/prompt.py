@@ -19,6 +19,7 @@ CLS token as before. Load a saved ``exchanged.safetensors`` after :func:`add_vis
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,16 +28,14 @@ import torch
 from torch import nn
 
 from fedpeft.errors import ConfigError
-from fedpeft.methods.base import Method, NamedArrays, freeze_all, trainable_names, unfreeze_head
-from fedpeft.methods.lora import (
-    check_head_trains,
-    dedupe_modules_to_save,
-    peft_modules_to_save,
-    quiet_peft,
-    save_peft_folder,
-)
+from fedpeft.methods.base import Method, NamedArrays, freeze_all, unfreeze_head
+from fedpeft.methods.lora import peft_modules_to_save, save_peft_folder, wrap_with_peft
 from fedpeft.methods.registry import register
 from fedpeft.models import ModelInfo
+
+# fedpeft passes position_ids for left-padded decoder batches; peft's prompt tuning drops them
+# (its prompts shift positions anyway) and would warn on every run.
+warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
 
 
 @dataclass
@@ -128,7 +127,7 @@ class Prompt(Method):
             model.get_parameter(add_visual_prompt(model, opts.num_virtual_tokens)).requires_grad_(True)
             unfreeze_head(model, info)
             return model
-        from peft import PromptTuningConfig, get_peft_model
+        from peft import PromptTuningConfig
 
         config = PromptTuningConfig(
             task_type="SEQ_CLS",
@@ -136,14 +135,7 @@ class Prompt(Method):
             prompt_tuning_init="RANDOM" if opts.init == "random" else "SAMPLE_VOCAB",
             modules_to_save=peft_modules_to_save(info),
         )
-        with quiet_peft():
-            peft_model = get_peft_model(model, config)
-        dedupe_modules_to_save(peft_model)
-        check_head_trains(peft_model, info)
-        return peft_model
-
-    def exchanged_names(self, model: nn.Module) -> list[str]:
-        return trainable_names(model)
+        return wrap_with_peft(model, config, info)
 
     def save_pretrained(self, model: nn.Module, directory: Path, state: NamedArrays) -> None:
         """Text: a peft adapter folder (state loaded first); ViT: ``exchanged.safetensors``."""
