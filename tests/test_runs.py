@@ -233,3 +233,28 @@ def test_image_classification_runs_through_the_same_path(tmp_path):
     assert summary["rounds_completed"] == 2 and 0 <= summary["final_accuracy"] <= 1
     assert summary["total_bytes_up"] == 2 * 2 * summary["bytes_per_client_update"]
     assert (tmp_path / "run" / "model" / "exchanged.safetensors").exists()
+
+
+def test_nan_update_is_rejected_with_its_reason_and_the_run_goes_on(csv_data, tmp_path, monkeypatch):
+    from fedpeft.federation.client import ClientTrainer
+
+    real_fit = ClientTrainer.fit
+
+    def poisoned_fit(self, client, indices, state, rnd):
+        result = real_fit(self, client, indices, state, rnd)
+        if client == 0:
+            name = next(iter(result.state))
+            result.state[name] = np.full_like(result.state[name], np.nan)
+        return result
+
+    monkeypatch.setattr(ClientTrainer, "fit", poisoned_fit)
+    cfg = make_cfg(csv_data, federation={"clients_per_round": 4, "rounds": 2})
+    summary = run_experiment(cfg, out=tmp_path / "nan")
+    rows = [json.loads(x) for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        bad = [c for c in r["clients"] if c["id"] == 0][0]
+        assert bad["status"] == "rejected" and "non-finite" in bad["reason"]
+        assert r["clients_rejected"] == 1 and r["aggregated"]
+    assert summary["clients_rejected_total"] == 2
+    state = load_file(str(next((tmp_path / "nan" / "checkpoint").glob("*.safetensors"))))
+    assert all(np.isfinite(a).all() for a in state.values())
