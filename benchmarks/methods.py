@@ -34,7 +34,8 @@ from fedpeft.config import Config
 from fedpeft.experiment import run_experiment
 
 METHODS = ["full", "head", "bias", "adapter", "lora", "prompt"]
-LEARNING_RATES = {"full": 1e-4, "head": 1e-2, "bias": 5e-3, "adapter": 3e-3, "lora": 5e-3, "prompt": 1e-2}
+# chosen by --tune on 2026-11-22 (centralized proxy accuracy per LR in docs/results.md)
+LEARNING_RATES = {"full": 3e-4, "head": 3e-2, "bias": 1e-2, "adapter": 3e-3, "lora": 3e-3, "prompt": 1e-2}
 LR_GRID = {
     "full": [5e-5, 1e-4, 3e-4],
     "head": [3e-3, 1e-2, 3e-2],
