@@ -1,6 +1,7 @@
 """End-to-end runs on tiny models and synthetic data: outputs, costs, resume, CLI errors."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -174,6 +175,9 @@ def test_cli_run_and_eval(csv_data, tmp_path):
     res = _cli("eval", str(out))
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["accuracy"] == pytest.approx(summary["final_accuracy"])
+    res = _cli("run", "--resume", str(out), "--set", "federation.rounds=3")  # CONFIG from the run
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "summary.json").read_text())["rounds_completed"] == 3
 
 
 @pytest.mark.parametrize(
@@ -258,3 +262,18 @@ def test_nan_update_is_rejected_with_its_reason_and_the_run_goes_on(csv_data, tm
     assert summary["clients_rejected_total"] == 2
     state = load_file(str(next((tmp_path / "nan" / "checkpoint").glob("*.safetensors"))))
     assert all(np.isfinite(a).all() for a in state.values())
+
+
+def test_progress_bar_on_a_terminal(csv_data, tmp_path):
+    """The rich progress display (rounds + clients) runs when the console is a terminal."""
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=120)
+    cfg = make_cfg(csv_data, runtime={"progress": True}, federation={"rounds": 2})
+    run_experiment(cfg, out=tmp_path / "p", console=console)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue())  # drop ANSI styling
+    assert "round 1/2" in text and "round 2/2" in text and "acc " in text
+    assert "clients" in text and "eta" in text  # the live bar was drawn, not only the log lines
