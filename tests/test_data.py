@@ -285,6 +285,8 @@ def test_hub_errors_become_data_errors(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match=r"cannot load hub:someone/tiny from the Hugging Face hub: Couldn't reach"):
         load_data(DataConfig(name="someone/tiny"), seed=0)
+    with pytest.raises(DataError, match=r"hub:PolyAI/banking77 .*no local copy at .*nowhere/banking77: check data.data_dir"):
+        load_data(DataConfig(name="banking77", data_dir="/nowhere"), seed=0)
 
 
 def test_real_banking77(shared_data_dir):

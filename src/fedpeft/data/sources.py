@@ -117,10 +117,13 @@ def load_data(cfg: DataConfig, seed: int) -> ClassificationData:
             train, test, labels_file, source = _from_folder(folder, spec)
         else:
             log.info("%s not found: loading %s from the Hugging Face hub", folder, spec.hub_id)
-            train, test, source = _from_hub(
-                spec.hub_id, spec.hub_config, spec.hub_train_split, spec.hub_test_split,
-                spec.hub_input_column, spec.hub_label_column,
-            )
+            try:
+                train, test, source = _from_hub(
+                    spec.hub_id, spec.hub_config, spec.hub_train_split, spec.hub_test_split,
+                    spec.hub_input_column, spec.hub_label_column,
+                )
+            except DataError as exc:  # say where the local copy was looked for, too
+                raise DataError(f"{exc} (no local copy at {folder}: check data.data_dir)") from None
             labels_file = None
         modality = spec.modality
     elif cfg.name is not None and "/" in cfg.name:
