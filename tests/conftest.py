@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +68,12 @@ def tiny() -> Callable[..., LoadedModel]:
 def batch_for() -> Callable[..., dict[str, torch.Tensor]]:
     """Factory: ``batch_for(loaded, n=4)`` -> a synthetic batch for that model."""
     return make_batch
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The real data: $FEDPEFT_DATA_DIR, else ../shared/data next to the repository."""
+    folder = Path(os.environ.get("FEDPEFT_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    if not (folder / "banking77" / "train.csv").is_file():
+        pytest.skip(f"real data not found at {folder} (set FEDPEFT_DATA_DIR to the shared data folder)")
+    return folder

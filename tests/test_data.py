@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import datasets
@@ -46,15 +45,6 @@ def _pairs(data, split: str) -> set[tuple[str, str]]:
 @pytest.fixture
 def csv_files(tmp_path) -> tuple[Path, Path]:
     return _write(_frame(TRAIN), tmp_path / "train.csv"), _write(_frame(TEST), tmp_path / "test.csv")
-
-
-@pytest.fixture
-def shared_data_dir() -> Path:
-    """The real data: $FEDPEFT_DATA_DIR, else ../shared/data next to the repository."""
-    folder = Path(os.environ.get("FEDPEFT_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
-    if not (folder / "banking77" / "train.csv").is_file():
-        pytest.skip(f"real data not found at {folder} (set FEDPEFT_DATA_DIR to the shared data folder)")
-    return folder
 
 
 # --------------------------------------------------------------------------- local files

@@ -1,8 +1,5 @@
 """Integration: the real all-MiniLM-L6-v2 on real banking77 rows (skipped without the data)."""
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,18 +10,10 @@ from fedpeft.federation.client import evaluate
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def banking77_dir() -> Path:
-    folder = Path(os.environ.get("FEDPEFT_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
-    if not (folder / "banking77" / "train.csv").exists():
-        pytest.skip(f"banking77 not found under {folder} (set FEDPEFT_DATA_DIR to the shared data folder)")
-    return folder
-
-
-def test_lora_minilm_banking77_learns_and_exports(banking77_dir, tmp_path):
+def test_lora_minilm_banking77_learns_and_exports(shared_data_dir, tmp_path):
     cfg = Config.from_dict({
         "model": {"name": "minilm", "max_length": 32},
-        "data": {"name": "banking77", "data_dir": str(banking77_dir), "max_train_samples": 512, "max_test_samples": 256},
+        "data": {"name": "banking77", "data_dir": str(shared_data_dir), "max_train_samples": 512, "max_test_samples": 256},
         "partition": {"scheme": "iid", "num_clients": 4},
         "method": {"name": "lora", "r": 8},
         "federation": {"rounds": 2, "clients_per_round": 4, "local_epochs": 3, "batch_size": 16, "lr": 1e-2},

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,6 @@ from fedpeft.federation.strategy import FedAvgStrategy
 from fedpeft.methods import Method, build_method, get_state, set_state
 from fedpeft.models import ModelInfo, is_image_model, load_model
 from fedpeft.results import RunDir
-
-log = logging.getLogger(__name__)
 
 # config keys that may differ between a run and its resumption
 RESUMABLE_CHANGES = {"federation.rounds", "runtime.progress", "runtime.threads", "output.dir"}
