@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from fedpeft.federation.strategy import FedAvgStrategy
 from fedpeft.methods import Method, build_method, get_state, set_state
 from fedpeft.models import ModelInfo, is_image_model, load_model
 from fedpeft.results import RunDir
+
+if TYPE_CHECKING:
+    from fedpeft.runtime.rounds import Clients
 
 # config keys that may differ between a run and its resumption
 RESUMABLE_CHANGES = {"federation.rounds", "runtime.progress", "runtime.threads", "output.dir"}
@@ -116,9 +119,34 @@ def build_experiment(cfg: Config) -> Experiment:
 def run_experiment(
     cfg: Config, out: str | Path | None = None, resume: bool = False, console: Console | None = None
 ) -> dict[str, Any]:
-    """Run (or resume) an experiment into ``out`` and return its summary."""
+    """Run (or resume) an experiment into ``out`` on ``cfg.runtime.kind`` and return its summary."""
+    if cfg.runtime.kind == "flower-sim":
+        from fedpeft.runtime.flower_launch import run_flower_simulation
+
+        return run_flower_simulation(cfg, out, resume, console)
+    if cfg.runtime.kind == "flower":
+        from fedpeft.runtime.flower_launch import run_flower_deployment
+
+        return run_flower_deployment(cfg, out, resume, console)
+    from fedpeft.runtime.local import InProcessClients
+
+    return run_with_clients(cfg, out, resume, console, InProcessClients)
+
+
+def run_with_clients(
+    cfg: Config,
+    out: str | Path | None,
+    resume: bool,
+    console: Console | None,
+    make_clients: Callable[[Experiment], Clients],
+) -> dict[str, Any]:
+    """Run (or resume) an experiment whose clients are reached through ``make_clients(exp)``.
+
+    The run folder, resume rules, round loop, summary and model export are the same for every
+    runtime; only the transport to the clients differs.
+    """
     from fedpeft.history import summarize
-    from fedpeft.runtime.local import run_local
+    from fedpeft.runtime.rounds import run_rounds
 
     run_dir = RunDir(out or cfg.output_dir())
     if resume:
@@ -144,7 +172,7 @@ def run_experiment(
         rows = run_dir.keep_metrics_upto(0)
     static = exp.static_summary()
     if start <= cfg.federation.rounds:
-        state = run_local(exp, run_dir, state, rows, start, static, console)
+        state = run_rounds(exp, make_clients(exp), run_dir, state, rows, start, static, console)
     summary = summarize(rows, static)
     if cfg.output.save_model:
         set_state(exp.model, state)

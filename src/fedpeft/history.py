@@ -7,52 +7,68 @@ summarises exactly like an uninterrupted one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedpeft.federation.costs import message_bytes, peak_rss_mb
-from fedpeft.federation.strategy import ClientResult, RoundOutcome, RoundPlan
+from fedpeft.federation.strategy import RoundOutcome, RoundPlan
+from fedpeft.methods.base import NamedArrays
+
+if TYPE_CHECKING:
+    from fedpeft.runtime.rounds import Delivery
 
 
 def round_row(
     plan: RoundPlan,
-    results: list[ClientResult],
+    delivery: "Delivery",
     outcome: RoundOutcome,
-    bytes_down_per_client: int,
+    state_down: NamedArrays,
     eval_metrics: dict[str, float] | None,
     timings: dict[str, float],
     previous: dict[str, Any] | None,
-    bytes_up: dict[int, int] | None = None,
 ) -> dict[str, Any]:
     """One ``metrics.jsonl`` row.
 
-    ``bytes_up`` maps client id to the bytes its update actually took on the wire; by default
-    it is :func:`message_bytes` of the update. ``previous`` is the row before (for cumulative
-    totals), or None for the first round.
+    Client status: ``ok``; ``dropped`` (simulated instability: never reported); ``failed`` (no
+    usable reply: crashed node, timeout, error reply); ``rejected`` (a reply that failed
+    validation). ``bytes_*`` are the exchanged payload (tensors + names) measured on what arrived;
+    ``wire_bytes_*`` what the transport serialized (None for the in-process runtime).
+    ``previous`` is the row before (for cumulative totals), or None for the first round.
     """
+    results = delivery.results
     by_client = {r.client: r for r in results}
-    up = bytes_up or {r.client: message_bytes(r.state) for r in results}
+    up = delivery.bytes_up if delivery.bytes_up is not None else {r.client: message_bytes(r.state) for r in results}
+    down = message_bytes(state_down)
+    wire_up, wire_down = delivery.wire_up, delivery.wire_down
     clients = []
     for cid in plan.selected:
         res = by_client.get(cid)
-        entry: dict[str, Any] = {"id": cid, "bytes_down": bytes_down_per_client, "bytes_up": up.get(cid, 0)}
-        if res is None:
+        entry: dict[str, Any] = {"id": cid, "bytes_down": down, "bytes_up": up.get(cid, 0)}
+        if wire_down is not None:
+            entry["wire_bytes_down"] = wire_down.get(cid, 0)
+            entry["wire_bytes_up"] = (wire_up or {}).get(cid, 0)
+        if cid in delivery.failed:
+            entry.update(status="failed", reason=delivery.failed[cid])
+        elif cid in outcome.rejected:
+            entry.update(status="rejected", reason=outcome.rejected[cid])
+        elif res is None:
             entry["status"] = "dropped"
         else:
-            entry["status"] = "rejected" if cid in outcome.rejected else "ok"
+            entry["status"] = "ok"
+        if res is not None:
             entry["samples"] = res.num_samples
             entry.update({k: res.metrics[k] for k in ("train_loss", "steps", "samples_processed", "flops", "compute_s") if k in res.metrics})
-            if cid in outcome.rejected:
-                entry["reason"] = outcome.rejected[cid]
         clients.append(entry)
     accepted = [by_client[c] for c in outcome.accepted]
     weight = sum(r.num_samples for r in accepted)
     train_loss = (
         sum(r.metrics.get("train_loss", 0.0) * r.num_samples for r in accepted) / weight if weight else None
     )
+    reported = len(results) + len(set(delivery.rejected) - set(by_client))
     bytes_up_total = sum(up.values())
-    bytes_down_total = bytes_down_per_client * len(plan.selected)
+    bytes_down_total = down * len(plan.selected)
     prev = previous or {}
     ev = eval_metrics or {}
+    wire = None if wire_down is None else (sum((wire_up or {}).values()), sum(wire_down.values()))
     return {
         "round": plan.round,
         "accuracy": ev.get("accuracy"),
@@ -61,13 +77,16 @@ def round_row(
         "train_loss": train_loss,
         "aggregated": outcome.aggregated,
         "clients_selected": len(plan.selected),
-        "clients_reported": len(results),
-        "clients_dropped": len(plan.selected) - len(results),
+        "clients_reported": reported,
+        "clients_dropped": len(plan.dropped),
+        "clients_failed": len(delivery.failed),
         "clients_rejected": len(outcome.rejected),
         "bytes_up": bytes_up_total,
         "bytes_down": bytes_down_total,
         "cum_bytes_up": prev.get("cum_bytes_up", 0) + bytes_up_total,
         "cum_bytes_down": prev.get("cum_bytes_down", 0) + bytes_down_total,
+        "wire_bytes_up": None if wire is None else wire[0],
+        "wire_bytes_down": None if wire is None else wire[1],
         "client_flops": sum(r.metrics.get("flops", 0.0) for r in results),
         "wall_s": timings["wall_s"],
         "client_compute_s": timings["client_compute_s"],
@@ -100,6 +119,13 @@ def summarize(rows: list[dict[str, Any]], static: dict[str, Any]) -> dict[str, A
         "client_flops_per_update": sum(r["client_flops"] for r in rows) / max(1, client_rounds),
         "clients_dropped_total": sum(r["clients_dropped"] for r in rows),
         "clients_rejected_total": sum(r["clients_rejected"] for r in rows),
+        "clients_failed_total": sum(r.get("clients_failed", 0) for r in rows),
+        "failures": [
+            {"round": r["round"], "client": c["id"], "reason": c["reason"]}
+            for r in rows for c in r["clients"] if c["status"] == "failed"
+        ],
+        "total_wire_bytes_up": _total_or_none(rows, "wire_bytes_up"),
+        "total_wire_bytes_down": _total_or_none(rows, "wire_bytes_down"),
         "rounds_without_aggregation": [r["round"] for r in rows if not r["aggregated"]],
         "wall_s": sum(r["wall_s"] for r in rows),
         "client_compute_s": sum(r["client_compute_s"] for r in rows),
@@ -111,3 +137,8 @@ def summarize(rows: list[dict[str, Any]], static: dict[str, Any]) -> dict[str, A
     if full and per_update:
         summary["upload_reduction_vs_full"] = full / per_update
     return summary
+
+
+def _total_or_none(rows: list[dict[str, Any]], key: str) -> int | None:
+    values = [r.get(key) for r in rows]
+    return None if not values or any(v is None for v in values) else sum(values)

@@ -77,16 +77,23 @@ class FedAvgStrategy:
         return RoundPlan(rnd, selected, dropped)
 
     def aggregate_round(
-        self, rnd: int, global_state: NamedArrays, results: list[ClientResult]
+        self,
+        rnd: int,
+        global_state: NamedArrays,
+        results: list[ClientResult],
+        rejected_before: dict[int, str] | None = None,
     ) -> RoundOutcome:
         """Validate each result against the global state, then FedAvg the accepted ones.
 
         A result with wrong names, shapes, dtypes or non-finite values is rejected with its
-        reason and never aggregated. With fewer than ``min_clients`` accepted results the global
-        state is kept unchanged and the outcome says so.
+        reason and never aggregated; ``rejected_before`` adds replies a transport could not even
+        decode. With fewer than ``min_clients`` accepted results the global state is kept
+        unchanged and the outcome says so.
         """
         accepted: list[ClientResult] = []
-        rejected: dict[int, str] = {}
+        rejected: dict[int, str] = dict(rejected_before or {})
+        for cid, reason in rejected.items():
+            log.warning("round %d: rejected the reply of client %d: %s", rnd, cid, reason)
         for res in results:
             try:
                 validate_update(res.state, global_state)

@@ -7,93 +7,26 @@ them (see :mod:`fedpeft.federation.costs`).
 
 from __future__ import annotations
 
-import time
-from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-from fedpeft.errors import FedPeftError
-from fedpeft.federation.costs import message_bytes
-from fedpeft.history import round_row, summarize
+from fedpeft.federation.strategy import RoundPlan
 from fedpeft.methods.base import NamedArrays
-from fedpeft.results import RunDir
+from fedpeft.runtime.rounds import Delivery
 
 if TYPE_CHECKING:
     from fedpeft.experiment import Experiment
 
 
-def run_local(
-    exp: "Experiment",
-    run_dir: RunDir,
-    state: NamedArrays,
-    rows: list[dict[str, Any]],
-    start_round: int,
-    static: dict[str, Any],
-    console: Console | None = None,
-) -> NamedArrays:
-    """Run rounds ``start_round..rounds``; write a row, the summary and checkpoints as they end.
+class InProcessClients:
+    """Trains each planned client in turn with the experiment's shared :class:`ClientTrainer`."""
 
-    Returns the final global state. On Ctrl-C, the last finished round is checkpointed before a
-    :class:`FedPeftError` tells the user how to resume.
-    """
-    fed = exp.cfg.federation
-    console = console or Console(stderr=True)
-    show = exp.cfg.runtime.progress and console.is_terminal
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=console, transient=True,
-    )
-    done = start_round - 1
-    with progress if show else nullcontext():
-        rounds_task = progress.add_task("rounds", total=fed.rounds, completed=done)
-        clients_task = progress.add_task("clients", total=0)
-        try:
-            for rnd in range(start_round, fed.rounds + 1):
-                t0 = time.perf_counter()
-                plan = exp.strategy.plan_round(rnd)
-                progress.reset(clients_task, total=len(plan.training), description=f"round {rnd} clients")
-                results = []
-                for cid in plan.training:
-                    results.append(exp.trainer.fit(cid, exp.parts[cid], state, rnd))
-                    progress.advance(clients_task)
-                compute_s = sum(r.metrics["compute_s"] for r in results)
-                outcome = exp.strategy.aggregate_round(rnd, state, results)
-                eval_metrics, eval_s = None, 0.0
-                if rnd % fed.eval_every == 0 or rnd == fed.rounds:
-                    t_eval = time.perf_counter()
-                    eval_metrics = exp.evaluate(outcome.state)
-                    eval_s = time.perf_counter() - t_eval
-                timings = {"wall_s": time.perf_counter() - t0, "client_compute_s": compute_s, "eval_s": eval_s}
-                row = round_row(
-                    plan, results, outcome, message_bytes(state), eval_metrics, timings,
-                    rows[-1] if rows else None,
-                )
-                rows.append(row)
-                run_dir.append_metrics(row)
-                state, done = outcome.state, rnd
-                if rnd % fed.checkpoint_every == 0 or rnd == fed.rounds:
-                    run_dir.save_checkpoint(rnd, state, {})
-                run_dir.write_json(run_dir.summary, summarize(rows, static))
-                progress.advance(rounds_task)
-                console.print(format_row(row, fed.rounds))
-        except KeyboardInterrupt:
-            if done >= start_round:
-                run_dir.save_checkpoint(done, state, {})
-            raise FedPeftError(
-                f"interrupted after round {done}; continue with: fedpeft run --resume {run_dir.path}"
-            ) from None
-    return state
+    def __init__(self, exp: "Experiment") -> None:
+        self.exp = exp
 
-
-def format_row(row: dict[str, Any], rounds: int) -> str:
-    """One human line per round for the console log."""
-    acc = "" if row["accuracy"] is None else f"acc {row['accuracy']:.4f}  f1 {row['macro_f1']:.4f}  "
-    note = "" if row["aggregated"] else "  [yellow]not aggregated[/]"
-    return (
-        f"round {row['round']}/{rounds}  {acc}clients {row['clients_reported']}/{row['clients_selected']}  "
-        f"up {row['bytes_up'] / 1e6:.3f} MB  down {row['bytes_down'] / 1e6:.3f} MB  "
-        f"{row['wall_s']:.1f}s{note}"
-    )
+    def fit_round(self, plan: RoundPlan, state: NamedArrays, on_result: Callable[[], None]) -> Delivery:
+        delivery = Delivery()
+        for cid in plan.training:
+            delivery.results.append(self.exp.trainer.fit(cid, self.exp.parts[cid], state, plan.round))
+            on_result()
+        return delivery

@@ -1,0 +1,114 @@
+"""The federated round loop, shared by every runtime.
+
+A runtime only decides how the global state reaches the planned clients and how their results
+come back (:class:`Delivery`); planning, validation, aggregation, evaluation, metrics, checkpoints
+and the summary happen here, the same way for the in-process and the Flower runtimes.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from fedpeft.errors import FedPeftError
+from fedpeft.federation.strategy import ClientResult, RoundPlan
+from fedpeft.history import round_row, summarize
+from fedpeft.methods.base import NamedArrays
+from fedpeft.results import RunDir
+
+if TYPE_CHECKING:
+    from fedpeft.experiment import Experiment
+
+
+@dataclass
+class Delivery:
+    """What came back from the clients of one round."""
+
+    results: list[ClientResult] = field(default_factory=list)  # updates to validate and aggregate
+    rejected: dict[int, str] = field(default_factory=dict)  # replies unusable before validation
+    failed: dict[int, str] = field(default_factory=dict)  # no usable reply: crash, timeout, error
+    bytes_up: dict[int, int] | None = None  # payload bytes received per client (None: computed)
+    wire_up: dict[int, int] | None = None  # serialized bytes the transport carried, per client
+    wire_down: dict[int, int] | None = None
+
+
+class Clients(Protocol):
+    """A runtime's way to reach clients: train the planned ones from ``state``."""
+
+    def fit_round(self, plan: RoundPlan, state: NamedArrays, on_result: Any) -> Delivery: ...
+
+
+def run_rounds(
+    exp: "Experiment",
+    clients: Clients,
+    run_dir: RunDir,
+    state: NamedArrays,
+    rows: list[dict[str, Any]],
+    start_round: int,
+    static: dict[str, Any],
+    console: Console | None = None,
+) -> NamedArrays:
+    """Run rounds ``start_round..rounds``; write a row, the summary and checkpoints as they end.
+
+    Returns the final global state. On Ctrl-C, the last finished round is checkpointed before a
+    :class:`FedPeftError` tells the user how to resume.
+    """
+    fed = exp.cfg.federation
+    console = console or Console(stderr=True)
+    show = exp.cfg.runtime.progress and console.is_terminal
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        console=console, transient=True,
+    )
+    done = start_round - 1
+    with progress if show else nullcontext():
+        rounds_task = progress.add_task("rounds", total=fed.rounds, completed=done)
+        clients_task = progress.add_task("clients", total=0)
+        try:
+            for rnd in range(start_round, fed.rounds + 1):
+                t0 = time.perf_counter()
+                plan = exp.strategy.plan_round(rnd)
+                progress.reset(clients_task, total=len(plan.training), description=f"round {rnd} clients")
+                delivery = clients.fit_round(plan, state, lambda: progress.advance(clients_task))
+                compute_s = sum(r.metrics.get("compute_s", 0.0) for r in delivery.results)
+                outcome = exp.strategy.aggregate_round(rnd, state, delivery.results, delivery.rejected)
+                eval_metrics, eval_s = None, 0.0
+                if rnd % fed.eval_every == 0 or rnd == fed.rounds:
+                    t_eval = time.perf_counter()
+                    eval_metrics = exp.evaluate(outcome.state)
+                    eval_s = time.perf_counter() - t_eval
+                timings = {"wall_s": time.perf_counter() - t0, "client_compute_s": compute_s, "eval_s": eval_s}
+                row = round_row(plan, delivery, outcome, state, eval_metrics, timings, rows[-1] if rows else None)
+                rows.append(row)
+                run_dir.append_metrics(row)
+                state, done = outcome.state, rnd
+                if rnd % fed.checkpoint_every == 0 or rnd == fed.rounds:
+                    run_dir.save_checkpoint(rnd, state, {})
+                run_dir.write_json(run_dir.summary, summarize(rows, static))
+                progress.advance(rounds_task)
+                console.print(format_row(row, fed.rounds))
+        except KeyboardInterrupt:
+            if done >= start_round:
+                run_dir.save_checkpoint(done, state, {})
+            raise FedPeftError(
+                f"interrupted after round {done}; continue with: fedpeft run --resume {run_dir.path}"
+            ) from None
+    return state
+
+
+def format_row(row: dict[str, Any], rounds: int) -> str:
+    """One human line per round for the console log."""
+    acc = "" if row["accuracy"] is None else f"acc {row['accuracy']:.4f}  f1 {row['macro_f1']:.4f}  "
+    note = "" if row["aggregated"] else "  [yellow]not aggregated[/]"
+    failed = f"  [red]{row['clients_failed']} failed[/]" if row.get("clients_failed") else ""
+    return (
+        f"round {row['round']}/{rounds}  {acc}clients {row['clients_reported']}/{row['clients_selected']}  "
+        f"up {row['bytes_up'] / 1e6:.3f} MB  down {row['bytes_down'] / 1e6:.3f} MB  "
+        f"{row['wall_s']:.1f}s{note}{failed}"
+    )
