@@ -85,6 +85,26 @@ def datasets() -> None:
     Console().print(table)
 
 
+@app.command("flower-worker")
+def flower_worker(
+    runtime_api_address: Annotated[str, typer.Option(help="The SuperNode's Runtime API (its --host:--port).")] = "127.0.0.1:9094",
+    insecure: Annotated[bool, typer.Option(help="Plain HTTP to the SuperNode (loopback only).")] = False,
+    root_certificates: Annotated[Optional[Path], typer.Option(help="CA certificate of the SuperNode's Runtime API TLS.")] = None,
+    ready_file: Annotated[Optional[Path], typer.Option(help="Touch this file once ready to serve.")] = None,
+) -> None:
+    """Serve a SuperNode's ClientApp tasks from one long-lived process (flower-supernode --isolation process).
+
+    The model is loaded on the first round and kept for the rest of the run.
+    """
+    from fedpeft.runtime.flower_worker import serve
+
+    if not insecure and root_certificates is None:
+        raise FedPeftError("give --root-certificates for a TLS Runtime API, or --insecure on loopback")
+    logging.getLogger("fedpeft").setLevel(os.environ.get("FEDPEFT_LOG", "INFO"))
+    serve(runtime_api_address, insecure, str(root_certificates) if root_certificates else None,
+          ready_file=str(ready_file) if ready_file else None)
+
+
 def _print_summary(summary: dict, run_dir: Path) -> None:
     table = Table(title=f"fedpeft run: {run_dir}", show_header=False)
     for key in (

@@ -179,12 +179,26 @@ class FederationConfig:
 
 @dataclass
 class RuntimeConfig:
-    """Where the federation runs. ``local`` simulates every client in this process."""
+    """Where the federation runs: ``local`` simulates every client in this process; ``flower-sim``
+    runs the same experiment on Flower's simulation engine (one virtual SuperNode per client);
+    ``flower`` submits it to a Flower SuperLink (real SuperNodes, see README: Flower deployment)."""
 
-    kind: Literal["local"] = "local"  # "local": in-process simulation of every client
+    kind: Literal["local", "flower-sim", "flower"] = "local"  # local | flower-sim | flower
     seed: int = 0  # every random draw derives from it: same seed, same result
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
     progress: bool = True  # rich progress bar over rounds and clients
+    superlink: str = "127.0.0.1:9093"  # flower: the SuperLink's Control API address
+    insecure: bool = False  # flower: plain-text gRPC to the SuperLink (loopback trials only)
+    root_certificates: str | None = None  # flower: CA certificate (PEM) of the SuperLink's TLS
+    round_timeout: float = 600.0  # flower*: seconds to wait for replies; silent clients fail
+    connect_timeout: float = 120.0  # flower*: seconds to wait for every partition's SuperNode
+    sim_cpus_per_client: float = 1.0  # flower-sim: Ray CPUs per virtual client (parallelism)
+
+    def validate(self) -> None:
+        _check(self.round_timeout > 0, "runtime.round_timeout", "must be > 0")
+        _check(self.connect_timeout > 0, "runtime.connect_timeout", "must be > 0")
+        _check(self.sim_cpus_per_client > 0, "runtime.sim_cpus_per_client", "must be > 0")
+        _check(self.threads is None or self.threads >= 1, "runtime.threads", "must be >= 1")
 
 
 @dataclass

@@ -91,8 +91,11 @@ class Experiment:
         }
 
 
-def build_experiment(cfg: Config) -> Experiment:
-    """Load data and model, apply the method, encode and partition the data."""
+def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
+    """Load data and model, apply the method, encode and partition the data.
+
+    ``with_test=False`` (a Flower client) skips encoding the test split: ``exp.test`` is empty.
+    """
     seed = cfg.runtime.seed
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
@@ -109,7 +112,8 @@ def build_experiment(cfg: Config) -> Experiment:
     model.eval()
     names = method.exchanged_names(model)
     train = encode(data.train, loaded.processor, data.modality, cfg.model.max_length, cfg.data.cache_dir)
-    test = encode(data.test, loaded.processor, data.modality, cfg.model.max_length, cfg.data.cache_dir)
+    test_rows = data.test if with_test else data.test.select([])
+    test = encode(test_rows, loaded.processor, data.modality, cfg.model.max_length, cfg.data.cache_dir)
     parts = partition(train.labels.numpy(), cfg.partition, seed)
     trainer = ClientTrainer(model, names, train, cfg.federation, seed)
     strategy = FedAvgStrategy(cfg.federation, len(parts), seed)

@@ -1,0 +1,268 @@
+"""fedpeft as a Flower app: a ServerApp that drives the shared round loop, a ClientApp that trains.
+
+Message API (``flwr.serverapp`` / ``flwr.clientapp``); the algorithm objects are the same as in the
+in-process runtime (:class:`~fedpeft.federation.strategy.FedAvgStrategy`,
+:class:`~fedpeft.federation.client.ClientTrainer`), only the transport differs.
+
+Wire format
+    ``TRAIN`` server -> client: ``arrays`` (ArrayRecord: the global exchanged state, by name) and
+    ``config`` (ConfigRecord: ``round``, ``partition-id``, ``fedpeft-config`` = the experiment
+    config as TOML text). Reply: ``arrays`` (the client's exchanged state) and ``metrics``
+    (MetricRecord: ``num-examples``, ``train_loss``, ``steps``, ``samples_processed``, ``flops``,
+    ``compute_s``). ``QUERY``: a node reports the ``partition-id`` / ``num-partitions`` of its node
+    config, so the server knows which node holds which client's data.
+Run config (deployment)
+    ``fedpeft-config`` (TOML text), ``out`` (run folder on the ServerApp's machine), ``resume``.
+Backbone reuse
+    :data:`_CLIENT_EXPERIMENTS` keeps the built experiment (model, encoded partition) of the last
+    config per process: a long-lived ClientApp process (``fedpeft flower-worker``, or a Ray
+    actor in simulation) loads the backbone once for the whole run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import tomllib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from fedpeft.config import Config, RuntimeConfig
+from fedpeft.errors import FedPeftError
+from fedpeft.federation.costs import message_bytes
+from fedpeft.federation.strategy import ClientResult, RoundPlan
+from fedpeft.methods.base import NamedArrays
+from fedpeft.runtime.rounds import Delivery
+
+if TYPE_CHECKING:
+    from fedpeft.experiment import Experiment
+
+CONFIG_KEY = "fedpeft-config"
+METRIC_KEYS = ("train_loss", "steps", "samples_processed", "flops", "compute_s")
+POLL_S = 0.05  # how often the ServerApp asks the SuperLink for replies
+OVERSIZE_FACTOR = 1.5  # a reply larger than this x the global state's wire size is not decoded
+
+
+def config_from_text(text: str) -> Config:
+    """The experiment config carried as TOML text (run config or message)."""
+    try:
+        return Config.from_dict(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise FedPeftError(f"{CONFIG_KEY}: not valid TOML: {exc}") from None
+
+
+def state_to_record(state: NamedArrays) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in state.items()})
+
+
+def record_to_state(record: ArrayRecord) -> NamedArrays:
+    return {name: arr.numpy() for name, arr in record.items()}
+
+
+def wire_bytes(content: RecordDict) -> int:
+    """Bytes Flower serializes for ``content``: every distinct object it ships, deflated."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
+# --------------------------------------------------------------------------------------- client
+
+client_app = ClientApp()
+_CLIENT_EXPERIMENTS: dict[str, "Experiment"] = {}
+
+
+def client_experiment(text: str) -> "Experiment":
+    """Build (once per config, per process) the experiment a client trains with."""
+    from fedpeft.experiment import build_experiment
+
+    key = hashlib.sha256(text.encode()).hexdigest()
+    if key not in _CLIENT_EXPERIMENTS:
+        _CLIENT_EXPERIMENTS.clear()  # one backbone per process
+        _CLIENT_EXPERIMENTS[key] = build_experiment(config_from_text(text), with_test=False)
+    return _CLIENT_EXPERIMENTS[key]
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    cfg = context.node_config
+    if "partition-id" not in cfg or "num-partitions" not in cfg:
+        raise FedPeftError("SuperNode node config needs partition-id and num-partitions")
+    return int(cfg["partition-id"]), int(cfg["num-partitions"])
+
+
+@client_app.query()
+def report_partition(msg: Message, context: Context) -> Message:
+    pid, num = node_partition(context)
+    return Message(RecordDict({"node": ConfigRecord({"partition-id": pid, "num-partitions": num})}), reply_to=msg)
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train this node's partition from the global state in ``msg``; reply with the new state."""
+    pid, num = node_partition(context)
+    config = msg.content["config"]
+    if int(config["partition-id"]) != pid:
+        raise FedPeftError(f"asked to train partition {config['partition-id']} but this node holds {pid}")
+    exp = client_experiment(str(config[CONFIG_KEY]))
+    if num != len(exp.parts):
+        raise FedPeftError(f"node config num-partitions={num} but partition.num_clients={len(exp.parts)}")
+    state = record_to_state(msg.content["arrays"])
+    res = exp.trainer.fit(pid, exp.parts[pid], state, int(config["round"]))
+    metrics = {"num-examples": res.num_samples, **{k: float(res.metrics[k]) for k in METRIC_KEYS if k in res.metrics}}
+    return Message(RecordDict({"arrays": state_to_record(res.state), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+# --------------------------------------------------------------------------------------- server
+
+class FlowerClients:
+    """Reaches clients through a Flower :class:`Grid`: partition ``i`` lives on the SuperNode whose
+    node config says ``partition-id = i``."""
+
+    def __init__(self, grid: Grid, exp: "Experiment", config_text: str, runtime: RuntimeConfig) -> None:
+        self.grid, self.exp, self.text, self.runtime = grid, exp, config_text, runtime
+        self.nodes: dict[int, int] = {}  # partition id -> node id
+        self.wait_for_nodes()
+
+    def wait_for_nodes(self) -> None:
+        """Map every partition to a connected node, or fail naming the missing partitions."""
+        wanted = len(self.exp.parts)
+        deadline = time.monotonic() + self.runtime.connect_timeout
+        while True:
+            self.discover()
+            missing = sorted(set(range(wanted)) - set(self.nodes))
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise FedPeftError(
+                    f"no SuperNode with partition-id {missing[:10]} connected within "
+                    f"{self.runtime.connect_timeout:g} s ({len(self.nodes)}/{wanted} partitions found)"
+                )
+            time.sleep(0.5)
+
+    def discover(self) -> None:
+        """Ask connected nodes we do not know yet which partition they hold."""
+        known = set(self.nodes.values())
+        new = [n for n in self.grid.get_node_ids() if n not in known]
+        if not new:
+            return
+        msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY, group_id="discover") for n in new]
+        for reply in self._exchange(msgs, timeout=30.0, on_reply=None).values():
+            if reply.has_error() or "node" not in reply.content:
+                continue
+            node = reply.content["node"]
+            pid, num = int(node["partition-id"]), int(node["num-partitions"])
+            if num != len(self.exp.parts):
+                raise FedPeftError(
+                    f"SuperNode {reply.metadata.src_node_id} has num-partitions={num}, but the "
+                    f"experiment has partition.num_clients={len(self.exp.parts)}"
+                )
+            self.nodes[pid] = reply.metadata.src_node_id
+
+    def fit_round(self, plan: RoundPlan, state: NamedArrays, on_result: Callable[[], None]) -> Delivery:
+        if any(self.nodes.get(c) not in set(self.grid.get_node_ids()) for c in plan.training):
+            self.discover()  # a restarted SuperNode comes back with a new node id
+        arrays = state_to_record(state)
+        delivery = Delivery(bytes_up={}, wire_up={}, wire_down={})
+        msgs: dict[int, Message] = {}
+        for cid in plan.training:
+            config = ConfigRecord({"round": plan.round, "partition-id": cid, CONFIG_KEY: self.text})
+            content = RecordDict({"arrays": arrays, "config": config})
+            msgs[cid] = Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(plan.round))
+            delivery.wire_down[cid] = wire_bytes(content)
+        limit = OVERSIZE_FACTOR * wire_bytes(RecordDict({"arrays": arrays})) + 64 * 1024
+        replies = self._exchange(list(msgs.values()), self.runtime.round_timeout, on_result)
+        by_id = {m.metadata.message_id: cid for cid, m in msgs.items()}
+        got = {by_id[mid]: reply for mid, reply in replies.items()}
+        for cid in plan.training:
+            reply = got.get(cid)
+            if reply is None:
+                delivery.failed[cid] = f"no reply within runtime.round_timeout={self.runtime.round_timeout:g} s"
+            elif reply.has_error():
+                delivery.failed[cid] = f"client error: {reply.error.reason}"
+            else:
+                delivery.wire_up[cid] = size = wire_bytes(reply.content)
+                decoded = decode_reply(cid, reply.content, size, limit)
+                if isinstance(decoded, str):
+                    delivery.rejected[cid] = decoded
+                else:
+                    delivery.results.append(decoded)
+                    delivery.bytes_up[cid] = message_bytes(decoded.state)
+        return delivery
+
+    def _exchange(self, msgs: list[Message], timeout: float, on_reply: Callable[[], None] | None) -> dict[str, Message]:
+        """Push ``msgs`` and pull replies until all arrived or ``timeout`` s passed."""
+        ids = [i for i in self.grid.push_messages(msgs) if i]
+        pending, replies = set(ids), {}
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                mid = reply.metadata.reply_to_message_id
+                if mid in pending:
+                    pending.discard(mid)
+                    replies[mid] = reply
+                    if on_reply is not None:
+                        on_reply()
+            if pending:
+                time.sleep(POLL_S)
+        return replies
+
+
+def decode_reply(cid: int, content: RecordDict, size: int, limit: float) -> ClientResult | str:
+    """A reply's content as a :class:`ClientResult`, or the reason it cannot be one.
+
+    Oversized payloads are refused before decoding; names, shapes, dtypes and values are checked
+    afterwards by the strategy like any other update.
+    """
+    if size > limit:
+        return f"oversized payload: {size} bytes on the wire, limit {int(limit)}"
+    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+        return f"malformed reply: records {sorted(content.keys())}, expected 'arrays' and 'metrics'"
+    metrics = content.metric_records["metrics"]
+    num = metrics.get("num-examples")
+    if not isinstance(num, int) or num <= 0:
+        return f"malformed reply: num-examples={num!r}, expected a positive integer"
+    try:
+        state = record_to_state(content.array_records["arrays"])
+    except Exception as exc:  # noqa: BLE001 - a client's bytes can be anything
+        return f"malformed reply: arrays do not decode ({type(exc).__name__}: {exc})"
+    return ClientResult(cid, state, num, {k: float(metrics[k]) for k in METRIC_KEYS if k in metrics})
+
+
+def make_server_app(config_text: str | None = None, out: str | None = None, resume: bool = False,
+                    outcome: dict[str, Any] | None = None) -> ServerApp:
+    """A ServerApp for one experiment. Without arguments it reads ``fedpeft-config``, ``out`` and
+    ``resume`` from the run config (deployment, ``flwr run``); ``outcome`` receives the summary or
+    the exception (simulation, where the ServerApp runs in a thread)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from rich.console import Console
+
+        from fedpeft.experiment import run_with_clients
+
+        try:
+            text = config_text if config_text is not None else str(context.run_config.get(CONFIG_KEY, ""))
+            if not text.strip():
+                raise FedPeftError(f"run config {CONFIG_KEY!r} is empty: pass the experiment config (TOML text)")
+            run_out = out if out is not None else (str(context.run_config.get("out", "")) or None)
+            again = resume or bool(context.run_config.get("resume", False))
+            cfg = config_from_text(text)
+            summary = run_with_clients(
+                cfg, run_out, again, Console(stderr=True), lambda exp: FlowerClients(grid, exp, text, cfg.runtime)
+            )
+            if outcome is not None:
+                outcome["summary"] = summary
+        except BaseException as exc:
+            if outcome is None:
+                raise
+            outcome["error"] = exc
+
+    return app
+
+
+server_app = make_server_app()

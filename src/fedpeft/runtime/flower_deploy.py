@@ -1,0 +1,137 @@
+"""A real Flower deployment on this machine: 1 SuperLink + N SuperNodes on loopback ports.
+
+For trying a deployment, for the parity and fault tests and for ``benchmarks/runtimes.py``.
+Every process is a real Flower process talking over the network stack (insecure, 127.0.0.1);
+SuperNode ``i`` holds ``partition-id = i``. With ``warm=True`` (the default) each SuperNode runs
+``--isolation process`` served by a ``fedpeft flower-worker`` that keeps the backbone loaded; with
+``warm=False`` it is Flower's default (a fresh ClientApp process per message).
+
+>>> with LoopbackDeployment(num_nodes=2, workdir="/tmp/fl") as dep:
+...     cfg.runtime.superlink, cfg.runtime.insecure = dep.superlink, True
+...     run_experiment(cfg.replace(kind="flower"), out="/tmp/fl/run")
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedpeft.errors import FedPeftError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    return shutil.which(name) or str(Path(sys.executable).with_name(name))
+
+
+class LoopbackDeployment:
+    """Start, inspect and stop a loopback SuperLink + SuperNodes (+ fedpeft workers)."""
+
+    def __init__(self, num_nodes: int, workdir: str | Path, warm: bool = True, threads: int | None = None) -> None:
+        self.num_nodes, self.warm, self.threads = num_nodes, warm, threads
+        self.workdir = Path(workdir).resolve()
+        self.port = free_port()
+        self.superlink = f"127.0.0.1:{self.port}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = {**os.environ, "FLWR_HOME": str(self.workdir / "flwr-home")}
+        if threads:
+            self.env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+    def _start(self, name: str, cmd: list[str]) -> None:
+        log = open(self.workdir / "logs" / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+
+    def start(self, timeout: float = 120.0) -> "LoopbackDeployment":
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        self._start("superlink", [
+            _bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+            "--disable-runtime-dependency-installation",
+        ])
+        self._wait_port(self.port, timeout)
+        for i in range(self.num_nodes):
+            self.start_node(i)
+        deadline = time.monotonic() + timeout
+        for i in range(self.num_nodes):
+            ready = self.workdir / f"worker-{i}.ready"
+            while self.warm and not ready.exists():
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise FedPeftError(f"fedpeft flower-worker {i} not ready after {timeout:g} s; see {self.workdir}/logs")
+                time.sleep(0.2)
+        return self
+
+    def start_node(self, i: int) -> None:
+        """Start SuperNode ``i`` (and its worker); used again to restart a killed node."""
+        rt_port = free_port()
+        self._start(f"supernode-{i}", [
+            _bin("flower-supernode"), "--insecure", "--superlink", self.superlink,
+            "--node-config", f"partition-id={i} num-partitions={self.num_nodes}",
+            "--isolation", "process" if self.warm else "subprocess", "--host", "127.0.0.1", "--port", str(rt_port),
+        ])
+        if self.warm:
+            self._wait_port(rt_port, 60.0)
+            ready = self.workdir / f"worker-{i}.ready"
+            ready.unlink(missing_ok=True)
+            self._start(f"worker-{i}", [
+                _bin("fedpeft"), "flower-worker", "--runtime-api-address", f"127.0.0.1:{rt_port}", "--insecure",
+                "--ready-file", str(ready),
+            ])
+
+    def kill_node(self, i: int) -> None:
+        """SIGKILL SuperNode ``i`` and its worker: a machine that dies without a word."""
+        for name in (f"supernode-{i}", f"worker-{i}"):
+            proc = self.procs.pop(name, None)
+            if proc is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise FedPeftError(f"{name} exited with code {proc.returncode}; see {self.workdir}/logs/{name}.log")
+
+    def _wait_port(self, port: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise FedPeftError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s; see {self.workdir}/logs")
+
+    def __enter__(self) -> "LoopbackDeployment":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

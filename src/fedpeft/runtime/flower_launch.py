@@ -1,0 +1,104 @@
+"""Start an experiment on Flower: its simulation engine (``flower-sim``) or a SuperLink (``flower``).
+
+Both reuse :mod:`fedpeft.runtime.flower_app`; nothing here knows the algorithm.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from rich.console import Console
+
+from fedpeft.config import Config
+from fedpeft.errors import FedPeftError
+from fedpeft.results import RunDir
+
+APP_PYPROJECT = "flower_pyproject.toml"  # the Flower app definition shipped with fedpeft
+
+
+def write_app_dir(path: Path) -> Path:
+    """Write fedpeft's Flower app definition (a pyproject.toml) into ``path``; return ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
+    text = resources.files("fedpeft.runtime").joinpath(APP_PYPROJECT).read_text()
+    (path / "pyproject.toml").write_text(text)
+    return path
+
+
+def run_flower_simulation(
+    cfg: Config, out: str | Path | None, resume: bool, console: Console | None
+) -> dict[str, Any]:
+    """Run on Flower's Ray simulation engine: one virtual SuperNode per client (partition).
+
+    Each Ray actor is a long-lived process, so a client's backbone is loaded once per actor.
+    ``runtime.sim_cpus_per_client`` sets how many clients train at once (CPUs / that value).
+    """
+    from flwr.simulation import run_simulation
+
+    from fedpeft.runtime.flower_app import client_app, make_server_app
+
+    outcome: dict[str, Any] = {}
+    server_app = make_server_app(cfg.to_toml(), str(out) if out is not None else None, resume, outcome)
+    backend = {
+        "client_resources": {"num_cpus": cfg.runtime.sim_cpus_per_client, "num_gpus": 0.0},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": True},
+    }
+    run_simulation(server_app, client_app, num_supernodes=cfg.partition.num_clients, backend_config=backend)
+    if "error" in outcome:
+        raise outcome["error"]
+    if "summary" not in outcome:
+        raise FedPeftError("the Flower simulation ended without running the ServerApp (see the log above)")
+    return outcome["summary"]
+
+
+def flower_home(cfg: Config, path: Path) -> Path:
+    """A FLWR_HOME whose default SuperLink connection is ``runtime.superlink``."""
+    conn: dict[str, Any] = {"address": cfg.runtime.superlink, "insecure": cfg.runtime.insecure}
+    if cfg.runtime.root_certificates:
+        cert = Path(cfg.runtime.root_certificates).expanduser().resolve()
+        if not cert.is_file():
+            raise FedPeftError(f"runtime.root_certificates: no such file: {cert}")
+        conn["root-certificates"] = str(cert)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "fedpeft", "fedpeft": conn}}))
+    return path
+
+
+def run_flower_deployment(
+    cfg: Config, out: str | Path | None, resume: bool, console: Console | None
+) -> dict[str, Any]:
+    """Submit the experiment to the SuperLink at ``runtime.superlink`` with ``flwr run`` and wait.
+
+    The ServerApp writes the run folder on the SuperLink's machine; the path is made absolute
+    here so a SuperLink on this machine writes exactly where asked.
+    """
+    console = console or Console(stderr=True)
+    run_dir = RunDir(Path(out or cfg.output_dir()).resolve())
+    if not resume and run_dir.has_run():
+        raise FedPeftError(
+            f"{run_dir.path} already holds a run; continue it with --resume {run_dir.path} or choose another --out"
+        )
+    flwr = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
+    with tempfile.TemporaryDirectory(prefix="fedpeft-flwr-") as tmp:
+        app = write_app_dir(Path(tmp) / "app")
+        run_config = Path(tmp) / "run.toml"
+        run_config.write_text(tomli_w.dumps({"fedpeft-config": cfg.to_toml(), "out": str(run_dir.path), "resume": resume}))
+        env = {**os.environ, "FLWR_HOME": str(flower_home(cfg, Path(tmp) / "home"))}
+        cmd = [flwr, "run", str(app), "fedpeft", "--run-config", str(run_config), "--stream"]
+        console.print(f"submitting to the SuperLink at {cfg.runtime.superlink} (flwr run ... --stream)")
+        proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise FedPeftError(f"flwr run exited with code {proc.returncode} (SuperLink {cfg.runtime.superlink})")
+    if not run_dir.summary.exists():
+        raise FedPeftError(
+            f"the run ended but {run_dir.summary} does not exist here: the ServerApp failed (see its log "
+            "above) or the SuperLink runs on another machine (the run folder is there)"
+        )
+    return run_dir.read_summary()

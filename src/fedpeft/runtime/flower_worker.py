@@ -1,0 +1,107 @@
+"""A long-lived ClientApp process for one Flower SuperNode: the backbone stays loaded across rounds.
+
+Why
+    By default (``--isolation subprocess``) a SuperNode starts a fresh ``flwr-clientapp`` process
+    for every message, so each round re-imports torch/transformers and reloads the model.
+How
+    Flower's ``--isolation process`` mode lets an external process execute the SuperNode's
+    ClientApp tasks: it acquires a task token from the SuperNode's Runtime API, pulls the
+    message, runs the ClientApp and pushes the reply (what ``flower-superexec`` + ``flwr-clientapp``
+    do, one process per task). ``fedpeft flower-worker`` does the same in a loop, in one process,
+    so :data:`fedpeft.runtime.flower_app._CLIENT_EXPERIMENTS` (model + encoded partition) survives
+    from round to round. It only ever runs fedpeft's own ClientApp.
+
+    flower-supernode --isolation process --port 9094 ... &
+    fedpeft flower-worker --runtime-api-address 127.0.0.1:9094 --insecure
+
+The protocol calls below follow ``flwr.supernode.runtime.run_clientapp`` of flwr 1.41.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import Message
+from flwr.app.error import Error
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+log = logging.getLogger(__name__)
+
+
+def _client(address: str, insecure: bool, root_certificates: bytes | None, interceptors: list) -> RuntimeHttpClient:
+    return RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=insecure,
+        root_certificates=root_certificates,
+        interceptors=interceptors,
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+
+
+def run_task(address: str, token: str, insecure: bool, root_certificates: bytes | None) -> str:
+    """Execute one ClientApp task in this process; return its final status."""
+    from fedpeft.runtime.flower_app import client_app
+
+    client = _client(address, insecure, root_certificates, [
+        RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token),
+    ])
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    message = reply = context = None
+    status, details = SubStatus.FAILED, "ClientApp task failed"
+    try:
+        message, context, run, _fab = pull_task_input(client)
+        reply = client_app(message=message, context=context)
+        status, details = SubStatus.COMPLETED, ""
+    except Exception as exc:  # noqa: BLE001 - reported back to the ServerApp as an error reply
+        log.exception("ClientApp task failed")
+        details = f"{type(exc).__name__}: {exc}"
+        if message is not None:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+            push_task_output(client=client, context=context, sub_status=status, details=details)
+        finally:
+            heartbeat.stop()
+            client.close()
+    return status
+
+
+def serve(
+    runtime_api_address: str,
+    insecure: bool = False,
+    root_certificates: str | None = None,
+    poll_interval: float = 0.05,
+    ready_file: str | None = None,
+) -> None:
+    """Execute the SuperNode's ClientApp tasks one after another, forever."""
+    certs = Path(root_certificates).read_bytes() if root_certificates else None
+    acquire = _client(runtime_api_address, insecure, certs, [RuntimeVersionHttpInterceptor(component_name="SuperExec")])
+    import fedpeft.experiment  # noqa: F401 - import torch/transformers once, before the first task
+
+    if ready_file:
+        Path(ready_file).touch()
+    log.info("fedpeft flower-worker serving ClientApp tasks of %s", runtime_api_address)
+    while True:
+        try:
+            res = acquire.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        except Exception as exc:  # noqa: BLE001 - the SuperNode may be (re)starting
+            log.warning("cannot reach the SuperNode Runtime API at %s: %s", runtime_api_address, exc)
+            time.sleep(1.0)
+            continue
+        if res.HasField("task") and res.token:
+            status = run_task(runtime_api_address, res.token, insecure, certs)
+            log.info("task %d: %s", res.task.task_id, status)
+        else:
+            time.sleep(poll_interval)
