@@ -190,8 +190,8 @@ class RuntimeConfig:
     superlink: str = "127.0.0.1:9093"  # flower: the SuperLink's Control API address
     insecure: bool = False  # flower: plain-text gRPC to the SuperLink (loopback trials only)
     root_certificates: str | None = None  # flower: CA certificate (PEM) of the SuperLink's TLS
-    round_timeout: float = 600.0  # flower*: seconds to wait for replies; silent clients fail
-    connect_timeout: float = 120.0  # flower*: seconds to wait for every partition's SuperNode
+    round_timeout: float = 600.0  # flower*: seconds to wait for a round's replies; then silent clients fail
+    connect_timeout: float = 300.0  # flower*: seconds for every partition's SuperNode to connect and load
     sim_cpus_per_client: float = 1.0  # flower-sim: Ray CPUs per virtual client (parallelism)
 
     def validate(self) -> None:

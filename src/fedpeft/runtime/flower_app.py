@@ -96,7 +96,11 @@ def node_partition(context: Context) -> tuple[int, int]:
 
 @client_app.query()
 def report_partition(msg: Message, context: Context) -> Message:
+    """Say which partition this node holds, after building the experiment (model + data) so the
+    first training round costs what every round costs."""
     pid, num = node_partition(context)
+    if "config" in msg.content.config_records:
+        client_experiment(str(msg.content.config_records["config"][CONFIG_KEY]))
     return Message(RecordDict({"node": ConfigRecord({"partition-id": pid, "num-partitions": num})}), reply_to=msg)
 
 
@@ -132,7 +136,7 @@ class FlowerClients:
         wanted = len(self.exp.parts)
         deadline = time.monotonic() + self.runtime.connect_timeout
         while True:
-            self.discover()
+            self.discover(max(1.0, deadline - time.monotonic()))
             missing = sorted(set(range(wanted)) - set(self.nodes))
             if not missing:
                 return
@@ -143,14 +147,16 @@ class FlowerClients:
                 )
             time.sleep(0.5)
 
-    def discover(self) -> None:
-        """Ask connected nodes we do not know yet which partition they hold."""
+    def discover(self, timeout: float) -> None:
+        """Ask connected nodes we do not know yet which partition they hold (and let them load
+        the model and their data meanwhile)."""
         known = set(self.nodes.values())
         new = [n for n in self.grid.get_node_ids() if n not in known]
         if not new:
             return
-        msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY, group_id="discover") for n in new]
-        for reply in self._exchange(msgs, timeout=30.0, on_reply=None).values():
+        content = RecordDict({"config": ConfigRecord({CONFIG_KEY: self.text})})
+        msgs = [Message(content, dst_node_id=n, message_type=MessageType.QUERY, group_id="discover") for n in new]
+        for reply in self._exchange(msgs, timeout=timeout, on_reply=None).values():
             if reply.has_error() or "node" not in reply.content:
                 continue
             node = reply.content["node"]
@@ -163,12 +169,17 @@ class FlowerClients:
             self.nodes[pid] = reply.metadata.src_node_id
 
     def fit_round(self, plan: RoundPlan, state: NamedArrays, on_result: Callable[[], None]) -> Delivery:
-        if any(self.nodes.get(c) not in set(self.grid.get_node_ids()) for c in plan.training):
-            self.discover()  # a restarted SuperNode comes back with a new node id
+        connected = set(self.grid.get_node_ids())
+        if any(self.nodes.get(c) not in connected for c in plan.training):
+            self.discover(self.runtime.connect_timeout)  # a restarted SuperNode has a new node id
+            connected = set(self.grid.get_node_ids())
         arrays = state_to_record(state)
         delivery = Delivery(bytes_up={}, wire_up={}, wire_down={})
         msgs: dict[int, Message] = {}
         for cid in plan.training:
+            if self.nodes.get(cid) not in connected:
+                delivery.failed[cid] = "its SuperNode is not connected"
+                continue
             config = ConfigRecord({"round": plan.round, "partition-id": cid, CONFIG_KEY: self.text})
             content = RecordDict({"arrays": arrays, "config": config})
             msgs[cid] = Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(plan.round))
@@ -177,7 +188,7 @@ class FlowerClients:
         replies = self._exchange(list(msgs.values()), self.runtime.round_timeout, on_result)
         by_id = {m.metadata.message_id: cid for cid, m in msgs.items()}
         got = {by_id[mid]: reply for mid, reply in replies.items()}
-        for cid in plan.training:
+        for cid in msgs:
             reply = got.get(cid)
             if reply is None:
                 delivery.failed[cid] = f"no reply within runtime.round_timeout={self.runtime.round_timeout:g} s"

@@ -1,0 +1,213 @@
+"""The Flower runtime: malformed-update fuzzing (fake grid), parity with the in-process runtime on
+Flower's simulation engine and on a real loopback deployment, and a SuperNode killed mid-run."""
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app.error import Error
+from safetensors.numpy import load_file
+
+from fedpeft.experiment import build_experiment, run_experiment
+from fedpeft.federation.strategy import RoundPlan
+from fedpeft.runtime.flower_app import FlowerClients, record_to_state, state_to_record
+from test_runs import csv_data, make_cfg  # noqa: F401 - fixture reused
+
+# ------------------------------------------------------------------ malformed replies (fake grid)
+
+
+class FakeGrid:
+    """A Grid whose nodes answer at once: node ``100 + i`` holds partition ``i``; ``reply(cid, msg)``
+    makes a TRAIN reply (or None for silence)."""
+
+    def __init__(self, num_nodes, reply, num_partitions=None):
+        from flwr.supercore.task_identity import TaskIdentity
+
+        TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1  # as a Flower process has
+        self.num_nodes, self.reply, self.outbox = num_nodes, reply, []
+        self.num_partitions = num_partitions or num_nodes
+
+    def get_node_ids(self):
+        return [100 + i for i in range(self.num_nodes)]
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            ids.append(msg.metadata.message_id)
+            cid = msg.metadata.dst_node_id - 100
+            if msg.metadata.message_type == MessageType.QUERY:
+                node = ConfigRecord({"partition-id": cid, "num-partitions": self.num_partitions})
+                out = Message(RecordDict({"node": node}), reply_to=msg)
+            else:
+                out = self.reply(cid, msg)
+            if out is not None:
+                out.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+                self.outbox.append(out)
+        return ids
+
+    def pull_messages(self, message_ids):
+        wanted = set(message_ids)
+        found = [m for m in self.outbox if m.metadata.reply_to_message_id in wanted]
+        self.outbox = [m for m in self.outbox if m not in found]
+        return found
+
+
+def trained(msg, delta=0.5):
+    return {k: v + np.asarray(delta, v.dtype) for k, v in record_to_state(msg.content["arrays"]).items()}
+
+
+def reply_with(msg, state, metrics=None):
+    metrics = {"num-examples": 10} if metrics is None else metrics
+    return Message(RecordDict({"arrays": state_to_record(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def first(state):
+    return next(iter(state))
+
+
+MALFORMED = {
+    "missing name": (lambda m: reply_with(m, {k: v for i, (k, v) in enumerate(trained(m).items()) if i}), "rejected", "wrong parameter names"),
+    "extra name": (lambda m: reply_with(m, {**trained(m), "evil.weight": np.zeros(3, np.float32)}), "rejected", "wrong parameter names"),
+    "wrong shape": (lambda m: reply_with(m, {k: (v[..., :1] if i == 0 else v) for i, (k, v) in enumerate(trained(m).items())}), "rejected", "shape"),
+    "wrong dtype": (lambda m: reply_with(m, {k: v.astype(np.float64) for k, v in trained(m).items()}), "rejected", "dtype"),
+    "nan": (lambda m: reply_with(m, {k: (np.full_like(v, np.nan) if i == 0 else v) for i, (k, v) in enumerate(trained(m).items())}), "rejected", "non-finite"),
+    "inf": (lambda m: reply_with(m, {k: (np.full_like(v, np.inf) if i == 0 else v) for i, (k, v) in enumerate(trained(m).items())}), "rejected", "non-finite"),
+    "oversized": (lambda m: reply_with(m, {**trained(m), "pad": np.zeros(2_000_000, np.float32)}), "rejected", "oversized payload"),
+    "no metrics": (lambda m: Message(RecordDict({"arrays": state_to_record(trained(m))}), reply_to=m), "rejected", "malformed reply"),
+    "zero examples": (lambda m: reply_with(m, trained(m), {"num-examples": 0}), "rejected", "num-examples"),
+    "error reply": (lambda m: Message(Error(code=0, reason="CUDA out of memory"), reply_to=m), "failed", "CUDA out of memory"),
+    "silence": (lambda m: None, "failed", "no reply within"),
+}
+
+
+@pytest.fixture(scope="module")
+def small_exp(csv_data):  # noqa: F811
+    cfg = make_cfg(csv_data, partition={"num_clients": 2}, federation={"clients_per_round": 2, "min_clients": 1},
+                   runtime={"round_timeout": 0.3, "connect_timeout": 5})
+    return cfg, build_experiment(cfg)
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_reply_is_refused_with_its_reason_and_never_aggregated(small_exp, case):
+    cfg, exp = small_exp
+    bad, status, reason = MALFORMED[case]
+    grid = FakeGrid(2, lambda cid, msg: reply_with(msg, trained(msg)) if cid == 0 else bad(msg))
+    clients = FlowerClients(grid, exp, cfg.to_toml(), cfg.runtime)
+    assert clients.nodes == {0: 100, 1: 101}
+    state = exp.initial_state()
+    delivery = clients.fit_round(RoundPlan(1, [0, 1], []), state, lambda: None)
+    outcome = exp.strategy.aggregate_round(1, state, delivery.results, delivery.rejected)
+
+    where = delivery.failed if status == "failed" else outcome.rejected
+    assert set(where) == {1} and reason in where[1], (case, where)
+    assert outcome.accepted == [0] and outcome.aggregated
+    honest = {k: v + np.float32(0.5) for k, v in state.items()}
+    for k in state:  # the aggregate is client 0's update alone
+        np.testing.assert_array_equal(outcome.state[k], honest[k])
+
+
+def test_a_node_with_the_wrong_num_partitions_is_named(small_exp):
+    cfg, exp = small_exp
+    grid = FakeGrid(3, lambda cid, msg: None)  # says num-partitions=3, the experiment has 2
+    with pytest.raises(Exception, match="num-partitions=3"):
+        FlowerClients(grid, exp, cfg.to_toml(), cfg.runtime)
+
+
+def test_missing_supernodes_are_named_after_connect_timeout(small_exp):
+    cfg, exp = small_exp
+    cfg.runtime.connect_timeout = 0.5
+    try:
+        with pytest.raises(Exception, match=r"partition-id \[1\]"):
+            FlowerClients(FakeGrid(1, lambda cid, msg: None, num_partitions=2), exp, cfg.to_toml(), cfg.runtime)
+    finally:
+        cfg.runtime.connect_timeout = 5
+
+
+# ------------------------------------------------------------------ real Flower processes
+
+
+def final_state(run):
+    return load_file(sorted((run / "checkpoint").glob("*.safetensors"))[-1])
+
+
+def rows_of(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(local, other):
+    a, b = final_state(local), final_state(other)
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for ra, rb in zip(rows_of(local), rows_of(other), strict=True):
+        assert (ra["bytes_up"], ra["bytes_down"]) == (rb["bytes_up"], rb["bytes_down"])
+        assert [c["status"] for c in ra["clients"]] == [c["status"] for c in rb["clients"]]
+    sa = json.loads((local / "summary.json").read_text())
+    sb = json.loads((other / "summary.json").read_text())
+    assert set(sa) == set(sb)
+    assert sa["total_bytes_up"] == sb["total_bytes_up"] and sa["total_bytes_down"] == sb["total_bytes_down"]
+
+
+def parity_cfg(csv_data, **runtime):  # noqa: F811
+    return make_cfg(csv_data, partition={"num_clients": 2}, federation={"rounds": 2, "clients_per_round": 2},
+                    runtime={"threads": 1, **runtime})
+
+
+@pytest.fixture(scope="module")
+def local_run(csv_data, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("local") / "run"
+    run_experiment(parity_cfg(csv_data), out=out)
+    return out
+
+
+def test_flower_simulation_matches_the_in_process_runtime(csv_data, local_run, tmp_path):  # noqa: F811
+    summary = run_experiment(parity_cfg(csv_data, kind="flower-sim"), out=tmp_path / "sim")
+    assert summary["runtime"] == "flower-sim" and summary["total_wire_bytes_up"] > summary["total_bytes_up"]
+    assert_same_run(local_run, tmp_path / "sim")
+
+
+def test_loopback_deployment_matches_the_in_process_runtime(csv_data, local_run, tmp_path):  # noqa: F811
+    from fedpeft.runtime.flower_deploy import LoopbackDeployment
+
+    with LoopbackDeployment(2, tmp_path / "deploy") as dep:
+        cfg = parity_cfg(csv_data, kind="flower", superlink=dep.superlink, insecure=True, connect_timeout=60)
+        summary = run_experiment(cfg, out=tmp_path / "run")
+    assert summary["runtime"] == "flower" and summary["clients_failed_total"] == 0
+    assert_same_run(local_run, tmp_path / "run")
+    assert (tmp_path / "run" / "model").is_dir()
+
+
+def test_a_supernode_killed_mid_run_fails_its_rounds_and_the_run_goes_on(csv_data, tmp_path):  # noqa: F811
+    from fedpeft.runtime.flower_deploy import LoopbackDeployment
+
+    out = tmp_path / "run"
+    cfg = make_cfg(
+        csv_data, partition={"num_clients": 3},
+        federation={"rounds": 3, "clients_per_round": 3, "min_clients": 2, "local_steps": 30},
+        runtime={"kind": "flower", "insecure": True, "threads": 1, "round_timeout": 20, "connect_timeout": 60},
+    )
+    with LoopbackDeployment(3, tmp_path / "deploy") as dep:
+        cfg.runtime.superlink = dep.superlink
+        done: dict = {}
+        thread = threading.Thread(target=lambda: done.update(summary=run_experiment(cfg, out=out)))
+        thread.start()
+        deadline = time.monotonic() + 240
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+            assert thread.is_alive() and time.monotonic() < deadline, "round 1 never finished"
+            time.sleep(0.2)
+        dep.kill_node(2)  # round 2 is being sent/trained now
+        thread.join(300)
+    summary = done["summary"]
+    rows = rows_of(out)
+    assert summary["rounds_completed"] == 3 and all(r["aggregated"] for r in rows)
+    assert rows[0]["clients_failed"] == 0
+    assert summary["clients_failed_total"] >= 1
+    assert all(f["client"] == 2 for f in summary["failures"])
+    assert any(f["round"] == 2 for f in summary["failures"])
+    for r in rows[1:]:
+        statuses = {c["id"]: c["status"] for c in r["clients"]}
+        assert statuses[0] == statuses[1] == "ok"
