@@ -211,3 +211,21 @@ def test_a_supernode_killed_mid_run_fails_its_rounds_and_the_run_goes_on(csv_dat
     for r in rows[1:]:
         statuses = {c["id"]: c["status"] for c in r["clients"]}
         assert statuses[0] == statuses[1] == "ok"
+
+
+def test_the_repo_flower_app_is_the_packaged_one_and_names_importable_apps(tmp_path):
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    from fedpeft.runtime.flower_launch import write_app_dir
+
+    root = Path(__file__).resolve().parents[1]
+    written = write_app_dir(tmp_path / "app") / "pyproject.toml"
+    assert (root / "flower" / "pyproject.toml").read_text() == written.read_text()
+    app = tomllib.loads(written.read_text())["tool"]["flwr"]["app"]
+    assert set(app["config"]) == {"fedpeft-config", "out", "resume"}
+    kinds = {"serverapp": "ServerApp", "clientapp": "ClientApp"}
+    for key, ref in app["components"].items():
+        module, attr = ref.split(":")
+        assert type(getattr(importlib.import_module(module), attr)).__name__ == kinds[key]
