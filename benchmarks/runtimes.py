@@ -13,7 +13,11 @@ model load, data, training, evaluation, outputs):
 - flower (cold, ``--cold``): the same deployment with Flower's default isolation: a fresh ClientApp
   process per message, which re-imports torch and reloads the model every round.
 
-Usage: ``python benchmarks/runtimes.py [--data-dir ../shared/data] [--cold] [--rows 1024]``
+Every process uses one torch thread (``runtime.threads = 1``); run the whole benchmark on one core
+(``taskset -c 1 python benchmarks/runtimes.py``) so every runtime gets the same compute and the
+ratios measure overhead, not parallelism.
+
+Usage: ``taskset -c 1 python benchmarks/runtimes.py [--data-dir ../shared/data] [--cold] [--rows 1024]``
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def workload(data_dir: str, rows: int) -> dict:
         "method": {"name": "lora", "r": 8},
         "federation": {"rounds": 3, "clients_per_round": 4, "local_epochs": 1, "batch_size": 16, "lr": 3e-3,
                        "eval_every": 1000},
-        "runtime": {"seed": 0, "progress": False},
+        "runtime": {"seed": 0, "progress": False, "threads": 1},
         "output": {"save_model": False},
     }
 
