@@ -49,6 +49,43 @@ def run(
     _print_summary(summary, run_dir)
 
 
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Base experiment config (TOML).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder: one sub-folder per run.")],
+    grid: Annotated[Optional[list[str]], typer.Option(
+        "--grid", "-g", help="section.key=v1,v2 (repeatable; cartesian product). Tie keys: a.b+c.d=1+10,10+1.")] = None,
+    set_: SetOption = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds, one run per seed and grid point.")] = "0",
+) -> None:
+    """Run a grid of experiments; re-running skips finished runs and resumes killed ones."""
+    from fedpeft.sweep import run_sweep
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise FedPeftError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
+    logging.getLogger("fedpeft").setLevel(logging.INFO)
+    outcomes = run_sweep(config, out, grid or [], set_ or [], seed_list)
+    table = Table("run", "outcome", title=f"fedpeft sweep: {out}")
+    for name, outcome in outcomes.items():
+        table.add_row(name, outcome)
+    Console().print(table)
+    failed = [n for n, o in outcomes.items() if o.startswith("failed")]
+    if failed:
+        raise FedPeftError(f"{len(failed)} of {len(outcomes)} runs failed: {', '.join(failed)}; run the same command again to retry them")
+
+
+@app.command()
+def report(runs_dir: Annotated[Path, typer.Argument(help="A folder holding run folders (e.g. a sweep's --out).")]) -> None:
+    """Write DIR/report.md (accuracy and costs per run group) and PNG plots, and print the table."""
+    from fedpeft.report import PLOTS, markdown_table, write_report
+
+    rows, path = write_report(runs_dir)
+    typer.echo(markdown_table(rows))  # plain markdown: readable at any width, pasteable
+    console.print(f"wrote {path} and {', '.join(PLOTS)}")
+
+
 @app.command("eval")
 def eval_(run_dir: Annotated[Path, typer.Argument(help="A run folder written by `fedpeft run`.")]) -> None:
     """Re-evaluate the saved global state of a run on its test split."""

@@ -299,6 +299,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 # --------------------------------------------------------------------------- helpers
 
 
+def flatten_config(d: dict[str, Any]) -> dict[str, Any]:
+    """``{"section": {"key": v}}`` (a config as a dict) -> ``{"section.key": v}``."""
+    return {f"{s}.{k}": v for s, table in d.items() for k, v in table.items()}
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")

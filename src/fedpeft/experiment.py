@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from fedpeft.config import Config, load_config
+from fedpeft.config import Config, flatten_config, load_config
 from fedpeft.data import ClassificationData, EncodedSplit, encode, label_histograms, load_data, partition
 from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.federation.client import ClientTrainer, evaluate
@@ -204,7 +204,7 @@ def _resumable_config(cfg: Config, run_dir: RunDir) -> Config:
     if not run_dir.config.exists():
         raise FedPeftError(f"--resume {run_dir.path}: no config.toml there; nothing to resume")
     saved = load_config(run_dir.config)
-    new, old = _flatten(cfg.to_dict()), _flatten(saved.to_dict())
+    new, old = flatten_config(cfg.to_dict()), flatten_config(saved.to_dict())
     changed = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         raise FedPeftError(
@@ -214,7 +214,3 @@ def _resumable_config(cfg: Config, run_dir: RunDir) -> Config:
     saved.runtime.progress = cfg.runtime.progress
     saved.runtime.threads = cfg.runtime.threads
     return saved
-
-
-def _flatten(d: dict[str, Any]) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, table in d.items() for k, v in table.items()}

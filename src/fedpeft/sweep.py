@@ -1,0 +1,135 @@
+"""Grid sweeps: many runs of one config, each in its own folder, restartable.
+
+``fedpeft sweep CONFIG --grid method.name=head,lora --grid federation.rounds=1,10 --seeds 0,1``
+runs the cartesian product of the grid for every seed. A grid entry may tie several keys
+together so that they move in step, e.g. one-shot against multi-round at equal total local
+epochs (Wang et al. 2024, https://arxiv.org/abs/2412.04650)::
+
+    --grid federation.rounds+federation.local_epochs=1+10,10+1
+
+Every run writes to ``OUT/<key=value__...__seed=N>``. Re-running the same command skips runs that
+finished (their ``summary.json`` counts every round), resumes runs that were killed (``config.toml`` but no
+summary) and starts the rest. A run that fails is reported and the sweep goes on; finished runs
+are never touched.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from fedpeft.config import Config, load_config
+from fedpeft.errors import ConfigError, FedPeftError
+from fedpeft.results import RunDir, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepRun:
+    name: str  # folder name under the sweep folder
+    overrides: list[str]  # "section.key=value" for this run (grid point + seed)
+    cfg: Config
+
+
+def parse_grid(entry: str) -> list[list[tuple[str, str]]]:
+    """``"a.b=1,2"`` -> ``[[("a.b", "1")], [("a.b", "2")]]``; tied keys ``"a.b+c.d=1+2,3+4"``
+    give one point per comma-separated group, each setting every tied key."""
+    if "=" not in entry:
+        raise ConfigError(f"--grid {entry!r}: expected section.key=value1,value2,...")
+    keys_text, values_text = entry.split("=", 1)
+    keys = [k.strip() for k in keys_text.split("+")]
+    if not all("." in k for k in keys):
+        raise ConfigError(f"--grid {entry!r}: keys must be section.key")
+    points = []
+    for group in values_text.split(","):
+        values = [v.strip() for v in group.split("+")] if len(keys) > 1 else [group.strip()]
+        if len(values) != len(keys) or any(v == "" for v in values):
+            raise ConfigError(f"--grid {entry!r}: {group!r} must give {len(keys)} value(s) joined by '+'")
+        points.append(list(zip(keys, values)))
+    return points
+
+
+def expand_grid(grid: list[str]) -> list[list[tuple[str, str]]]:
+    """The cartesian product of every ``--grid`` entry: a list of (key, value) settings per point."""
+    axes = [parse_grid(entry) for entry in grid]
+    keys = [k for axis in axes for k, _ in axis[0]]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"--grid: a key is given twice ({', '.join(keys)})")
+    return [[kv for part in combo for kv in part] for combo in itertools.product(*axes)] if axes else [[]]
+
+
+def run_name(settings: list[tuple[str, str]], seed: int) -> str:
+    parts = [f"{key}={value}".replace("/", "_") for key, value in settings]
+    return "__".join([*parts, f"seed={seed}"])
+
+
+def plan_sweep(config: str | Path, grid: list[str], sets: list[str], seeds: list[int]) -> list[SweepRun]:
+    """Every run of the sweep, each config built and validated before anything runs."""
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed")
+    runs = []
+    for settings in expand_grid(grid):
+        for seed in seeds:
+            overrides = [*sets, *(f"{k}={v}" for k, v in settings), f"runtime.seed={seed}"]
+            try:
+                cfg = load_config(config, overrides)
+            except ConfigError as exc:
+                raise ConfigError(f"sweep run {run_name(settings, seed)}: {exc}") from exc
+            runs.append(SweepRun(run_name(settings, seed), overrides, cfg))
+    return runs
+
+
+def run_status(path: Path, rounds: int) -> str:
+    """``finished`` (its summary counts ``rounds`` rounds), ``partial`` (a started run folder) or ``new``."""
+    run = RunDir(path)
+    if run.summary.exists() and run.read_summary().get("rounds_completed", 0) >= rounds:
+        return "finished"
+    return "partial" if run.config.exists() else "new"
+
+
+def run_sweep(
+    config: str | Path,
+    out: str | Path,
+    grid: list[str],
+    sets: list[str] | None = None,
+    seeds: list[int] | None = None,
+    execute: Callable[[Config, Path, bool], dict] | None = None,
+) -> dict[str, str]:
+    """Run every run of the sweep into ``out``; return ``{run name: outcome}``.
+
+    ``outcome`` is ``skipped`` (already finished), ``resumed``, ``ran`` or ``failed: reason``.
+    ``execute(cfg, folder, resume)`` runs one experiment (default: :func:`run_experiment`).
+    """
+    if execute is None:
+        from fedpeft.experiment import run_experiment
+
+        def execute(cfg: Config, folder: Path, resume: bool) -> dict:
+            return run_experiment(cfg, out=folder, resume=resume)
+
+    runs = plan_sweep(config, grid, sets or [], seeds or [0])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = {"config": str(config), "grid": grid, "sets": sets or [], "seeds": seeds or [0],
+            "runs": {r.name: r.overrides for r in runs}}
+    write_text_atomic(out / "sweep.json", json.dumps(plan, indent=2) + "\n")
+    outcomes: dict[str, str] = {}
+    for i, run in enumerate(runs, 1):
+        folder = out / run.name
+        status = run_status(folder, run.cfg.federation.rounds)
+        if status == "finished":
+            outcomes[run.name] = "skipped"
+            log.info("[%d/%d] %s: finished before, skipped", i, len(runs), run.name)
+            continue
+        log.info("[%d/%d] %s: %s", i, len(runs), run.name, "resuming" if status == "partial" else "running")
+        try:
+            execute(run.cfg, folder, status == "partial")
+            outcomes[run.name] = "resumed" if status == "partial" else "ran"
+        except (FedPeftError, RuntimeError, ValueError, OSError) as exc:
+            outcomes[run.name] = f"failed: {exc}"
+            log.error("%s failed: %s", run.name, exc)
+    return outcomes
