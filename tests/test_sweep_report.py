@@ -135,3 +135,25 @@ def test_cli_sweep_then_report(base_config, tmp_path):
     assert (out / "report.md").exists() and "| method=head | 1 |" in rep.stdout
     bad = subprocess.run([*cmd[:-1], "zero"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--seeds" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def documented_sweeps():
+    """Every ``fedpeft sweep`` command written in the header of an example config."""
+    import shlex
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.toml")):
+        header = "\n".join(line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#"))
+        for command in header.replace("\\\n", " ").splitlines():
+            if command.startswith("fedpeft sweep"):
+                yield pytest.param(path, shlex.split(command)[2:], id=path.stem)
+
+
+@pytest.mark.parametrize("path, argv", list(documented_sweeps()))
+def test_documented_preset_sweeps_plan_valid_runs(path, argv):
+    assert argv[0] == f"examples/{path.name}"
+    grid = [argv[i + 1] for i, a in enumerate(argv) if a == "--grid"]
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    seeds = [int(s) for a, s in zip(argv, argv[1:]) if a == "--seeds" for s in s.split(",")] or [0]
+    runs = plan_sweep(path, grid, sets, seeds)
+    assert len(runs) == len(expand_grid(grid)) * len(seeds) > 1
