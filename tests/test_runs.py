@@ -277,3 +277,15 @@ def test_progress_bar_on_a_terminal(csv_data, tmp_path):
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue())  # drop ANSI styling
     assert "round 1/2" in text and "round 2/2" in text and "acc " in text
     assert "clients" in text and "eta" in text  # the live bar was drawn, not only the log lines
+
+
+def test_tensorboard_logs_every_round_metric(csv_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_experiment(make_cfg(csv_data, output={"tensorboard": True, "save_model": False}), out=tmp_path / "tb")
+    rows = [json.loads(line) for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    accuracy = [(e.step, e.value) for e in events.Scalars("eval/accuracy")]
+    assert accuracy == [(r["round"], pytest.approx(r["accuracy"])) for r in rows]
+    assert [e.value for e in events.Scalars("cost/cum_bytes_up")] == [r["cum_bytes_up"] for r in rows]

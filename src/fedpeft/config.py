@@ -207,6 +207,7 @@ class OutputConfig:
 
     dir: str = "runs/{method}-{data}-seed{seed}"  # {method}, {data}, {seed} are filled in
     save_model: bool = True  # export the final trainable part to DIR/model/
+    tensorboard: bool = False  # also log every round's metrics to DIR/tensorboard (needs tensorboard)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from fedpeft.federation.strategy import ClientResult, RoundPlan
 from fedpeft.history import round_row, summarize
 from fedpeft.methods.base import NamedArrays
 from fedpeft.results import RunDir
+from fedpeft.tracking import RoundTracker
 
 if TYPE_CHECKING:
     from fedpeft.experiment import Experiment
@@ -67,7 +68,8 @@ def run_rounds(
         console=console, transient=True,
     )
     done = start_round - 1
-    with progress if show else nullcontext():
+    tracker = RoundTracker(run_dir, exp.cfg.output.tensorboard)
+    with progress if show else nullcontext(), tracker:
         rounds_task = progress.add_task("rounds", total=fed.rounds, completed=done)
         clients_task = progress.add_task("clients", total=0)
         try:
@@ -87,6 +89,7 @@ def run_rounds(
                 row = round_row(plan, delivery, outcome, state, eval_metrics, timings, rows[-1] if rows else None)
                 rows.append(row)
                 run_dir.append_metrics(row)
+                tracker.log(row)
                 state, done = outcome.state, rnd
                 if rnd % fed.checkpoint_every == 0 or rnd == fed.rounds:
                     run_dir.save_checkpoint(rnd, state, {})
