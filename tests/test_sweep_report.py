@@ -157,3 +157,15 @@ def test_documented_preset_sweeps_plan_valid_runs(path, argv):
     seeds = [int(s) for a, s in zip(argv, argv[1:]) if a == "--seeds" for s in s.split(",")] or [0]
     runs = plan_sweep(path, grid, sets, seeds)
     assert len(runs) == len(expand_grid(grid)) * len(seeds) > 1
+
+
+def test_options_of_other_methods_do_not_split_groups(tmp_path):
+    configs = {"a": {"method": {"name": "lora", "r": 8}, "runtime": {"seed": 0}},
+               "b": {"method": {"name": "lora", "r": 8}, "runtime": {"seed": 1}},
+               "c": {"method": {"name": "bias"}, "runtime": {"seed": 0}}}
+    for name, cfg in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.toml").write_text(tomli_w.dumps(cfg))
+        (tmp_path / name / "summary.json").write_text(json.dumps({"final_accuracy": 0.5}))
+    groups = group_runs(find_runs(tmp_path))
+    assert sorted((g.label, len(g.runs)) for g in groups) == [("method=bias", 1), ("method=lora", 2)]

@@ -64,10 +64,11 @@ def group_runs(runs: list[Path]) -> list[Group]:
     """Group runs whose configs are equal except for seeds and output settings."""
     flat = {run: flatten_config(tomllib.loads((run / "config.toml").read_text())) for run in runs}
     keys = sorted({k for cfg in flat.values() for k in cfg} - IGNORED_KEYS)
-    varying = [k for k in keys if len({json.dumps(cfg.get(k)) for cfg in flat.values()}) > 1]
+    # a key varies if the runs that have it disagree (method options exist only for their method)
+    varying = [k for k in keys if len({json.dumps(cfg[k]) for cfg in flat.values() if k in cfg}) > 1]
     groups: dict[str, Group] = {}
     for run in runs:
-        label = ", ".join(f"{'method' if k == 'method.name' else k}={flat[run].get(k)}" for k in varying)
+        label = ", ".join(f"{'method' if k == 'method.name' else k}={flat[run][k]}" for k in varying if k in flat[run])
         group = groups.setdefault(label, Group(label or f"method={flat[run].get('method.name')}"))
         group.runs.append(run)
         group.summaries.append(RunDir(run).read_summary())
