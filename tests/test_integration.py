@@ -1,5 +1,7 @@
 """Integration: the real all-MiniLM-L6-v2 on real banking77 rows (skipped without the data)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from fedpeft.experiment import build_experiment, run_experiment
 from fedpeft.federation.client import evaluate
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_lora_minilm_banking77_learns_and_exports(shared_data_dir, tmp_path):
@@ -36,3 +39,22 @@ def test_lora_minilm_banking77_learns_and_exports(shared_data_dir, tmp_path):
     plain = PeftModel.from_pretrained(base, tmp_path / "run" / "model")
     metrics = evaluate(plain, exp.test, 64, 77)
     assert metrics["accuracy"] == pytest.approx(summary["final_accuracy"], abs=1e-9)
+
+
+@pytest.mark.parametrize("example", ["quickstart", "sst2_instability", "fedpeft_comparison", "oneshot_vs_multiround"])
+def test_example_partitions_are_feasible_on_the_real_data(example, shared_data_dir):
+    """Each preset's partition (scheme, clients, min_samples) works on its real rows, also at
+    alpha 0.1 where a preset sweeps it."""
+    import numpy as np
+
+    from fedpeft.config import load_config
+    from fedpeft.data import load_data, partition
+
+    sets = [f"data.data_dir={str(shared_data_dir)!r}"]
+    alphas = [0.1, 0.5] if example == "fedpeft_comparison" else [None]
+    for alpha in alphas:
+        cfg = load_config(ROOT / "examples" / f"{example}.toml", sets + ([f"partition.alpha={alpha}"] if alpha else []))
+        data = load_data(cfg.data, cfg.runtime.seed)
+        parts = partition(np.asarray(data.train["label"]), cfg.partition, cfg.runtime.seed)
+        assert len(parts) == cfg.partition.num_clients
+        assert min(len(p) for p in parts) >= cfg.partition.min_samples
