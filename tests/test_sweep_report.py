@@ -74,6 +74,13 @@ def test_sweep_skips_finished_resumes_killed_and_reports_failures(base_config, t
     assert second["method.name=bias__seed=1"].startswith("failed")
     assert ("method.name=head__seed=1", True) in calls and all(n != "method.name=head__seed=0" for n, _ in calls)
     assert (out / "method.name=head__seed=0" / "summary.json").read_text() == before
+    # a run that failed before finishing a round left only its config: it starts afresh, even
+    # after the base config changed
+    assert not (out / "method.name=bias__seed=1" / "metrics.jsonl").exists()
+    (out / "method.name=bias__seed=1").mkdir(exist_ok=True)
+    (out / "method.name=bias__seed=1" / "config.toml").write_text("[federation]\nrounds = 9\n")
+    third = run_sweep(base_config, out, grid, seeds=[0, 1], execute=lambda cfg, folder, resume: calls.append(resume))
+    assert third["method.name=bias__seed=1"] == "ran" and calls[-1] is False
 
 
 def test_report_numbers_equal_the_runs_summaries_and_plots_are_written(base_config, tmp_path):

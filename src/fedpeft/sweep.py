@@ -8,9 +8,9 @@ epochs (Wang et al. 2024, https://arxiv.org/abs/2412.04650)::
     --grid federation.rounds+federation.local_epochs=1+10,10+1
 
 Every run writes to ``OUT/<key=value__...__seed=N>``. Re-running the same command skips runs that
-finished (their ``summary.json`` counts every round), resumes runs that were killed (``config.toml`` but no
-summary) and starts the rest. A run that fails is reported and the sweep goes on; finished runs
-are never touched.
+finished (their ``summary.json`` counts every round), resumes runs that were killed after a
+finished round, and starts the rest afresh (also runs that failed before finishing a round).
+A run that fails is reported and the sweep goes on; finished runs are never touched.
 """
 
 from __future__ import annotations
@@ -85,11 +85,12 @@ def plan_sweep(config: str | Path, grid: list[str], sets: list[str], seeds: list
 
 
 def run_status(path: Path, rounds: int) -> str:
-    """``finished`` (its summary counts ``rounds`` rounds), ``partial`` (a started run folder) or ``new``."""
+    """``finished`` (its summary counts ``rounds`` rounds), ``partial`` (some round finished: resume)
+    or ``new`` (nothing finished there yet, e.g. a run that failed while loading: start afresh)."""
     run = RunDir(path)
     if run.summary.exists() and run.read_summary().get("rounds_completed", 0) >= rounds:
         return "finished"
-    return "partial" if run.config.exists() else "new"
+    return "partial" if run.has_run() else "new"
 
 
 def run_sweep(
