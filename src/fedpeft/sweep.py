@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -90,7 +91,16 @@ def run_status(path: Path, rounds: int) -> str:
     run = RunDir(path)
     if run.summary.exists() and run.read_summary().get("rounds_completed", 0) >= rounds:
         return "finished"
-    return "partial" if run.has_run() else "new"
+    return "partial" if run.read_metrics() else "new"
+
+
+def clear_unfinished(path: Path) -> None:
+    """Remove what a run that finished no round left behind (nothing finished is lost)."""
+    run = RunDir(path)
+    for leftover in (run.config, run.metrics, run.summary, run.partition):
+        leftover.unlink(missing_ok=True)
+    if run.checkpoint.is_dir():
+        shutil.rmtree(run.checkpoint)
 
 
 def run_sweep(
@@ -127,6 +137,8 @@ def run_sweep(
             log.info("[%d/%d] %s: finished before, skipped", i, len(runs), run.name)
             continue
         log.info("[%d/%d] %s: %s", i, len(runs), run.name, "resuming" if status == "partial" else "running")
+        if status == "new":
+            clear_unfinished(folder)
         try:
             execute(run.cfg, folder, status == "partial")
             outcomes[run.name] = "resumed" if status == "partial" else "ran"
