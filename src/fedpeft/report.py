@@ -37,12 +37,15 @@ class Group:
     summaries: list[dict[str, Any]] = field(default_factory=list)
     metrics: list[list[dict[str, Any]]] = field(default_factory=list)
 
+    def values(self, key: str) -> list[float]:
+        return [s[key] for s in self.summaries if s.get(key) is not None]
+
     def mean(self, key: str) -> float | None:
-        values = [s[key] for s in self.summaries if s.get(key) is not None]
+        values = self.values(key)
         return float(np.mean(values)) if values else None
 
     def std(self, key: str) -> float | None:
-        values = [s[key] for s in self.summaries if s.get(key) is not None]
+        values = self.values(key)
         return float(np.std(values)) if values else None
 
     def total_mb(self) -> float:
@@ -70,9 +73,10 @@ def group_runs(runs: list[Path]) -> list[Group]:
     for run in runs:
         label = ", ".join(f"{'method' if k == 'method.name' else k}={flat[run][k]}" for k in varying if k in flat[run])
         group = groups.setdefault(label, Group(label or f"method={flat[run].get('method.name')}"))
+        folder = RunDir(run)
         group.runs.append(run)
-        group.summaries.append(RunDir(run).read_summary())
-        group.metrics.append(RunDir(run).read_metrics())
+        group.summaries.append(folder.read_summary())
+        group.metrics.append(folder.read_metrics())
     return list(groups.values())
 
 
@@ -168,11 +172,9 @@ def _mean_curve(g: Group) -> tuple[list[int], list[float], list[float]]:
     """Evaluated rounds, mean cumulative MB (up + down) and mean accuracy over the group's seeds."""
     by_round: dict[int, list[tuple[float, float]]] = {}
     for rows in g.metrics:
-        total = 0.0
         for r in rows:
-            total += (r["bytes_up"] + r["bytes_down"]) / 1e6
             if r.get("accuracy") is not None:
-                by_round.setdefault(r["round"], []).append((total, r["accuracy"]))
+                by_round.setdefault(r["round"], []).append(((r["cum_bytes_up"] + r["cum_bytes_down"]) / 1e6, r["accuracy"]))
     rounds = sorted(by_round)
     return rounds, [float(np.mean([v[0] for v in by_round[r]])) for r in rounds], [float(np.mean([v[1] for v in by_round[r]])) for r in rounds]
 

@@ -122,10 +122,11 @@ def run_sweep(
         def execute(cfg: Config, folder: Path, resume: bool) -> dict:
             return run_experiment(cfg, out=folder, resume=resume)
 
-    runs = plan_sweep(config, grid, sets or [], seeds or [0])
+    sets, seeds = sets or [], seeds or [0]
+    runs = plan_sweep(config, grid, sets, seeds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = {"config": str(config), "grid": grid, "sets": sets or [], "seeds": seeds or [0],
+    plan = {"config": str(config), "grid": grid, "sets": sets, "seeds": seeds,
             "runs": {r.name: r.overrides for r in runs}}
     write_text_atomic(out / "sweep.json", json.dumps(plan, indent=2) + "\n")
     outcomes: dict[str, str] = {}
