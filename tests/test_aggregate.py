@@ -5,7 +5,7 @@ import pytest
 
 from fedpeft.config import FederationConfig
 from fedpeft.errors import UpdateRejected
-from fedpeft.federation.aggregate import fedavg, validate_update
+from fedpeft.federation.aggregate import RunningFedAvg, fedavg, validate_update
 from fedpeft.federation.strategy import ClientResult, FedAvgStrategy
 
 
@@ -45,6 +45,25 @@ def test_fedavg_rejects_bad_input():
         fedavg([({"w": np.zeros(2)}, 0)])
     with pytest.raises(ValueError, match="same names"):
         fedavg([({"w": np.zeros(2)}, 1), ({"v": np.zeros(2)}, 1)])
+
+
+def test_running_fedavg_equals_np_average_of_whoever_has_reported():
+    """Sequential aggregation: after each arrival the running aggregate is the weighted average of
+    the results folded in so far, and a bad result leaves it untouched."""
+    rng = np.random.default_rng(7)
+    states = _states(rng, 4, {"w": (3, 2), "b": (2,)})
+    weights = [5, 1, 12, 3]
+    running = RunningFedAvg()
+    for k, (state, weight) in enumerate(zip(states, weights), start=1):
+        running.add(state, weight)
+        for name in ("w", "b"):
+            expected = np.average(np.stack([s[name] for s in states[:k]]), axis=0, weights=weights[:k])
+            np.testing.assert_allclose(running.result()[name], expected, rtol=1e-6, atol=1e-7)
+        with pytest.raises(ValueError, match="shape"):
+            running.add({"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}, 1)
+        assert running.count == k and running.weight == sum(weights[:k])
+    with pytest.raises(ValueError, match="at least one"):
+        RunningFedAvg().result()
 
 
 REF = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
@@ -98,3 +117,34 @@ def test_plan_round_sampling_and_dropout_are_seeded():
     assert len({tuple(p.selected) for p in plans}) > 20  # rounds differ
     assert FedAvgStrategy(FederationConfig(clients_per_round=3), 20, 0).plan_round(1).selected.__len__() == 3
     assert FedAvgStrategy(FederationConfig(clients_per_round=50), 20, 0).clients_per_round() == 20
+
+
+def test_in_process_round_folds_results_as_they_arrive_and_keeps_no_states():
+    """Server memory does not grow with the number of clients: each state is folded into the
+    running aggregate on arrival; the delivery keeps only sample counts, metrics and bytes."""
+    import tracemalloc
+    from types import SimpleNamespace
+
+    from fedpeft.federation.strategy import RoundPlan
+    from fedpeft.runtime.local import InProcessClients
+
+    size, clients = 250_000, 16  # 1 MB float32 state per client, 16 MB if all were kept
+    ref = {"w": np.zeros(size, np.float32)}
+
+    def fit(cid, part, state, rnd):
+        return ClientResult(cid, {"w": np.full(size, cid, np.float32)}, int(part))
+
+    exp = SimpleNamespace(trainer=SimpleNamespace(fit=fit), parts=list(range(1, clients + 1)))
+    aggregation = FedAvgStrategy(FederationConfig(), clients, 0).start_round(1, ref)
+    tracemalloc.start()
+    try:
+        delivery = InProcessClients(exp).fit_round(RoundPlan(1, list(range(clients)), []), ref, aggregation.add)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    outcome = aggregation.finish(delivery.rejected)
+    assert peak < 6 * size * 4, f"peak {peak / 1e6:.1f} MB: states were kept instead of folded in"
+    assert [r.client for r in delivery.results] == list(range(clients)) and all(not r.state for r in delivery.results)
+    assert delivery.bytes_up == {c: size * 4 + 1 for c in range(clients)}
+    expected = np.average(np.arange(clients, dtype=np.float64), weights=np.arange(1, clients + 1))
+    np.testing.assert_allclose(outcome.state["w"], np.full(size, expected), rtol=1e-6)

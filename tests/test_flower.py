@@ -99,8 +99,10 @@ def test_a_malformed_reply_is_refused_with_its_reason_and_never_aggregated(small
     clients = FlowerClients(grid, exp, cfg.to_toml(), cfg.runtime)
     assert clients.nodes == {0: 100, 1: 101}
     state = exp.initial_state()
-    delivery = clients.fit_round(RoundPlan(1, [0, 1], []), state, lambda: None)
-    outcome = exp.strategy.aggregate_round(1, state, delivery.results, delivery.rejected)
+    aggregation = exp.strategy.start_round(1, state)
+    delivery = clients.fit_round(RoundPlan(1, [0, 1], []), state, aggregation.add)
+    outcome = aggregation.finish(delivery.rejected)
+    assert all(not r.state for r in delivery.results)  # states were folded in, not kept
 
     where = delivery.failed if status == "failed" else outcome.rejected
     assert set(where) == {1} and reason in where[1], (case, where)

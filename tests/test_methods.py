@@ -229,6 +229,7 @@ def test_one_federated_round_changes_exactly_the_exchanged_state(tiny, batch_for
     reported bytes are the exchanged tensors' nbytes plus their names."""
     from fedpeft.config import FederationConfig
     from fedpeft.federation.client import ClientTrainer
+    from fedpeft.federation.costs import message_bytes
     from fedpeft.federation.strategy import FedAvgStrategy
     from fedpeft.history import round_row
     from fedpeft.runtime.rounds import Delivery
@@ -253,7 +254,8 @@ def test_one_federated_round_changes_exactly_the_exchanged_state(tiny, batch_for
         if n in frozen_before:
             assert torch.equal(p, frozen_before[n]), f"{method}/{family}: frozen {n} changed"
     expected = sum(a.nbytes + len(k.encode()) for k, a in start.items())
-    row = round_row(plan, Delivery(results), outcome, start, None, {"wall_s": 1.0, "client_compute_s": 1.0}, None)
+    sizes = {r.client: message_bytes(r.state) for r in results}
+    row = round_row(plan, Delivery(results, bytes_up=sizes), outcome, start, None, {"wall_s": 1.0, "client_compute_s": 1.0}, None)
     assert row["bytes_down"] == 2 * expected
     assert row["bytes_up"] == sum(
         sum(a.nbytes + len(k.encode()) for k, a in r.state.items()) for r in results

@@ -36,7 +36,7 @@ def round_row(
     """
     results = delivery.results
     by_client = {r.client: r for r in results}
-    up = delivery.bytes_up if delivery.bytes_up is not None else {r.client: message_bytes(r.state) for r in results}
+    up = delivery.bytes_up
     down = message_bytes(state_down)
     wire_up, wire_down = delivery.wire_up, delivery.wire_down
     clients = []

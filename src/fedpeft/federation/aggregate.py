@@ -7,7 +7,7 @@ in FedPEFT (Sun et al. 2022, https://arxiv.org/abs/2210.01708). One-shot federat
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -16,7 +16,7 @@ from fedpeft.errors import UpdateRejected
 NamedArrays = dict[str, np.ndarray]
 
 
-def fedavg(results: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> NamedArrays:
+def fedavg(results: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> NamedArrays:
     """Weighted average of named arrays: ``sum_k w_k * x_k / sum_k w_k`` for every name.
 
     Parameters
@@ -35,23 +35,52 @@ def fedavg(results: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> NamedAr
     >>> fedavg([({"w": np.array([0.0])}, 1), ({"w": np.array([3.0])}, 2)])["w"]
     array([2.])
     """
-    if not results:
-        raise ValueError("fedavg needs at least one (named_arrays, weight) pair")
-    weights = np.array([float(w) for _, w in results], dtype=np.float64)
-    if not np.all(np.isfinite(weights)) or np.any(weights <= 0):
-        raise ValueError(f"fedavg weights must be positive and finite, got {weights.tolist()}")
-    first = results[0][0]
-    for state, _ in results[1:]:
-        if state.keys() != first.keys():
+    running = RunningFedAvg()
+    for state, weight in results:
+        running.add(state, weight)
+    return running.result()
+
+
+class RunningFedAvg:
+    """FedAvg folded in one result at a time: after ``add`` of results 1..k, ``result()`` equals
+    ``fedavg`` of those k results (the same sums, in arrival order).
+
+    Sequential aggregation as suggested for asynchronous one-shot settings by Wang et al. (2024,
+    https://arxiv.org/abs/2412.04650): the server keeps one float64 running sum, never the list of
+    client states, so its memory does not grow with the number of clients, and the aggregate of
+    whoever has reported so far is available at any time.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, np.ndarray] = {}  # name -> sum_k w_k * x_k (float64)
+        self._dtypes: dict[str, np.dtype] = {}
+        self.weight = 0.0  # sum_k w_k
+        self.count = 0  # results folded in
+
+    def add(self, state: Mapping[str, np.ndarray], weight: float) -> None:
+        """Fold one ``(named_arrays, weight)`` in; checks happen before anything is added."""
+        w = float(weight)
+        if not np.isfinite(w) or w <= 0:
+            raise ValueError(f"fedavg weights must be positive and finite, got {weight!r}")
+        if self.count and state.keys() != self._sums.keys():
             raise ValueError("fedavg: the named arrays do not all have the same names")
-    weights = weights / weights.sum()
-    out: NamedArrays = {}
-    for name, ref in first.items():
-        acc = np.zeros(np.shape(ref), dtype=np.float64)
-        for (state, _), w in zip(results, weights):
-            acc += w * np.asarray(state[name], dtype=np.float64)
-        out[name] = acc.astype(np.asarray(ref).dtype, copy=False)
-    return out
+        arrays = {name: np.asarray(value) for name, value in state.items()}
+        for name, value in arrays.items():
+            if self.count and value.shape != self._sums[name].shape:
+                raise ValueError(f"fedavg: {name} has shape {value.shape}, expected {self._sums[name].shape}")
+        for name, value in arrays.items():
+            if not self.count:
+                self._sums[name] = np.zeros(value.shape, dtype=np.float64)
+                self._dtypes[name] = value.dtype
+            self._sums[name] += w * value.astype(np.float64, copy=False)
+        self.weight += w
+        self.count += 1
+
+    def result(self) -> NamedArrays:
+        """The weighted average so far, in each input array's dtype."""
+        if not self.count:
+            raise ValueError("fedavg needs at least one (named_arrays, weight) pair")
+        return {name: (acc / self.weight).astype(self._dtypes[name], copy=False) for name, acc in self._sums.items()}
 
 
 def validate_update(

@@ -155,7 +155,7 @@ class FlowerClients:
         if not new:
             return
         content = RecordDict({"config": ConfigRecord({CONFIG_KEY: self.text})})
-        msgs = [Message(content, dst_node_id=n, message_type=MessageType.QUERY, group_id="discover") for n in new]
+        msgs = {n: Message(content, dst_node_id=n, message_type=MessageType.QUERY, group_id="discover") for n in new}
         for reply in self._exchange(msgs, timeout=timeout, on_reply=None).values():
             if reply.has_error() or "node" not in reply.content:
                 continue
@@ -168,13 +168,13 @@ class FlowerClients:
                 )
             self.nodes[pid] = reply.metadata.src_node_id
 
-    def fit_round(self, plan: RoundPlan, state: NamedArrays, on_result: Callable[[], None]) -> Delivery:
+    def fit_round(self, plan: RoundPlan, state: NamedArrays, on_result: Callable[[ClientResult], None]) -> Delivery:
         connected = set(self.grid.get_node_ids())
         if any(self.nodes.get(c) not in connected for c in plan.training):
             self.discover(self.runtime.connect_timeout)  # a restarted SuperNode has a new node id
             connected = set(self.grid.get_node_ids())
         arrays = state_to_record(state)
-        delivery = Delivery(bytes_up={}, wire_up={}, wire_down={})
+        delivery = Delivery(wire_up={}, wire_down={})
         msgs: dict[int, Message] = {}
         for cid in plan.training:
             if self.nodes.get(cid) not in connected:
@@ -185,38 +185,41 @@ class FlowerClients:
             msgs[cid] = Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(plan.round))
             delivery.wire_down[cid] = wire_bytes(content)
         limit = OVERSIZE_FACTOR * wire_bytes(RecordDict({"arrays": arrays})) + 64 * 1024
-        replies = self._exchange(list(msgs.values()), self.runtime.round_timeout, on_result)
-        by_id = {m.metadata.message_id: cid for cid, m in msgs.items()}
-        got = {by_id[mid]: reply for mid, reply in replies.items()}
-        for cid in msgs:
-            reply = got.get(cid)
-            if reply is None:
-                delivery.failed[cid] = f"no reply within runtime.round_timeout={self.runtime.round_timeout:g} s"
-            elif reply.has_error():
+
+        def on_reply(cid: int, reply: Message) -> None:  # decode and fold in as each reply arrives
+            if reply.has_error():
                 delivery.failed[cid] = f"client error: {reply.error.reason}"
-            else:
-                delivery.wire_up[cid] = size = wire_bytes(reply.content)
-                decoded = decode_reply(cid, reply.content, size, limit)
-                if isinstance(decoded, str):
-                    delivery.rejected[cid] = decoded
-                else:
-                    delivery.results.append(decoded)
-                    delivery.bytes_up[cid] = message_bytes(decoded.state)
+                return
+            delivery.wire_up[cid] = size = wire_bytes(reply.content)
+            decoded = decode_reply(cid, reply.content, size, limit)
+            if isinstance(decoded, str):
+                delivery.rejected[cid] = decoded
+                return
+            delivery.bytes_up[cid] = message_bytes(decoded.state)
+            on_result(decoded)
+            delivery.results.append(decoded.without_state())
+
+        replies = self._exchange(msgs, self.runtime.round_timeout, on_reply)
+        for cid in msgs.keys() - replies.keys():
+            delivery.failed[cid] = f"no reply within runtime.round_timeout={self.runtime.round_timeout:g} s"
         return delivery
 
-    def _exchange(self, msgs: list[Message], timeout: float, on_reply: Callable[[], None] | None) -> dict[str, Message]:
-        """Push ``msgs`` and pull replies until all arrived or ``timeout`` s passed."""
-        ids = [i for i in self.grid.push_messages(msgs) if i]
-        pending, replies = set(ids), {}
+    def _exchange(self, msgs: dict[int, Message], timeout: float,
+                  on_reply: Callable[[int, Message], None] | None) -> dict[int, Message]:
+        """Push ``msgs`` (keyed by client or node) and pull replies until all arrived or
+        ``timeout`` s passed; ``on_reply(key, reply)`` runs as each one arrives."""
+        ids = self.grid.push_messages(list(msgs.values()))
+        keys = {mid: key for mid, key in zip(ids, msgs) if mid}
+        pending, replies = set(keys), {}
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(pending)):
                 mid = reply.metadata.reply_to_message_id
                 if mid in pending:
                     pending.discard(mid)
-                    replies[mid] = reply
+                    replies[keys[mid]] = reply
                     if on_reply is not None:
-                        on_reply()
+                        on_reply(keys[mid], reply)
             if pending:
                 time.sleep(POLL_S)
         return replies

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from fedpeft.federation.strategy import RoundPlan
+from fedpeft.federation.costs import message_bytes
+from fedpeft.federation.strategy import ClientResult, RoundPlan
 from fedpeft.methods.base import NamedArrays
 from fedpeft.runtime.rounds import Delivery
 
@@ -24,9 +25,11 @@ class InProcessClients:
     def __init__(self, exp: "Experiment") -> None:
         self.exp = exp
 
-    def fit_round(self, plan: RoundPlan, state: NamedArrays, on_result: Callable[[], None]) -> Delivery:
+    def fit_round(self, plan: RoundPlan, state: NamedArrays, on_result: Callable[[ClientResult], None]) -> Delivery:
         delivery = Delivery()
         for cid in plan.training:
-            delivery.results.append(self.exp.trainer.fit(cid, self.exp.parts[cid], state, plan.round))
-            on_result()
+            res = self.exp.trainer.fit(cid, self.exp.parts[cid], state, plan.round)
+            delivery.bytes_up[cid] = message_bytes(res.state)
+            on_result(res)  # folded into the round's aggregate here; the state is not kept
+            delivery.results.append(res.without_state())
         return delivery

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
@@ -28,20 +29,24 @@ if TYPE_CHECKING:
 
 @dataclass
 class Delivery:
-    """What came back from the clients of one round."""
+    """What came back from the clients of one round (the states themselves went to ``on_result``)."""
 
-    results: list[ClientResult] = field(default_factory=list)  # updates to validate and aggregate
+    results: list[ClientResult] = field(default_factory=list)  # decoded replies, without their state
     rejected: dict[int, str] = field(default_factory=dict)  # replies unusable before validation
     failed: dict[int, str] = field(default_factory=dict)  # no usable reply: crash, timeout, error
-    bytes_up: dict[int, int] | None = None  # payload bytes received per client (None: computed)
+    bytes_up: dict[int, int] = field(default_factory=dict)  # payload bytes received per client
     wire_up: dict[int, int] | None = None  # serialized bytes the transport carried, per client
     wire_down: dict[int, int] | None = None
 
 
 class Clients(Protocol):
-    """A runtime's way to reach clients: train the planned ones from ``state``."""
+    """A runtime's way to reach clients: train the planned ones from ``state``.
 
-    def fit_round(self, plan: RoundPlan, state: NamedArrays, on_result: Any) -> Delivery: ...
+    ``fit_round`` hands every decoded result to ``on_result`` as soon as it arrives (the round
+    folds it into the aggregate there) and keeps only ``result.without_state()`` in the delivery.
+    """
+
+    def fit_round(self, plan: RoundPlan, state: NamedArrays, on_result: Callable[[ClientResult], None]) -> Delivery: ...
 
 
 def run_rounds(
@@ -77,9 +82,15 @@ def run_rounds(
                 t0 = time.perf_counter()
                 plan = exp.strategy.plan_round(rnd)
                 progress.reset(clients_task, total=len(plan.training), description=f"round {rnd} clients")
-                delivery = clients.fit_round(plan, state, lambda: progress.advance(clients_task))
+                aggregation = exp.strategy.start_round(rnd, state)
+
+                def on_result(res: ClientResult) -> None:
+                    aggregation.add(res)  # sequential aggregation: folded in as it arrives
+                    progress.advance(clients_task)
+
+                delivery = clients.fit_round(plan, state, on_result)
                 compute_s = sum(r.metrics.get("compute_s", 0.0) for r in delivery.results)
-                outcome = exp.strategy.aggregate_round(rnd, state, delivery.results, delivery.rejected)
+                outcome = aggregation.finish(delivery.rejected)
                 eval_metrics, eval_s = None, 0.0
                 if rnd % fed.eval_every == 0 or rnd == fed.rounds:
                     t_eval = time.perf_counter()
