@@ -10,14 +10,19 @@ model load, data, training, evaluation, outputs):
 - flower (warm): a loopback deployment (1 SuperLink + 4 SuperNodes, started beforehand like real
   machines) whose SuperNodes run ``--isolation process`` with a long-lived ``fedpeft
   flower-worker`` each, timed from ``fedpeft run --set runtime.kind=flower`` to exit;
+- flower (warm, run again): the same config submitted a second time to the same deployment, whose
+  workers still hold the built experiment (backbone + partition): what every run after the first
+  costs on a long-lived deployment;
 - flower (cold, ``--cold``): the same deployment with Flower's default isolation: a fresh ClientApp
   process per message, which re-imports torch and reloads the model every round.
 
-Every process uses one torch thread (``runtime.threads = 1``); run the whole benchmark on one core
-(``taskset -c 1 python benchmarks/runtimes.py``) so every runtime gets the same compute and the
-ratios measure overhead, not parallelism.
+Every runtime gets the CPUs the benchmark may use (``taskset``) and uses them as a user would:
+the single-process runtimes (plain loop, local) run that many torch threads; flower-sim runs one
+single-threaded Ray actor per CPU; the deployment's 4 workers share the CPUs (threads = CPUs // 4,
+at least 1). On one core (``taskset -c 1``) every process has one thread and the ratios measure
+pure overhead; on the whole machine they measure what a user of this machine would see.
 
-Usage: ``taskset -c 1 python benchmarks/runtimes.py [--data-dir ../shared/data] [--cold] [--rows 1024]``
+Usage: ``[taskset -c 1] python benchmarks/runtimes.py [--data-dir ../shared/data] [--cold] [--rows 1024]``
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ def workload(data_dir: str, rows: int) -> dict:
         "method": {"name": "lora", "r": 8},
         "federation": {"rounds": 3, "clients_per_round": 4, "local_epochs": 1, "batch_size": 16, "lr": 3e-3,
                        "eval_every": 1000},
-        "runtime": {"seed": 0, "progress": False, "threads": 1},
+        "runtime": {"seed": 0, "progress": False, "threads": 1, "sim_cpus_per_client": 1.0},
         "output": {"save_model": False},
     }
 
@@ -100,26 +105,40 @@ def main() -> None:
 
     from fedpeft.runtime.flower_deploy import LoopbackDeployment
 
+    from fedpeft.runtime.flower_launch import usable_cpus
+
+    cpus = usable_cpus()
     work = Path(tempfile.mkdtemp(prefix="fedpeft-runtimes-"))
-    config = work / "workload.toml"
-    config.write_text(tomli_w.dumps(workload(args.data_dir, args.rows)))
-    subprocess.run(fedpeft_run(config, work / "warmup", "federation.rounds=1", "federation.local_steps=1"),
+
+    def config_for(name: str, threads: int) -> Path:
+        cfg = workload(args.data_dir, args.rows)
+        cfg["runtime"]["threads"] = threads
+        path = work / f"{name}.toml"
+        path.write_text(tomli_w.dumps(cfg))
+        return path
+
+    single = config_for("single-process", cpus)  # plain loop, local: every CPU to one process
+    per_actor = config_for("per-actor", 1)  # flower-sim: one single-threaded actor per CPU
+    per_node = config_for("per-node", max(1, cpus // 4))  # deployment: 4 workers share the CPUs
+    subprocess.run(fedpeft_run(single, work / "warmup", "federation.rounds=1", "federation.local_steps=1"),
                    check=True, capture_output=True)  # tokenized-data cache, page cache
     results: dict[str, tuple[float, dict | None]] = {}
-    results["plain PyTorch loop"] = (timed([sys.executable, __file__, "--plain-loop", str(config)], work / "plain.log"), None)
-    for name, sets in (("fedpeft local", []), ("fedpeft flower-sim", ["runtime.kind=flower-sim"])):
+    results["plain PyTorch loop"] = (timed([sys.executable, __file__, "--plain-loop", str(single)], work / "plain.log"), None)
+    for name, config, sets in (("fedpeft local", single, []), ("fedpeft flower-sim", per_actor, ["runtime.kind=flower-sim"])):
         out = work / name.split()[-1]
         results[name] = (timed(fedpeft_run(config, out, *sets), work / f"{out.name}.log"), json.loads((out / "summary.json").read_text()))
     for warm in (True, False) if args.cold else (True,):
         label = "fedpeft flower, loopback deployment, " + ("warm flower-worker" if warm else "cold (Flower default)")
         with LoopbackDeployment(4, work / f"deploy-{warm}", warm=warm) as dep:
-            out = work / f"flower-{warm}"
             sets = ["runtime.kind=flower", f"runtime.superlink={dep.superlink}", "runtime.insecure=true"]
-            results[label] = (timed(fedpeft_run(config, out, *sets), work / f"flower-{warm}.log"), json.loads((out / "summary.json").read_text()))
+            for again in (False, True) if warm else (False,):
+                out = work / f"flower-{warm}-{again}"
+                key = label + (", run again (backbones loaded)" if again else "")
+                results[key] = (timed(fedpeft_run(per_node, out, *sets), work / f"{out.name}.log"), json.loads((out / "summary.json").read_text()))
 
     plain = results["plain PyTorch loop"][0]
     samples = 3 * args.rows  # 3 rounds x 1 epoch over every row
-    print(f"## Runtimes: MiniLM + LoRA, banking77, {args.rows} rows, 4 clients, 3 rounds x 1 epoch (logs: {work})\n")
+    print(f"## Runtimes: MiniLM + LoRA, banking77, {args.rows} rows, 4 clients, 3 rounds x 1 epoch, {cpus} CPU(s) (logs: {work})\n")
     print("| runtime | wall time (s) | training samples/s | x plain loop | final accuracy | MB up (payload / on the wire) |")
     print("|---|---|---|---|---|---|")
     for name, (wall, s) in results.items():

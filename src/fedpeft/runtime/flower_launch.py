@@ -32,6 +32,13 @@ def write_app_dir(path: Path) -> Path:
     return path
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (``taskset`` / cgroup affinity), not the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def run_flower_simulation(
     cfg: Config, out: str | Path | None, resume: bool, console: Console | None
 ) -> dict[str, Any]:
@@ -48,7 +55,7 @@ def run_flower_simulation(
     server_app = make_server_app(cfg.to_toml(), str(out) if out is not None else None, resume, outcome)
     backend = {
         "client_resources": {"num_cpus": cfg.runtime.sim_cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": True},
+        "init_args": {"num_cpus": usable_cpus(), "include_dashboard": False, "log_to_driver": True},
     }
     run_simulation(server_app, client_app, num_supernodes=cfg.partition.num_clients, backend_config=backend)
     if "error" in outcome:

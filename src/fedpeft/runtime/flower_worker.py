@@ -82,7 +82,7 @@ def serve(
     runtime_api_address: str,
     insecure: bool = False,
     root_certificates: str | None = None,
-    poll_interval: float = 0.05,
+    poll_interval: tuple[float, float] = (0.05, 0.5),
     ready_file: str | None = None,
 ) -> None:
     """Execute the SuperNode's ClientApp tasks one after another, forever."""
@@ -93,6 +93,7 @@ def serve(
     if ready_file:
         Path(ready_file).touch()
     log.info("fedpeft flower-worker serving ClientApp tasks of %s", runtime_api_address)
+    wait = poll_interval[0]
     while True:
         try:
             res = acquire.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
@@ -103,5 +104,7 @@ def serve(
         if res.HasField("task") and res.token:
             status = run_task(runtime_api_address, res.token, insecure, certs)
             log.info("task %d: %s", res.task.task_id, status)
-        else:
-            time.sleep(poll_interval)
+            wait = poll_interval[0]
+        else:  # idle: back off (each poll costs the SuperNode CPU) up to poll_interval[1]
+            time.sleep(wait)
+            wait = min(wait * 1.5, poll_interval[1])
