@@ -289,3 +289,17 @@ def test_tensorboard_logs_every_round_metric(csv_data, tmp_path):
     accuracy = [(e.step, e.value) for e in events.Scalars("eval/accuracy")]
     assert accuracy == [(r["round"], pytest.approx(r["accuracy"])) for r in rows]
     assert [e.value for e in events.Scalars("cost/cum_bytes_up")] == [r["cum_bytes_up"] for r in rows]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-run peak RSS needs /proc/self/clear_refs")
+def test_each_run_reports_its_own_peak_rss_in_a_shared_process(csv_data, tmp_path):
+    """A sweep runs many experiments in one process: a run's peak RSS must not be an earlier
+    run's (here: a 1.2 GB array freed before the run started)."""
+    from fedpeft.federation.costs import peak_rss_mb
+
+    big = np.ones(150_000_000)  # 1.2 GB resident
+    big.sum()
+    del big
+    before = peak_rss_mb()
+    summary = run_experiment(make_cfg(csv_data), out=tmp_path / "run")
+    assert 0 < summary["peak_rss_mb"] < before - 600, (summary["peak_rss_mb"], before)

@@ -66,18 +66,23 @@ def find_runs(root: str | Path) -> list[Path]:
 def group_runs(runs: list[Path]) -> list[Group]:
     """Group runs whose configs are equal except for seeds and output settings."""
     flat = {run: flatten_config(tomllib.loads((run / "config.toml").read_text())) for run in runs}
-    keys = sorted({k for cfg in flat.values() for k in cfg} - IGNORED_KEYS)
+    keys = sorted({k for cfg in flat.values() for k in cfg} - IGNORED_KEYS, key=lambda k: (k != "method.name", k))
     # a key varies if the runs that have it disagree (method options exist only for their method)
     varying = [k for k in keys if len({json.dumps(cfg[k]) for cfg in flat.values() if k in cfg}) > 1]
     groups: dict[str, Group] = {}
     for run in runs:
-        label = ", ".join(f"{'method' if k == 'method.name' else k}={flat[run][k]}" for k in varying if k in flat[run])
+        label = ", ".join(f"{'method' if k == 'method.name' else k}={_value(flat[run][k])}" for k in varying if k in flat[run])
         group = groups.setdefault(label, Group(label or f"method={flat[run].get('method.name')}"))
         folder = RunDir(run)
         group.runs.append(run)
         group.summaries.append(folder.read_summary())
         group.metrics.append(folder.read_metrics())
     return list(groups.values())
+
+
+def _value(value: object) -> str:
+    """A config value as a label shows it: 8.0 as 8, 0.003 as 0.003."""
+    return format(value, "g") if isinstance(value, float) else str(value)
 
 
 COLUMNS = ["run", "seeds", "accuracy (mean ± std)", "MB up / round", "MB down / round", "MB up total",

@@ -50,9 +50,28 @@ def measure_step_flops(step: Callable[[], T]) -> tuple[float, T]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident set size of this process since start or :func:`reset_peak_rss`, in MiB."""
+    try:
+        with open("/proc/self/status") as f:  # Linux: VmHWM, which reset_peak_rss can reset
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # never resets
     return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS measurement at the current RSS, so that several runs in one process
+    (a sweep) each report their own peak. Linux only (``/proc/self/clear_refs``); returns whether
+    it worked (elsewhere the peak stays the process's maximum so far)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def train_state_bytes(model: nn.Module, optimizer: str = "adamw") -> int:
