@@ -2,6 +2,8 @@
 Flower's simulation engine and on a real loopback deployment, and a SuperNode killed mid-run."""
 
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -175,9 +177,13 @@ def test_flower_simulation_matches_the_in_process_runtime(csv_data, local_run, t
 def test_loopback_deployment_matches_the_in_process_runtime(csv_data, local_run, tmp_path):  # noqa: F811
     from fedpeft.runtime.flower_deploy import LoopbackDeployment
 
-    with LoopbackDeployment(2, tmp_path / "deploy") as dep:
+    with LoopbackDeployment(2, tmp_path / "deploy") as dep:  # submitted the user's way: fedpeft run
         cfg = parity_cfg(csv_data, kind="flower", superlink=dep.superlink, insecure=True, connect_timeout=60)
-        summary = run_experiment(cfg, out=tmp_path / "run")
+        (tmp_path / "run.toml").write_text(cfg.to_toml())
+        cli = [sys.executable, "-m", "fedpeft.cli", "run", str(tmp_path / "run.toml"), "--out", str(tmp_path / "run")]
+        done = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["runtime"] == "flower" and summary["clients_failed_total"] == 0
     assert_same_run(local_run, tmp_path / "run")
     assert (tmp_path / "run" / "model").is_dir()
@@ -213,6 +219,14 @@ def test_a_supernode_killed_mid_run_fails_its_rounds_and_the_run_goes_on(csv_dat
     for r in rows[1:]:
         statuses = {c["id"]: c["status"] for c in r["clients"]}
         assert statuses[0] == statuses[1] == "ok"
+
+
+def test_submitting_to_a_superlink_does_not_import_torch():
+    """`fedpeft run` with runtime.kind = "flower" only submits (the ServerApp runs on the
+    SuperLink), so it must not pay torch's ~5 s import."""
+    code = "import sys, fedpeft.cli, fedpeft.runtime.flower_launch; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
 
 
 def test_the_repo_flower_app_is_the_packaged_one_and_names_importable_apps(tmp_path):

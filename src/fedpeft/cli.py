@@ -37,14 +37,17 @@ def run(
 ) -> None:
     """Run a federated fine-tuning experiment and write its results to a run folder."""
     from fedpeft.config import load_config
-    from fedpeft.experiment import run_experiment
 
     if config is None and resume is None:
         raise FedPeftError("give a CONFIG file, or --resume DIR to continue a run")
     config = config if config is not None else resume / "config.toml"
     cfg = load_config(config, set_ or [])
     out_dir = resume if resume is not None else out
-    summary = run_experiment(cfg, out=out_dir, resume=resume is not None, console=console)
+    if cfg.runtime.kind == "flower":  # the ServerApp runs on the SuperLink: this process needs no torch (5 s)
+        from fedpeft.runtime.flower_launch import run_flower_deployment as run_experiment
+    else:
+        from fedpeft.experiment import run_experiment
+    summary = run_experiment(cfg, out_dir, resume is not None, console)
     run_dir = out_dir or cfg.output_dir()
     _print_summary(summary, run_dir)
 
