@@ -176,3 +176,16 @@ def test_options_of_other_methods_do_not_split_groups(tmp_path):
         (tmp_path / name / "summary.json").write_text(json.dumps({"final_accuracy": 0.5}))
     groups = group_runs(find_runs(tmp_path))
     assert sorted((g.label, len(g.runs)) for g in groups) == [("method=bias", 1), ("method=lora", 2)]
+
+
+def test_plot_styles_colour_by_method_and_mark_the_other_settings_alike():
+    """Readable plots of a method x setting grid: one colour per method, and the same setting
+    (here alpha) the same marker for every method; a key tied to the method (lr) is ignored."""
+    from fedpeft.report import Group, _styles
+
+    groups = [Group(f"method={m}, federation.lr={lr}, partition.alpha={a}", summaries=[{"method": m}])
+              for m, lr in (("bias", 0.01), ("lora", 0.003)) for a in (0.1, 0.5)]
+    styles = _styles(groups)
+    by = {(g.summaries[0]["method"], g.label[-3:]): styles[g.label] for g in groups}
+    assert by["bias", "0.1"]["color"] == by["bias", "0.5"]["color"] != by["lora", "0.1"]["color"]
+    assert by["bias", "0.1"]["marker"] == by["lora", "0.1"]["marker"] != by["bias", "0.5"]["marker"]

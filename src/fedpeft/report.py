@@ -136,32 +136,77 @@ def write_report(root: str | Path) -> tuple[list[list[str]], Path]:
 
 
 def plot_all(groups: list[Group], root: Path) -> None:
+    """The three PNGs of :data:`PLOTS`: one colour per method, one marker (and line style) per
+    setting of the other varying keys, the legend beside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    styles = _styles(groups)
     curves = [(g, _mean_curve(g)) for g in groups]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for g, (rounds, _, acc) in curves:
-        ax.plot(rounds, acc, marker="o", label=g.label)
+        ax.plot(rounds, acc, label=_short(g.label), **styles[g.label])
     _finish(fig, ax, "round", "test accuracy", root / PLOTS[0])
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for g, (_, mb, acc) in curves:
-        ax.plot(mb, acc, marker="o", label=g.label)
+        ax.plot(mb, acc, label=_short(g.label), **styles[g.label])
     ax.set_xscale("log")
     _finish(fig, ax, "cumulative MB up + down (log)", "test accuracy", root / PLOTS[1])
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     points = [(g.total_mb(), g.mean("final_accuracy"), g.label) for g in groups if g.mean("final_accuracy") is not None]
     for mb, acc, label in points:
-        ax.scatter(mb, acc, s=40, label=label)
+        style = styles[label]
+        ax.scatter(mb, acc, s=40, color=style["color"], marker=style["marker"], label=_short(label))
     frontier = pareto_frontier([(mb, acc) for mb, acc, _ in points])
     if frontier:
         ax.plot(*zip(*frontier), color="black", lw=1, ls="--", label="frontier")
     ax.set_xscale("log")
     _finish(fig, ax, "total MB up + down per run (log)", "final test accuracy", root / PLOTS[2])
+
+
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+LINES = ["-", "--", ":", "-."]
+
+
+def _styles(groups: list[Group]) -> dict[str, dict[str, Any]]:
+    """Plot style per group label: colour from the method, marker and line from the rest."""
+    import matplotlib.pyplot as plt
+
+    def method(g: Group) -> str:
+        return str(g.summaries[0].get("method", "")) if g.summaries else ""
+
+    def parts(g: Group) -> dict[str, str]:
+        return dict(p.split("=", 1) for p in g.label.split(", ") if "=" in p)
+
+    # keys set by the method (e.g. a learning rate tied to it with '+') do not pick the marker
+    keys = {k for g in groups for k in parts(g) if k != "method"}
+    tied = {k for k in keys if all(len({parts(g).get(k) for g in groups if method(g) == m}) == 1
+                                   for m in {method(g) for g in groups})}
+
+    def rest(g: Group) -> str:
+        return ", ".join(f"{k}={v}" for k, v in parts(g).items() if k != "method" and k not in tied)
+
+    methods = sorted({method(g) for g in groups})
+    others = sorted({rest(g) for g in groups})
+    palette = plt.get_cmap("tab10").colors
+    return {
+        g.label: {
+            "color": palette[methods.index(method(g)) % len(palette)],
+            "marker": MARKERS[others.index(rest(g)) % len(MARKERS)],
+            "linestyle": LINES[others.index(rest(g)) // len(MARKERS) % len(LINES)],
+        }
+        for g in groups
+    }
+
+
+def _short(label: str) -> str:
+    """A legend label: each key by its last part (federation.clients_per_round -> clients_per_round)."""
+    return ", ".join(part.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + part.split("=", 1)[1] if "=" in part else part
+                     for part in label.split(", "))
 
 
 def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -190,9 +235,8 @@ def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
