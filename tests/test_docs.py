@@ -39,3 +39,12 @@ def test_every_example_config_is_valid():
     for path in examples:
         cfg = load_config(path)
         assert cfg.federation.rounds >= 1, path
+
+
+def test_every_image_the_docs_show_exists():
+    import re
+
+    for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", doc.read_text()):
+            if not target.startswith("http"):
+                assert (doc.parent / target).is_file(), f"{doc.name} shows {target}, which does not exist"
