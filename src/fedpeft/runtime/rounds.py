@@ -8,9 +8,9 @@ and the summary happen here, the same way for the in-process and the Flower runt
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
