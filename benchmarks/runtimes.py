@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--cold", action="store_true", help="also time Flower's default per-message ClientApp process")
+    parser.add_argument("--only", nargs="+", choices=["plain", "local", "flower-sim", "flower"],
+                        help="time only these runtimes (default: all)")
     parser.add_argument("--plain-loop", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_loop:
@@ -122,12 +124,16 @@ def main() -> None:
     per_node = config_for("per-node", max(1, cpus // 4))  # deployment: 4 workers share the CPUs
     subprocess.run(fedpeft_run(single, work / "warmup", "federation.rounds=1", "federation.local_steps=1"),
                    check=True, capture_output=True)  # tokenized-data cache, page cache
+    only = set(args.only or ["plain", "local", "flower-sim", "flower"])
     results: dict[str, tuple[float, dict | None]] = {}
-    results["plain PyTorch loop"] = (timed([sys.executable, __file__, "--plain-loop", str(single)], work / "plain.log"), None)
+    if "plain" in only:
+        results["plain PyTorch loop"] = (timed([sys.executable, __file__, "--plain-loop", str(single)], work / "plain.log"), None)
     for name, config, sets in (("fedpeft local", single, []), ("fedpeft flower-sim", per_actor, ["runtime.kind=flower-sim"])):
+        if name.split()[-1] not in only:
+            continue
         out = work / name.split()[-1]
         results[name] = (timed(fedpeft_run(config, out, *sets), work / f"{out.name}.log"), json.loads((out / "summary.json").read_text()))
-    for warm in (True, False) if args.cold else (True,):
+    for warm in ((True, False) if args.cold else (True,)) if "flower" in only else ():
         label = "fedpeft flower, loopback deployment, " + ("warm flower-worker" if warm else "cold (Flower default)")
         with LoopbackDeployment(4, work / f"deploy-{warm}", warm=warm) as dep:
             sets = ["runtime.kind=flower", f"runtime.superlink={dep.superlink}", "runtime.insecure=true"]
@@ -136,7 +142,7 @@ def main() -> None:
                 key = label + (", run again (backbones loaded)" if again else "")
                 results[key] = (timed(fedpeft_run(per_node, out, *sets), work / f"{out.name}.log"), json.loads((out / "summary.json").read_text()))
 
-    plain = results["plain PyTorch loop"][0]
+    plain = results["plain PyTorch loop"][0] if "plain PyTorch loop" in results else float("nan")
     samples = 3 * args.rows  # 3 rounds x 1 epoch over every row
     print(f"## Runtimes: MiniLM + LoRA, banking77, {args.rows} rows, 4 clients, 3 rounds x 1 epoch, {cpus} CPU(s) (logs: {work})\n")
     print("| runtime | wall time (s) | training samples/s | x plain loop | final accuracy | MB up (payload / on the wire) |")
