@@ -29,7 +29,7 @@ class FakeGrid:
         from flwr.supercore.task_identity import TaskIdentity
 
         TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1  # as a Flower process has
-        self.num_nodes, self.reply, self.outbox = num_nodes, reply, []
+        self.num_nodes, self.reply, self.outbox, self.pushed = num_nodes, reply, [], []
         self.num_partitions = num_partitions or num_nodes
 
     def get_node_ids(self):
@@ -41,6 +41,7 @@ class FakeGrid:
             msg.metadata.__dict__["_message_id"] = msg.object_id
             ids.append(msg.metadata.message_id)
             cid = msg.metadata.dst_node_id - 100
+            self.pushed.append((msg.metadata.message_type, cid))
             if msg.metadata.message_type == MessageType.QUERY:
                 node = ConfigRecord({"partition-id": cid, "num-partitions": self.num_partitions})
                 out = Message(RecordDict({"node": node}), reply_to=msg)
@@ -98,7 +99,7 @@ def test_a_malformed_reply_is_refused_with_its_reason_and_never_aggregated(small
     cfg, exp = small_exp
     bad, status, reason = MALFORMED[case]
     grid = FakeGrid(2, lambda cid, msg: reply_with(msg, trained(msg)) if cid == 0 else bad(msg))
-    clients = FlowerClients(grid, exp, cfg.to_toml(), cfg.runtime)
+    clients = FlowerClients(grid, cfg.to_toml(), len(exp.parts), cfg.runtime).connect()
     assert clients.nodes == {0: 100, 1: 101}
     state = exp.initial_state()
     aggregation = exp.strategy.start_round(1, state)
@@ -114,11 +115,21 @@ def test_a_malformed_reply_is_refused_with_its_reason_and_never_aggregated(small
         np.testing.assert_array_equal(outcome.state[k], honest[k])
 
 
+def test_nodes_are_asked_for_their_partition_once_before_the_server_loads_its_model(small_exp):
+    cfg, exp = small_exp
+    grid = FakeGrid(2, lambda cid, msg: None)
+    clients = FlowerClients(grid, cfg.to_toml(), 2, cfg.runtime)  # made before the server's experiment
+    asked = [(t, c) for t, c in grid.pushed if t == MessageType.QUERY]
+    assert sorted(asked) == [(MessageType.QUERY, 0), (MessageType.QUERY, 1)] and not clients.nodes
+    clients.connect()  # collects those answers without asking again
+    assert grid.pushed == asked and clients.nodes == {0: 100, 1: 101}
+
+
 def test_a_node_with_the_wrong_num_partitions_is_named(small_exp):
     cfg, exp = small_exp
     grid = FakeGrid(3, lambda cid, msg: None)  # says num-partitions=3, the experiment has 2
     with pytest.raises(Exception, match="num-partitions=3"):
-        FlowerClients(grid, exp, cfg.to_toml(), cfg.runtime)
+        FlowerClients(grid, cfg.to_toml(), len(exp.parts), cfg.runtime).connect()
 
 
 def test_missing_supernodes_are_named_after_connect_timeout(small_exp):
@@ -126,7 +137,7 @@ def test_missing_supernodes_are_named_after_connect_timeout(small_exp):
     cfg.runtime.connect_timeout = 0.5
     try:
         with pytest.raises(Exception, match=r"partition-id \[1\]"):
-            FlowerClients(FakeGrid(1, lambda cid, msg: None, num_partitions=2), exp, cfg.to_toml(), cfg.runtime)
+            FlowerClients(FakeGrid(1, lambda cid, msg: None, num_partitions=2), cfg.to_toml(), 2, cfg.runtime).connect()
     finally:
         cfg.runtime.connect_timeout = 5
 

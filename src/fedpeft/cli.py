@@ -140,6 +140,7 @@ def flower_worker(
 
     if not insecure and root_certificates is None:
         raise FedPeftError("give --root-certificates for a TLS Runtime API, or --insecure on loopback")
+    logging.basicConfig(force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # a service log
     logging.getLogger("fedpeft").setLevel(os.environ.get("FEDPEFT_LOG", "INFO"))
     serve(runtime_api_address, insecure, str(root_certificates) if root_certificates else None,
           ready_file=str(ready_file) if ready_file else None)

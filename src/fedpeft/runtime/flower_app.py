@@ -124,22 +124,28 @@ def train(msg: Message, context: Context) -> Message:
 
 class FlowerClients:
     """Reaches clients through a Flower :class:`Grid`: partition ``i`` lives on the SuperNode whose
-    node config says ``partition-id = i``."""
+    node config says ``partition-id = i``.
 
-    def __init__(self, grid: Grid, exp: "Experiment", config_text: str, runtime: RuntimeConfig) -> None:
-        self.grid, self.exp, self.text, self.runtime = grid, exp, config_text, runtime
+    Made before the server builds its own experiment: it asks the connected nodes at once which
+    partition they hold, sending the config, so every node loads its model and data while the
+    server loads its own; :meth:`connect` then waits for the answers.
+    """
+
+    def __init__(self, grid: Grid, config_text: str, num_partitions: int, runtime: RuntimeConfig) -> None:
+        self.grid, self.text, self.num_partitions, self.runtime = grid, config_text, num_partitions, runtime
         self.nodes: dict[int, int] = {}  # partition id -> node id
-        self.wait_for_nodes()
+        self.asked: dict[str, int] = {}  # message id -> node id of queries not answered yet
+        self.asked = self._ask_new_nodes()
 
-    def wait_for_nodes(self) -> None:
+    def connect(self) -> "FlowerClients":
         """Map every partition to a connected node, or fail naming the missing partitions."""
-        wanted = len(self.exp.parts)
+        wanted = self.num_partitions
         deadline = time.monotonic() + self.runtime.connect_timeout
         while True:
             self.discover(max(1.0, deadline - time.monotonic()))
             missing = sorted(set(range(wanted)) - set(self.nodes))
             if not missing:
-                return
+                return self
             if time.monotonic() > deadline:
                 raise FedPeftError(
                     f"no SuperNode with partition-id {missing[:10]} connected within "
@@ -147,24 +153,26 @@ class FlowerClients:
                 )
             time.sleep(0.5)
 
+    def _ask_new_nodes(self) -> dict[str, int]:
+        known = set(self.nodes.values()) | set(self.asked.values())
+        new = [n for n in self.grid.get_node_ids() if n not in known]
+        content = RecordDict({"config": ConfigRecord({CONFIG_KEY: self.text})})
+        msgs = {n: Message(content, dst_node_id=n, message_type=MessageType.QUERY, group_id="discover") for n in new}
+        return self._push(msgs) if msgs else {}
+
     def discover(self, timeout: float) -> None:
         """Ask connected nodes we do not know yet which partition they hold (and let them load
         the model and their data meanwhile)."""
-        known = set(self.nodes.values())
-        new = [n for n in self.grid.get_node_ids() if n not in known]
-        if not new:
-            return
-        content = RecordDict({"config": ConfigRecord({CONFIG_KEY: self.text})})
-        msgs = {n: Message(content, dst_node_id=n, message_type=MessageType.QUERY, group_id="discover") for n in new}
-        for reply in self._exchange(msgs, timeout=timeout, on_reply=None).values():
+        asked, self.asked = {**self.asked, **self._ask_new_nodes()}, {}  # unanswered ones are asked again
+        for reply in self._collect(asked, timeout=timeout, on_reply=None).values():
             if reply.has_error() or "node" not in reply.content:
                 continue
             node = reply.content["node"]
             pid, num = int(node["partition-id"]), int(node["num-partitions"])
-            if num != len(self.exp.parts):
+            if num != self.num_partitions:
                 raise FedPeftError(
                     f"SuperNode {reply.metadata.src_node_id} has num-partitions={num}, but the "
-                    f"experiment has partition.num_clients={len(self.exp.parts)}"
+                    f"experiment has partition.num_clients={self.num_partitions}"
                 )
             self.nodes[pid] = reply.metadata.src_node_id
 
@@ -199,17 +207,20 @@ class FlowerClients:
             on_result(decoded)
             delivery.results.append(decoded.without_state())
 
-        replies = self._exchange(msgs, self.runtime.round_timeout, on_reply)
+        replies = self._collect(self._push(msgs), self.runtime.round_timeout, on_reply)
         for cid in msgs.keys() - replies.keys():
             delivery.failed[cid] = f"no reply within runtime.round_timeout={self.runtime.round_timeout:g} s"
         return delivery
 
-    def _exchange(self, msgs: dict[int, Message], timeout: float,
-                  on_reply: Callable[[int, Message], None] | None) -> dict[int, Message]:
-        """Push ``msgs`` (keyed by client or node) and pull replies until all arrived or
-        ``timeout`` s passed; ``on_reply(key, reply)`` runs as each one arrives."""
+    def _push(self, msgs: dict[int, Message]) -> dict[str, int]:
+        """Push ``msgs`` (keyed by client or node); return their message ids -> keys."""
         ids = self.grid.push_messages(list(msgs.values()))
-        keys = {mid: key for mid, key in zip(ids, msgs) if mid}
+        return {mid: key for mid, key in zip(ids, msgs) if mid}
+
+    def _collect(self, keys: dict[str, int], timeout: float,
+                 on_reply: Callable[[int, Message], None] | None) -> dict[int, Message]:
+        """Pull replies to the pushed messages ``keys`` until all arrived or ``timeout`` s passed;
+        ``on_reply(key, reply)`` runs as each one arrives."""
         pending, replies = set(keys), {}
         deadline = time.monotonic() + timeout
         wait = POLL_S[0]
@@ -268,9 +279,8 @@ def make_server_app(config_text: str | None = None, out: str | None = None, resu
             run_out = out if out is not None else (str(context.run_config.get("out", "")) or None)
             again = resume or bool(context.run_config.get("resume", False))
             cfg = config_from_text(text)
-            summary = run_with_clients(
-                cfg, run_out, again, Console(stderr=True), lambda exp: FlowerClients(grid, exp, text, cfg.runtime)
-            )
+            clients = FlowerClients(grid, text, cfg.partition.num_clients, cfg.runtime)  # nodes start loading
+            summary = run_with_clients(cfg, run_out, again, Console(stderr=True), lambda exp: clients.connect())
             if outcome is not None:
                 outcome["summary"] = summary
         except BaseException as exc:

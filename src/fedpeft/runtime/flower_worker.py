@@ -23,18 +23,31 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import Message
+from flwr.app import Context, Message
 from flwr.app.error import Error
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.common.serde import context_from_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+)
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 log = logging.getLogger(__name__)
+PULL_BACKOFF_S = (0.02, 0.2)  # retry delays while the SuperNode still stores the message's arrays
 
 
 def _client(address: str, insecure: bool, root_certificates: bytes | None, interceptors: list) -> RuntimeHttpClient:
@@ -47,8 +60,31 @@ def _client(address: str, insecure: bool, root_certificates: bytes | None, inter
     )
 
 
+def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context]:
+    """The task's message and context, as ``flwr``'s ``pull_task_input`` pulls them, but retrying
+    fast: the SuperNode hands out the task before it has stored the message's arrays, and Flower's
+    default first retry waits 1 s, on every round."""
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+    context = context_from_proto(res.context)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("no message for this task from the SuperNode Runtime API")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message,
+        initial_backoff=PULL_BACKOFF_S[0],
+        backoff_cap=PULL_BACKOFF_S[1],
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as flwr does: not part of the content
+    return message, context
+
+
 def run_task(address: str, token: str, insecure: bool, root_certificates: bytes | None) -> str:
-    """Execute one ClientApp task in this process; return its final status."""
+    """Execute one ClientApp task in this process; return its final status and where the time went."""
     from fedpeft.runtime.flower_app import client_app
 
     client = _client(address, insecure, root_certificates, [
@@ -58,9 +94,12 @@ def run_task(address: str, token: str, insecure: bool, root_certificates: bytes 
     heartbeat.start()
     message = reply = context = None
     status, details = SubStatus.FAILED, "ClientApp task failed"
+    times = [time.perf_counter()]
     try:
-        message, context, run, _fab = pull_task_input(client)
+        message, context = pull_task_input(client)
+        times.append(time.perf_counter())
         reply = client_app(message=message, context=context)
+        times.append(time.perf_counter())
         status, details = SubStatus.COMPLETED, ""
     except Exception as exc:  # noqa: BLE001 - reported back to the ServerApp as an error reply
         log.exception("ClientApp task failed")
@@ -75,7 +114,9 @@ def run_task(address: str, token: str, insecure: bool, root_certificates: bytes 
         finally:
             heartbeat.stop()
             client.close()
-    return status
+    times.append(time.perf_counter())
+    steps = ", ".join(f"{name} {b - a:.2f} s" for name, a, b in zip(("pull", "run", "push"), times, times[1:]))
+    return f"{status} ({steps})"
 
 
 def serve(
