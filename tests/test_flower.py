@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.app.error import Error
 from safetensors.numpy import load_file
 
@@ -72,6 +72,15 @@ def first(state):
     return next(iter(state))
 
 
+def bad_layout(msg, grow):
+    """A reply whose layout claims ``grow`` more values for its first array than were sent."""
+    record = state_to_record(trained(msg))
+    layout = json.loads(record["layout"].numpy().tobytes())
+    layout[0][2] = [int(np.prod(layout[0][2])) + grow]
+    record["layout"] = Array(np.frombuffer(json.dumps(layout).encode(), np.uint8).copy())
+    return Message(RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 10})}), reply_to=msg)
+
+
 MALFORMED = {
     "missing name": (lambda m: reply_with(m, {k: v for i, (k, v) in enumerate(trained(m).items()) if i}), "rejected", "wrong parameter names"),
     "extra name": (lambda m: reply_with(m, {**trained(m), "evil.weight": np.zeros(3, np.float32)}), "rejected", "wrong parameter names"),
@@ -81,6 +90,8 @@ MALFORMED = {
     "inf": (lambda m: reply_with(m, {k: (np.full_like(v, np.inf) if i == 0 else v) for i, (k, v) in enumerate(trained(m).items())}), "rejected", "non-finite"),
     "oversized": (lambda m: reply_with(m, {**trained(m), "pad": np.zeros(2_000_000, np.float32)}), "rejected", "oversized payload"),
     "no metrics": (lambda m: Message(RecordDict({"arrays": state_to_record(trained(m))}), reply_to=m), "rejected", "malformed reply"),
+    "layout past the buffer": (lambda m: bad_layout(m, 1), "rejected", "arrays do not decode"),
+    "values left over": (lambda m: bad_layout(m, -1), "rejected", "arrays do not decode"),
     "zero examples": (lambda m: reply_with(m, trained(m), {"num-examples": 0}), "rejected", "num-examples"),
     "error reply": (lambda m: Message(Error(code=0, reason="CUDA out of memory"), reply_to=m), "failed", "CUDA out of memory"),
     "silence": (lambda m: None, "failed", "no reply within"),
@@ -140,6 +151,23 @@ def test_missing_supernodes_are_named_after_connect_timeout(small_exp):
             FlowerClients(FakeGrid(1, lambda cid, msg: None, num_partitions=2), cfg.to_toml(), 2, cfg.runtime).connect()
     finally:
         cfg.runtime.connect_timeout = 5
+
+
+def test_a_state_crosses_the_wire_packed_with_its_names():
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    rng = np.random.default_rng(0)
+    state = {f"layer{i}.lora_{ab}": rng.normal(size=(8, 16)).astype(np.float32) for i in range(12) for ab in "AB"}
+    state |= {"head.bias": rng.normal(size=5).astype(np.float16), "steps": np.arange(3), "scalar": np.float32(2) * np.ones(())}
+    back = record_to_state(state_to_record(state))
+    assert list(back) == list(state)  # names, in order
+    for name in state:
+        assert back[name].dtype == state[name].dtype and back[name].shape == state[name].shape
+        np.testing.assert_array_equal(back[name], state[name])
+    # 27 arrays travel as a layout + one buffer per dtype (3): a handful of Flower objects, where
+    # one Array per name makes two per array, each one request per hop
+    naive = ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in state.items()})
+    assert len(get_all_nested_objects(state_to_record(state))) <= 2 * (1 + 3) + 3 < 50 < len(get_all_nested_objects(naive))
 
 
 # ------------------------------------------------------------------ real Flower processes
@@ -256,3 +284,62 @@ def test_the_repo_flower_app_is_the_packaged_one_and_names_importable_apps(tmp_p
     for key, ref in app["components"].items():
         module, attr = ref.split(":")
         assert type(getattr(importlib.import_module(module), attr)).__name__ == kinds[key]
+
+
+# ------------------------------------------------------------------ fedpeft flower-supernode
+
+
+def test_idle_poll_caps_the_waits_of_the_installed_flower_supernode_loop(monkeypatch):
+    import flwr.supernode.start_client_internal as node_loop
+
+    from fedpeft.runtime import flower_polling
+
+    monkeypatch.setattr(node_loop, "time", node_loop.time)  # restored after the test
+    monkeypatch.setattr(node_loop, "pull_objects", node_loop.pull_objects)
+    slept = []
+    monkeypatch.setattr(flower_polling.time, "sleep", slept.append)
+    assert flower_polling.shorten_idle_wait(0.25)  # flwr's loop still has its fixed 3 s wait
+    node_loop.time.sleep(3)
+    node_loop.time.sleep(0.1)
+    assert slept == [0.25, 0.1]
+    assert node_loop.time.monotonic is flower_polling.time.monotonic  # everything else untouched
+    assert node_loop.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.25}
+
+
+def test_fast_retries_pull_an_object_as_soon_as_it_is_uploaded(monkeypatch):
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
+
+    from fedpeft.runtime.flower_polling import fast_retries
+
+    waits, calls = [], {"n": 0}
+
+    def pull(object_id):  # there after two misses
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    monkeypatch.setattr("flwr.supercore.inflatable.inflatable_utils.random.uniform", lambda a, b: 0.0)
+    pull_fast = fast_retries(pull_objects, 0.01, 0.02)
+    real_wait = __import__("threading").Event.wait
+    monkeypatch.setattr("threading.Event.wait", lambda self, t=None: (t is not None and waits.append(t)) or real_wait(self, 0 if t is not None else t))
+    assert pull_fast(["a"], pull) == {"a": b"content"}
+    assert waits[:2] == [0.01, 0.02]  # flwr's defaults would wait 1 s, then 2 s
+
+
+def test_flower_supernode_refuses_the_options_it_sets_itself():
+    from fedpeft.errors import FedPeftError
+    from fedpeft.runtime.flower_supernode import run_supernode
+
+    for args in (["--isolation", "subprocess"], ["--port=9999"]):
+        with pytest.raises(FedPeftError, match="set by fedpeft flower-supernode"):
+            run_supernode(["--insecure", *args], 0.25, 9094, None)
+    with pytest.raises(FedPeftError, match="--idle-poll"):
+        run_supernode([], 0.0, 9094, None)
+
+
+def test_a_worker_preloads_what_a_first_build_imports():
+    from fedpeft.experiment import PRELOAD, preload
+
+    preload()
+    assert set(PRELOAD) <= set(sys.modules)

@@ -131,10 +131,12 @@ def flower_worker(
     insecure: Annotated[bool, typer.Option(help="Plain HTTP to the SuperNode (loopback only).")] = False,
     root_certificates: Annotated[Optional[Path], typer.Option(help="CA certificate of the SuperNode's Runtime API TLS.")] = None,
     ready_file: Annotated[Optional[Path], typer.Option(help="Touch this file once ready to serve.")] = None,
+    parent_pid: Annotated[Optional[int], typer.Option(help="Exit when this process (the SuperNode) is gone.")] = None,
 ) -> None:
     """Serve a SuperNode's ClientApp tasks from one long-lived process (flower-supernode --isolation process).
 
     The model is loaded on the first round and kept for the rest of the run.
+    `fedpeft flower-supernode` starts one for you.
     """
     from fedpeft.runtime.flower_worker import serve
 
@@ -142,8 +144,30 @@ def flower_worker(
         raise FedPeftError("give --root-certificates for a TLS Runtime API, or --insecure on loopback")
     logging.basicConfig(force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # a service log
     logging.getLogger("fedpeft").setLevel(os.environ.get("FEDPEFT_LOG", "INFO"))
+    if parent_pid is not None:
+        from flwr.supercore.app_utils import start_parent_process_monitor
+
+        start_parent_process_monitor(parent_pid)
     serve(runtime_api_address, insecure, str(root_certificates) if root_certificates else None,
           ready_file=str(ready_file) if ready_file else None)
+
+
+@app.command("flower-supernode", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def flower_supernode(
+    ctx: typer.Context,
+    idle_poll: Annotated[float, typer.Option(help="Seconds an idle node waits between pulls (Flower: 3).")] = 3.0,
+    runtime_port: Annotated[int, typer.Option(help="Loopback port of the node's Runtime API, for its worker.")] = 9094,
+    ready_file: Annotated[Optional[Path], typer.Option(help="Touch this file once the worker is ready.")] = None,
+) -> None:
+    """A Flower SuperNode for fedpeft: flower-supernode (options after --) plus a warm fedpeft worker.
+
+    Example: fedpeft flower-supernode --idle-poll 0.25 -- --superlink HOST:9092
+    --node-config "partition-id=0 num-partitions=4" --root-certificates ca.crt
+    """
+    from fedpeft.runtime.flower_supernode import run_supernode
+
+    logging.getLogger("fedpeft").setLevel(os.environ.get("FEDPEFT_LOG", "INFO"))
+    run_supernode(ctx.args, idle_poll, runtime_port, str(ready_file) if ready_file else None)
 
 
 def _print_summary(summary: dict, run_dir: Path) -> None:

@@ -2,9 +2,10 @@
 
 For trying a deployment, for the parity and fault tests and for ``benchmarks/runtimes.py``.
 Every process is a real Flower process talking over the network stack (insecure, 127.0.0.1);
-SuperNode ``i`` holds ``partition-id = i``. With ``warm=True`` (the default) each SuperNode runs
-``--isolation process`` served by a ``fedpeft flower-worker`` that keeps the backbone loaded; with
-``warm=False`` it is Flower's default (a fresh ClientApp process per message).
+SuperNode ``i`` holds ``partition-id = i``. With ``warm=True`` (the default) each node is a
+``fedpeft flower-supernode`` (Flower's SuperNode + a ``fedpeft flower-worker`` that keeps the
+backbone loaded; idle pulls every ``idle_poll`` s); with ``warm=False`` it is Flower's default
+``flower-supernode`` (a fresh ClientApp process per message, idle pulls every 3 s).
 
 >>> with LoopbackDeployment(num_nodes=2, workdir="/tmp/fl") as dep:
 ...     cfg.runtime.superlink, cfg.runtime.insecure = dep.superlink, True
@@ -38,8 +39,9 @@ def _bin(name: str) -> str:
 class LoopbackDeployment:
     """Start, inspect and stop a loopback SuperLink + SuperNodes (+ fedpeft workers)."""
 
-    def __init__(self, num_nodes: int, workdir: str | Path, warm: bool = True, threads: int | None = None) -> None:
-        self.num_nodes, self.warm, self.threads = num_nodes, warm, threads
+    def __init__(self, num_nodes: int, workdir: str | Path, warm: bool = True, threads: int | None = None,
+                 idle_poll: float = 0.25) -> None:
+        self.num_nodes, self.warm, self.threads, self.idle_poll = num_nodes, warm, threads, idle_poll
         self.workdir = Path(workdir).resolve()
         self.port = free_port()
         self.superlink = f"127.0.0.1:{self.port}"
@@ -72,29 +74,25 @@ class LoopbackDeployment:
         return self
 
     def start_node(self, i: int) -> None:
-        """Start SuperNode ``i`` (and its worker); used again to restart a killed node."""
-        rt_port = free_port()
+        """Start SuperNode ``i`` (with its worker); used again to restart a killed node."""
+        flower_args = ["--insecure", "--superlink", self.superlink,
+                       "--node-config", f"partition-id={i} num-partitions={self.num_nodes}"]
+        if not self.warm:
+            self._start(f"supernode-{i}", [_bin("flower-supernode"), *flower_args, "--host", "127.0.0.1", "--port", str(free_port())])
+            return
+        ready = self.workdir / f"worker-{i}.ready"
+        ready.unlink(missing_ok=True)
         self._start(f"supernode-{i}", [
-            _bin("flower-supernode"), "--insecure", "--superlink", self.superlink,
-            "--node-config", f"partition-id={i} num-partitions={self.num_nodes}",
-            "--isolation", "process" if self.warm else "subprocess", "--host", "127.0.0.1", "--port", str(rt_port),
+            _bin("fedpeft"), "flower-supernode", "--idle-poll", str(self.idle_poll), "--runtime-port", str(free_port()),
+            "--ready-file", str(ready), "--", *flower_args,
         ])
-        if self.warm:
-            self._wait_port(rt_port, 60.0)
-            ready = self.workdir / f"worker-{i}.ready"
-            ready.unlink(missing_ok=True)
-            self._start(f"worker-{i}", [
-                _bin("fedpeft"), "flower-worker", "--runtime-api-address", f"127.0.0.1:{rt_port}", "--insecure",
-                "--ready-file", str(ready),
-            ])
 
     def kill_node(self, i: int) -> None:
         """SIGKILL SuperNode ``i`` and its worker: a machine that dies without a word."""
-        for name in (f"supernode-{i}", f"worker-{i}"):
-            proc = self.procs.pop(name, None)
-            if proc is not None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        proc = self.procs.pop(f"supernode-{i}", None)
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the worker is in the node's process group
+            proc.wait()
 
     def stop(self) -> None:
         for proc in self.procs.values():

@@ -129,19 +129,24 @@ def serve(
     """Execute the SuperNode's ClientApp tasks one after another, forever."""
     certs = Path(root_certificates).read_bytes() if root_certificates else None
     acquire = _client(runtime_api_address, insecure, certs, [RuntimeVersionHttpInterceptor(component_name="SuperExec")])
-    import fedpeft.experiment  # noqa: F401 - import torch/transformers once, before the first task
+    from fedpeft.experiment import preload
+
+    preload()  # torch, transformers, model code: once, before the first task
 
     if ready_file:
         Path(ready_file).touch()
     log.info("fedpeft flower-worker serving ClientApp tasks of %s", runtime_api_address)
-    wait = poll_interval[0]
+    wait, unreachable_since = poll_interval[0], None
     while True:
         try:
             res = acquire.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
         except Exception as exc:  # noqa: BLE001 - the SuperNode may be (re)starting
-            log.warning("cannot reach the SuperNode Runtime API at %s: %s", runtime_api_address, exc)
-            time.sleep(1.0)
+            unreachable_since = unreachable_since or time.monotonic()
+            if time.monotonic() - unreachable_since > 10:
+                log.warning("cannot reach the SuperNode Runtime API at %s: %s", runtime_api_address, exc)
+            time.sleep(0.2 if time.monotonic() - unreachable_since < 10 else 1.0)
             continue
+        unreachable_since = None
         if res.HasField("task") and res.token:
             status = run_task(runtime_api_address, res.token, insecure, certs)
             log.info("task %d: %s", res.task.task_id, status)

@@ -1,0 +1,100 @@
+"""``fedpeft flower-supernode``: one command per client machine for fedpeft on a Flower deployment.
+
+It runs Flower's own SuperNode (``flower-supernode``, every option passed through) in
+``--isolation process`` mode with its Runtime API on loopback, plus a ``fedpeft flower-worker``
+child that executes the ClientApp tasks and keeps the backbone loaded across rounds (see
+:mod:`fedpeft.runtime.flower_worker`). The worker is restarted if it dies and stopped with the node.
+
+Idle pull interval
+    A SuperNode asks the SuperLink for work, and when there is none it waits a fixed 3 s before
+    asking again (``flwr.supernode.start_client_internal`` in flwr 1.41; not configurable). A
+    round's messages thus wait up to 3 s on every node: nothing next to a round of minutes, a
+    quarter of a round of 12 s (see :mod:`fedpeft.runtime.flower_polling`). ``--idle-poll S`` makes that wait ``S``, caps the node's other
+    internal waits (0.5 s while a reply is produced) at ``S`` and retries a message's arrays that
+    are not uploaded yet after ``S / 5`` s (Flower: 1 s, then 2 s, 4 s, ...). Each idle poll is one small request
+    to the SuperLink: keep Flower's 3 s with many nodes or long rounds, lower it for a few nodes
+    and short rounds. The change is checked against the installed flwr at start: if the code it
+    adjusts is not there, the node runs unchanged with a warning.
+
+    fedpeft flower-supernode --idle-poll 0.25 -- --superlink HOST:9092 \\
+        --node-config "partition-id=0 num-partitions=4" --root-certificates ca.crt
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedpeft.errors import FedPeftError
+
+log = logging.getLogger(__name__)
+RESERVED = ("--isolation", "--host", "--port")  # set by this command
+
+
+def worker_command(runtime_port: int, ready_file: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "fedpeft.cli", "flower-worker", "--insecure", "--parent-pid", str(os.getpid()),
+           "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
+    return cmd + (["--ready-file", ready_file] if ready_file else [])
+
+
+class Worker:
+    """The ``fedpeft flower-worker`` child: started after the Runtime API listens, restarted if it
+    exits while the node runs, stopped with the node."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        self.cmd, self.stopping, self.proc = cmd, False, None
+
+    def start(self) -> None:
+        threading.Thread(target=self._keep_running, daemon=True, name="fedpeft-worker").start()
+
+    def _keep_running(self) -> None:
+        while not self.stopping:
+            self.proc = subprocess.Popen(self.cmd)
+            code = self.proc.wait()
+            if not self.stopping:
+                log.warning("fedpeft flower-worker exited with code %s; restarting it", code)
+                time.sleep(1.0)
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def run_supernode(flower_args: Sequence[str], idle_poll: float, runtime_port: int, ready_file: str | None) -> None:
+    """Run Flower's SuperNode with ``flower_args`` in this process, with a warm fedpeft worker."""
+    if idle_poll <= 0:
+        raise FedPeftError(f"--idle-poll must be > 0 seconds, got {idle_poll}")
+    for arg in flower_args:
+        if arg.split("=")[0] in RESERVED:
+            raise FedPeftError(f"{arg.split('=')[0]} is set by fedpeft flower-supernode (use --runtime-port)")
+    from flwr.supercore.exit import add_exit_handler
+    from flwr.supercore.logger import console_handler
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    from fedpeft.runtime.flower_polling import shorten_idle_wait
+
+    shorten_idle_wait(idle_poll)
+    console_handler.timestamps = True  # a service's log
+    if ready_file:
+        Path(ready_file).unlink(missing_ok=True)
+    worker = Worker(worker_command(runtime_port, ready_file))
+    add_exit_handler(worker.stop)
+    # The worker retries until the Runtime API answers, so it can start with the node.
+    worker.start()
+    sys.argv = ["flower-supernode", *flower_args, "--isolation", "process",
+                "--host", "127.0.0.1", "--port", str(runtime_port)]
+    try:
+        flower_supernode()
+    finally:
+        worker.stop()
