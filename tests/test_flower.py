@@ -1,6 +1,7 @@
 """The Flower runtime: malformed-update fuzzing (fake grid), parity with the in-process runtime on
 Flower's simulation engine and on a real loopback deployment, and a SuperNode killed mid-run."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -136,6 +137,25 @@ def test_nodes_are_asked_for_their_partition_once_before_the_server_loads_its_mo
     assert grid.pushed == asked and clients.nodes == {0: 100, 1: 101}
 
 
+def test_the_server_polls_for_replies_often_at_first_then_backs_off(small_exp, monkeypatch):
+    from fedpeft.runtime import flower_app
+
+    cfg, exp = small_exp
+    grid = FakeGrid(2, lambda cid, msg: reply_with(msg, trained(msg)))
+    runtime = dataclasses.replace(cfg.runtime, round_timeout=60.0)  # time stands still: sleep is mocked
+    clients = FlowerClients(grid, cfg.to_toml(), 2, runtime).connect()
+    late, pull = [], grid.pull_messages
+    grid.pull_messages = lambda ids: pull(ids) if len(late) >= 12 else late.append(1) or []  # 12 empty polls
+    slept = []
+    monkeypatch.setattr(flower_app.time, "sleep", slept.append)
+    state = exp.initial_state()
+    aggregation = exp.strategy.start_round(1, state)
+    delivery = clients.fit_round(RoundPlan(1, [0, 1], []), state, aggregation.add)
+    assert sorted(r.client for r in delivery.results) == [0, 1]
+    assert len(slept) == 12 and slept[0] == flower_app.POLL_S[0] and max(slept) == flower_app.POLL_S[1]
+    assert all(b >= a for a, b in zip(slept, slept[1:]))  # never faster again while clients train
+
+
 def test_a_node_with_the_wrong_num_partitions_is_named(small_exp):
     cfg, exp = small_exp
     grid = FakeGrid(3, lambda cid, msg: None)  # says num-partitions=3, the experiment has 2
@@ -263,7 +283,7 @@ def test_a_supernode_killed_mid_run_fails_its_rounds_and_the_run_goes_on(csv_dat
 def test_submitting_to_a_superlink_does_not_import_torch():
     """`fedpeft run` with runtime.kind = "flower" only submits (the ServerApp runs on the
     SuperLink), so it must not pay torch's ~5 s import."""
-    code = "import sys, fedpeft.cli, fedpeft.runtime.flower_launch; print('torch' in sys.modules)"
+    code = "import sys, fedpeft.cli, fedpeft.runner, fedpeft.runtime.flower_launch; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "False", done.stderr
 

@@ -189,3 +189,9 @@ def test_plot_styles_colour_by_method_and_mark_the_other_settings_alike():
     by = {(g.summaries[0]["method"], g.label[-3:]): styles[g.label] for g in groups}
     assert by["bias", "0.1"]["color"] == by["bias", "0.5"]["color"] != by["lora", "0.1"]["color"]
     assert by["bias", "0.1"]["marker"] == by["lora", "0.1"]["marker"] != by["bias", "0.5"]["marker"]
+
+
+def test_labels_show_config_values_as_written():
+    from fedpeft.report import _value
+
+    assert [_value(v) for v in (8.0, 0.003, 1e-05, 3, "lora", True)] == ["8", "0.003", "1e-05", "3", "lora", "True"]

@@ -43,10 +43,8 @@ def run(
     config = config if config is not None else resume / "config.toml"
     cfg = load_config(config, set_ or [])
     out_dir = resume if resume is not None else out
-    if cfg.runtime.kind == "flower":  # the ServerApp runs on the SuperLink: this process needs no torch (5 s)
-        from fedpeft.runtime.flower_launch import run_flower_deployment as run_experiment
-    else:
-        from fedpeft.experiment import run_experiment
+    from fedpeft.runner import run_experiment  # no torch for a Flower deployment: the ServerApp runs there
+
     summary = run_experiment(cfg, out_dir, resume is not None, console)
     run_dir = out_dir or cfg.output_dir()
     _print_summary(summary, run_dir)

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -21,11 +20,12 @@ from fedpeft.config import Config, flatten_config, load_config
 from fedpeft.data import ClassificationData, EncodedSplit, encode, label_histograms, load_data, partition
 from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.federation.client import ClientTrainer, evaluate
-from fedpeft.federation.costs import message_bytes, model_message_bytes, param_counts, reset_peak_rss, train_state_bytes
+from fedpeft.federation.costs import message_bytes, model_message_bytes, param_counts, train_state_bytes
 from fedpeft.federation.strategy import FedAvgStrategy
 from fedpeft.methods import Method, build_method, get_state, set_state
 from fedpeft.models import ModelInfo, is_image_model, load_model
 from fedpeft.results import RunDir
+from fedpeft.runner import run_experiment  # noqa: F401 - the public entry point lives torch-free
 
 if TYPE_CHECKING:
     from fedpeft.runtime.rounds import Clients
@@ -135,29 +135,6 @@ def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
     trainer = ClientTrainer(model, names, train, cfg.federation, seed)
     strategy = FedAvgStrategy(cfg.federation, len(parts), seed)
     return Experiment(cfg, data, loaded.info, method, model, names, train, test, parts, trainer, strategy)
-
-
-def run_experiment(
-    cfg: Config, out: str | Path | None = None, resume: bool = False, console: Console | None = None
-) -> dict[str, Any]:
-    """Run (or resume) an experiment into ``out`` on ``cfg.runtime.kind`` and return its summary.
-
-    Peak RSS is measured from here (see :func:`reset_peak_rss`), so runs made one after another in
-    one process (a sweep, a benchmark) each report their own peak.
-    """
-    gc.collect()  # what a previous run in this process left is not this run's
-    reset_peak_rss()
-    if cfg.runtime.kind == "flower-sim":
-        from fedpeft.runtime.flower_launch import run_flower_simulation
-
-        return run_flower_simulation(cfg, out, resume, console)
-    if cfg.runtime.kind == "flower":
-        from fedpeft.runtime.flower_launch import run_flower_deployment
-
-        return run_flower_deployment(cfg, out, resume, console)
-    from fedpeft.runtime.local import InProcessClients
-
-    return run_with_clients(cfg, out, resume, console, InProcessClients)
 
 
 def run_with_clients(
