@@ -8,13 +8,14 @@ model load, data, training, evaluation, outputs):
 - local: ``fedpeft run`` (in-process runtime);
 - flower-sim: ``fedpeft run --set runtime.kind=flower-sim`` (Ray, one actor per client);
 - flower (warm): a loopback deployment (1 SuperLink + 4 SuperNodes, started beforehand like real
-  machines) whose SuperNodes run ``--isolation process`` with a long-lived ``fedpeft
-  flower-worker`` each, timed from ``fedpeft run --set runtime.kind=flower`` to exit;
+  machines), each node a ``fedpeft flower-supernode --idle-poll 0.25`` (Flower's SuperNode with a
+  long-lived ``fedpeft flower-worker``), timed from ``fedpeft run --set runtime.kind=flower`` to exit;
 - flower (warm, run again): the same config submitted a second time to the same deployment, whose
   workers still hold the built experiment (backbone + partition): what every run after the first
   costs on a long-lived deployment;
-- flower (cold, ``--cold``): the same deployment with Flower's default isolation: a fresh ClientApp
-  process per message, which re-imports torch and reloads the model every round.
+- flower (cold, ``--cold``): the same deployment with Flower's defaults: plain ``flower-supernode``,
+  a fresh ClientApp process per message (re-importing torch and reloading the model every round),
+  idle pulls every 3 s.
 
 Every runtime gets the CPUs the benchmark may use (``taskset``) and uses them as a user would:
 the single-process runtimes (plain loop, local) run that many torch threads; flower-sim runs one

@@ -363,3 +363,19 @@ def test_a_worker_preloads_what_a_first_build_imports():
 
     preload()
     assert set(PRELOAD) <= set(sys.modules)
+
+
+def test_the_supernode_restarts_a_dead_worker_and_stops_it_with_the_node(tmp_path):
+    from fedpeft.runtime.flower_supernode import Worker
+
+    starts = tmp_path / "starts"
+    worker = Worker([sys.executable, "-c", f"open({str(starts)!r}, 'a').write('x'); import time; time.sleep(0.2)"])
+    worker.start()
+    deadline = time.monotonic() + 30
+    while (not starts.exists() or len(starts.read_text()) < 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(starts.read_text()) >= 2  # it exited and came back
+    worker.stop()
+    count = len(starts.read_text())
+    time.sleep(1.5)  # longer than the restart delay
+    assert len(starts.read_text()) == count and worker.proc.poll() is not None

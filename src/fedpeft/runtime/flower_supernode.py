@@ -6,15 +6,13 @@ child that executes the ClientApp tasks and keeps the backbone loaded across rou
 :mod:`fedpeft.runtime.flower_worker`). The worker is restarted if it dies and stopped with the node.
 
 Idle pull interval
-    A SuperNode asks the SuperLink for work, and when there is none it waits a fixed 3 s before
-    asking again (``flwr.supernode.start_client_internal`` in flwr 1.41; not configurable). A
-    round's messages thus wait up to 3 s on every node: nothing next to a round of minutes, a
-    quarter of a round of 12 s (see :mod:`fedpeft.runtime.flower_polling`). ``--idle-poll S`` makes that wait ``S``, caps the node's other
-    internal waits (0.5 s while a reply is produced) at ``S`` and retries a message's arrays that
-    are not uploaded yet after ``S / 5`` s (Flower: 1 s, then 2 s, 4 s, ...). Each idle poll is one small request
-    to the SuperLink: keep Flower's 3 s with many nodes or long rounds, lower it for a few nodes
-    and short rounds. The change is checked against the installed flwr at start: if the code it
-    adjusts is not there, the node runs unchanged with a warning.
+    An idle flwr 1.41 SuperNode waits a fixed 3 s between requests for work, so each round starts
+    up to 3 s late on every node: nothing next to rounds of minutes, a quarter of a 12 s round.
+    ``--idle-poll S`` caps that wait and the node's other internal waits at ``S`` and retries a
+    message's arrays that are still uploading after ``S / 5`` s instead of 1 s
+    (:mod:`fedpeft.runtime.flower_polling`; if the installed flwr does not look as expected, the
+    node runs unchanged with a warning). Each idle poll is one small request to the SuperLink:
+    keep Flower's 3 s with many nodes or long rounds, lower it for a few nodes and short rounds.
 
     fedpeft flower-supernode --idle-poll 0.25 -- --superlink HOST:9092 \\
         --node-config "partition-id=0 num-partitions=4" --root-certificates ca.crt
@@ -49,26 +47,32 @@ class Worker:
 
     def __init__(self, cmd: list[str]) -> None:
         self.cmd, self.stopping, self.proc = cmd, False, None
+        self.lock = threading.Lock()  # no start after stop
 
     def start(self) -> None:
         threading.Thread(target=self._keep_running, daemon=True, name="fedpeft-worker").start()
 
     def _keep_running(self) -> None:
-        while not self.stopping:
-            self.proc = subprocess.Popen(self.cmd)
-            code = self.proc.wait()
+        while True:
+            with self.lock:
+                if self.stopping:
+                    return
+                self.proc = proc = subprocess.Popen(self.cmd)
+            code = proc.wait()
             if not self.stopping:
                 log.warning("fedpeft flower-worker exited with code %s; restarting it", code)
                 time.sleep(1.0)
 
     def stop(self) -> None:
-        self.stopping = True
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+        with self.lock:
+            self.stopping = True
+            proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
             try:
-                self.proc.wait(10)
+                proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                proc.kill()
 
 
 def run_supernode(flower_args: Sequence[str], idle_poll: float, runtime_port: int, ready_file: str | None) -> None:
