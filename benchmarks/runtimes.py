@@ -8,13 +8,15 @@ model load, data, training, evaluation, outputs):
 - local: ``fedpeft run`` (in-process runtime);
 - flower-sim: ``fedpeft run --set runtime.kind=flower-sim`` (Ray, one actor per client);
 - flower (warm): a loopback deployment (1 SuperLink + 4 SuperNodes, started beforehand like real
-  machines), each node a ``fedpeft flower-supernode --idle-poll 0.25`` (Flower's SuperNode with a
-  long-lived ``fedpeft flower-worker``), timed from ``fedpeft run --set runtime.kind=flower`` to exit;
+  machines): the SuperLink runs ``--isolation process`` with a long-lived ``fedpeft
+  flower-server-worker``, each node is a ``fedpeft flower-supernode --idle-poll 0.25`` (Flower's
+  SuperNode with a long-lived ``fedpeft flower-worker``); timed from ``fedpeft run --set
+  runtime.kind=flower`` to exit;
 - flower (warm, run again): the same config submitted a second time to the same deployment, whose
   workers still hold the built experiment (backbone + partition): what every run after the first
   costs on a long-lived deployment;
-- flower (cold, ``--cold``): the same deployment with Flower's defaults: plain ``flower-supernode``,
-  a fresh ClientApp process per message (re-importing torch and reloading the model every round),
+- flower (cold, ``--cold``): the same deployment with Flower's defaults: a fresh ServerApp process
+  per run, plain ``flower-supernode``, a fresh ClientApp process per message (re-importing torch and reloading the model every round),
   idle pulls every 3 s.
 
 Every runtime gets the CPUs the benchmark may use (``taskset``) and uses them as a user would:

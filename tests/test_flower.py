@@ -239,13 +239,16 @@ def test_loopback_deployment_matches_the_in_process_runtime(csv_data, local_run,
     with LoopbackDeployment(2, tmp_path / "deploy") as dep:  # submitted the user's way: fedpeft run
         cfg = parity_cfg(csv_data, kind="flower", superlink=dep.superlink, insecure=True, connect_timeout=60)
         (tmp_path / "run.toml").write_text(cfg.to_toml())
-        cli = [sys.executable, "-m", "fedpeft.cli", "run", str(tmp_path / "run.toml"), "--out", str(tmp_path / "run")]
-        done = subprocess.run(cli, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["runtime"] == "flower" and summary["clients_failed_total"] == 0
-    assert_same_run(local_run, tmp_path / "run")
-    assert (tmp_path / "run" / "model").is_dir()
+        for out in ("run", "again"):  # again: the same long-lived server and client workers
+            cli = [sys.executable, "-m", "fedpeft.cli", "run", str(tmp_path / "run.toml"), "--out", str(tmp_path / out)]
+            done = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert "round 2/2" in done.stdout + done.stderr  # the ServerApp's output reached `fedpeft run`
+    for out in ("run", "again"):
+        summary = json.loads((tmp_path / out / "summary.json").read_text())
+        assert summary["runtime"] == "flower" and summary["clients_failed_total"] == 0
+        assert_same_run(local_run, tmp_path / out)
+        assert (tmp_path / out / "model").is_dir()
 
 
 def test_a_supernode_killed_mid_run_fails_its_rounds_and_the_run_goes_on(csv_data, tmp_path):  # noqa: F811

@@ -150,6 +150,27 @@ def flower_worker(
           ready_file=str(ready_file) if ready_file else None)
 
 
+@app.command("flower-server-worker")
+def flower_server_worker(
+    runtime_api_address: Annotated[str, typer.Option(help="The SuperLink's Runtime API (its --host:--port).")] = "127.0.0.1:9093",
+    insecure: Annotated[bool, typer.Option(help="Plain HTTP to the SuperLink (loopback only).")] = False,
+    root_certificates: Annotated[Optional[Path], typer.Option(help="CA certificate of the SuperLink's TLS.")] = None,
+    ready_file: Annotated[Optional[Path], typer.Option(help="Touch this file once ready to serve.")] = None,
+) -> None:
+    """Run every ServerApp of a SuperLink (flower-superlink --isolation process) in one long-lived process.
+
+    torch and the model code are imported once, not at the start of every run.
+    """
+    from fedpeft.runtime.flower_server_worker import serve_server_apps
+
+    if not insecure and root_certificates is None:
+        raise FedPeftError("give --root-certificates for a TLS Runtime API, or --insecure on loopback")
+    logging.basicConfig(force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # a service log
+    logging.getLogger("fedpeft").setLevel(os.environ.get("FEDPEFT_LOG", "INFO"))
+    serve_server_apps(runtime_api_address, insecure, str(root_certificates) if root_certificates else None,
+                      str(ready_file) if ready_file else None)
+
+
 @app.command("flower-supernode", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def flower_supernode(
     ctx: typer.Context,

@@ -2,7 +2,8 @@
 
 For trying a deployment, for the parity and fault tests and for ``benchmarks/runtimes.py``.
 Every process is a real Flower process talking over the network stack (insecure, 127.0.0.1);
-SuperNode ``i`` holds ``partition-id = i``. With ``warm=True`` (the default) each node is a
+SuperNode ``i`` holds ``partition-id = i``. With ``warm=True`` (the default) the SuperLink runs
+``--isolation process`` with a ``fedpeft flower-server-worker`` for every run's ServerApp, and each node is a
 ``fedpeft flower-supernode`` (Flower's SuperNode + a ``fedpeft flower-worker`` that keeps the
 backbone loaded; idle pulls every ``idle_poll`` s); with ``warm=False`` it is Flower's default
 ``flower-supernode`` (a fresh ClientApp process per message, idle pulls every 3 s).
@@ -58,18 +59,23 @@ class LoopbackDeployment:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         self._start("superlink", [
             _bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-            "--disable-runtime-dependency-installation",
+            "--disable-runtime-dependency-installation", "--isolation", "process" if self.warm else "subprocess",
         ])
         self._wait_port(self.port, timeout)
+        if self.warm:  # every run's ServerApp in one long-lived process
+            self._start("server-worker", [
+                _bin("fedpeft"), "flower-server-worker", "--runtime-api-address", self.superlink, "--insecure",
+                "--ready-file", str(self.workdir / "server-worker.ready"),
+            ])
         for i in range(self.num_nodes):
             self.start_node(i)
         deadline = time.monotonic() + timeout
-        for i in range(self.num_nodes):
-            ready = self.workdir / f"worker-{i}.ready"
+        readies = [self.workdir / f"worker-{i}.ready" for i in range(self.num_nodes)] + [self.workdir / "server-worker.ready"]
+        for ready in readies:
             while self.warm and not ready.exists():
                 self._check_alive()
                 if time.monotonic() > deadline:
-                    raise FedPeftError(f"fedpeft flower-worker {i} not ready after {timeout:g} s; see {self.workdir}/logs")
+                    raise FedPeftError(f"{ready.stem} not ready after {timeout:g} s; see {self.workdir}/logs")
                 time.sleep(0.2)
         return self
 

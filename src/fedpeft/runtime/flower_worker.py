@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context, Message
@@ -51,11 +52,12 @@ PULL_BACKOFF_S = (0.02, 0.2)  # retry delays while the SuperNode still stores th
 
 
 def _client(address: str, insecure: bool, root_certificates: bytes | None, interceptors: list) -> RuntimeHttpClient:
+    """A Runtime API client; without ``interceptors`` one that acquires tasks (as SuperExec)."""
     return RuntimeHttpClient.from_server_address(
         server_address=address,
         insecure=insecure,
         root_certificates=root_certificates,
-        interceptors=interceptors,
+        interceptors=interceptors or [RuntimeVersionHttpInterceptor(component_name="SuperExec")],
         retry_invoker=make_simple_http_retry_invoker(),
     )
 
@@ -119,6 +121,31 @@ def run_task(address: str, token: str, insecure: bool, root_certificates: bytes 
     return f"{status} ({steps})"
 
 
+def poll_forever(
+    acquire: RuntimeHttpClient, request: AcquireTaskRequest, run: Callable[[str], str], what: str,
+    poll_interval: tuple[float, float] = (0.05, 0.5),
+) -> None:
+    """Acquire tasks with ``request`` and execute each with ``run(token)``, forever; poll every
+    ``poll_interval[0]`` s after a task, backing off to ``poll_interval[1]`` s while idle."""
+    wait, unreachable_since = poll_interval[0], None
+    while True:
+        try:
+            res = acquire.AcquireTask(request)
+        except Exception as exc:  # noqa: BLE001 - the SuperNode / SuperLink may be (re)starting
+            unreachable_since = unreachable_since or time.monotonic()
+            if time.monotonic() - unreachable_since > 10:
+                log.warning("cannot reach the %s Runtime API: %s", what, exc)
+            time.sleep(0.2 if time.monotonic() - unreachable_since < 10 else 1.0)
+            continue
+        unreachable_since = None
+        if res.HasField("task") and res.token:
+            log.info("task %d: %s", res.task.task_id, run(res.token))
+            wait = poll_interval[0]
+        else:  # idle: back off (each poll costs the SuperNode CPU)
+            time.sleep(wait)
+            wait = min(wait * 1.5, poll_interval[1])
+
+
 def serve(
     runtime_api_address: str,
     insecure: bool = False,
@@ -128,29 +155,12 @@ def serve(
 ) -> None:
     """Execute the SuperNode's ClientApp tasks one after another, forever."""
     certs = Path(root_certificates).read_bytes() if root_certificates else None
-    acquire = _client(runtime_api_address, insecure, certs, [RuntimeVersionHttpInterceptor(component_name="SuperExec")])
+    acquire = _client(runtime_api_address, insecure, certs, [])
     from fedpeft.experiment import preload
 
     preload()  # torch, transformers, model code: once, before the first task
-
     if ready_file:
         Path(ready_file).touch()
     log.info("fedpeft flower-worker serving ClientApp tasks of %s", runtime_api_address)
-    wait, unreachable_since = poll_interval[0], None
-    while True:
-        try:
-            res = acquire.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-        except Exception as exc:  # noqa: BLE001 - the SuperNode may be (re)starting
-            unreachable_since = unreachable_since or time.monotonic()
-            if time.monotonic() - unreachable_since > 10:
-                log.warning("cannot reach the SuperNode Runtime API at %s: %s", runtime_api_address, exc)
-            time.sleep(0.2 if time.monotonic() - unreachable_since < 10 else 1.0)
-            continue
-        unreachable_since = None
-        if res.HasField("task") and res.token:
-            status = run_task(runtime_api_address, res.token, insecure, certs)
-            log.info("task %d: %s", res.task.task_id, status)
-            wait = poll_interval[0]
-        else:  # idle: back off (each poll costs the SuperNode CPU) up to poll_interval[1]
-            time.sleep(wait)
-            wait = min(wait * 1.5, poll_interval[1])
+    poll_forever(acquire, AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]),
+                 lambda token: run_task(runtime_api_address, token, insecure, certs), "SuperNode", poll_interval)
