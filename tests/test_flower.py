@@ -236,7 +236,8 @@ def test_flower_simulation_matches_the_in_process_runtime(csv_data, local_run, t
 def test_loopback_deployment_matches_the_in_process_runtime(csv_data, local_run, tmp_path):  # noqa: F811
     from fedpeft.runtime.flower_deploy import LoopbackDeployment
 
-    with LoopbackDeployment(2, tmp_path / "deploy") as dep:  # submitted the user's way: fedpeft run
+    # submitted the user's way (fedpeft run) to a SuperLink that runs only a signed server worker
+    with LoopbackDeployment(2, tmp_path / "deploy", superexec_secret=True) as dep:
         cfg = parity_cfg(csv_data, kind="flower", superlink=dep.superlink, insecure=True, connect_timeout=60)
         (tmp_path / "run.toml").write_text(cfg.to_toml())
         for out in ("run", "again"):  # again: the same long-lived server and client workers
@@ -366,6 +367,21 @@ def test_a_worker_preloads_what_a_first_build_imports():
 
     preload()
     assert set(PRELOAD) <= set(sys.modules)
+
+
+def test_a_worker_signs_its_task_requests_with_the_superexec_secret(tmp_path):
+    from flwr.supercore.interceptors.http.superexec_auth import SuperExecAuthHttpInterceptor
+
+    from fedpeft.errors import FedPeftError
+    from fedpeft.runtime.flower_worker import acquiring_client
+
+    (tmp_path / "secret").write_bytes(b"0123456789abcdef0123456789abcdef")
+    signed = acquiring_client("127.0.0.1:1", True, None, str(tmp_path / "secret"))
+    plain = acquiring_client("127.0.0.1:1", True, None, None)
+    kinds = [[type(i) for i in c._interceptors] for c in (signed, plain)]
+    assert SuperExecAuthHttpInterceptor in kinds[0] and SuperExecAuthHttpInterceptor not in kinds[1]
+    with pytest.raises(FedPeftError, match="--superexec-auth-secret-file"):
+        acquiring_client("127.0.0.1:1", True, None, str(tmp_path / "missing"))
 
 
 def test_the_supernode_restarts_a_dead_worker_and_stops_it_with_the_node(tmp_path):

@@ -130,6 +130,8 @@ def flower_worker(
     root_certificates: Annotated[Optional[Path], typer.Option(help="CA certificate of the SuperNode's Runtime API TLS.")] = None,
     ready_file: Annotated[Optional[Path], typer.Option(help="Touch this file once ready to serve.")] = None,
     parent_pid: Annotated[Optional[int], typer.Option(help="Exit when this process (the SuperNode) is gone.")] = None,
+    superexec_auth_secret_file: Annotated[Optional[Path], typer.Option(
+        help="The shared secret the SuperLink / SuperNode was given with the same option.")] = None,
 ) -> None:
     """Serve a SuperNode's ClientApp tasks from one long-lived process (flower-supernode --isolation process).
 
@@ -147,7 +149,8 @@ def flower_worker(
 
         start_parent_process_monitor(parent_pid)
     serve(runtime_api_address, insecure, str(root_certificates) if root_certificates else None,
-          ready_file=str(ready_file) if ready_file else None)
+          ready_file=str(ready_file) if ready_file else None,
+          auth_secret_file=str(superexec_auth_secret_file) if superexec_auth_secret_file else None)
 
 
 @app.command("flower-server-worker")
@@ -156,6 +159,8 @@ def flower_server_worker(
     insecure: Annotated[bool, typer.Option(help="Plain HTTP to the SuperLink (loopback only).")] = False,
     root_certificates: Annotated[Optional[Path], typer.Option(help="CA certificate of the SuperLink's TLS.")] = None,
     ready_file: Annotated[Optional[Path], typer.Option(help="Touch this file once ready to serve.")] = None,
+    superexec_auth_secret_file: Annotated[Optional[Path], typer.Option(
+        help="The shared secret the SuperLink / SuperNode was given with the same option.")] = None,
 ) -> None:
     """Run every ServerApp of a SuperLink (flower-superlink --isolation process) in one long-lived process.
 
@@ -168,7 +173,8 @@ def flower_server_worker(
     logging.basicConfig(force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # a service log
     logging.getLogger("fedpeft").setLevel(os.environ.get("FEDPEFT_LOG", "INFO"))
     serve_server_apps(runtime_api_address, insecure, str(root_certificates) if root_certificates else None,
-                      str(ready_file) if ready_file else None)
+                      str(ready_file) if ready_file else None,
+                      str(superexec_auth_secret_file) if superexec_auth_secret_file else None)
 
 
 @app.command("flower-supernode", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

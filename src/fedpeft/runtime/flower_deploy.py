@@ -41,8 +41,9 @@ class LoopbackDeployment:
     """Start, inspect and stop a loopback SuperLink + SuperNodes (+ fedpeft workers)."""
 
     def __init__(self, num_nodes: int, workdir: str | Path, warm: bool = True, threads: int | None = None,
-                 idle_poll: float = 0.25) -> None:
+                 idle_poll: float = 0.25, superexec_secret: bool = False) -> None:
         self.num_nodes, self.warm, self.threads, self.idle_poll = num_nodes, warm, threads, idle_poll
+        self.superexec_secret = superexec_secret  # the SuperLink accepts only a signed server worker
         self.workdir = Path(workdir).resolve()
         self.port = free_port()
         self.superlink = f"127.0.0.1:{self.port}"
@@ -57,15 +58,20 @@ class LoopbackDeployment:
 
     def start(self, timeout: float = 120.0) -> "LoopbackDeployment":
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        secret: list[str] = []
+        if self.superexec_secret:
+            (self.workdir / "superexec.secret").write_bytes(os.urandom(32))
+            secret = ["--superexec-auth-secret-file", str(self.workdir / "superexec.secret")]
         self._start("superlink", [
             _bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
             "--disable-runtime-dependency-installation", "--isolation", "process" if self.warm else "subprocess",
+            *secret,
         ])
         self._wait_port(self.port, timeout)
         if self.warm:  # every run's ServerApp in one long-lived process
             self._start("server-worker", [
                 _bin("fedpeft"), "flower-server-worker", "--runtime-api-address", self.superlink, "--insecure",
-                "--ready-file", str(self.workdir / "server-worker.ready"),
+                "--ready-file", str(self.workdir / "server-worker.ready"), *secret,
             ])
         for i in range(self.num_nodes):
             self.start_node(i)

@@ -37,7 +37,7 @@ from flwr.supercore.logger import flush_logs, mirror_output_to_queue, start_log_
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import HttpGrid
 
-from fedpeft.runtime.flower_worker import _client, poll_forever
+from fedpeft.runtime.flower_worker import acquiring_client, poll_forever
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ def run_server_task(address: str, token: str, insecure: bool, certs: bytes | Non
 
 def serve_server_apps(
     runtime_api_address: str, insecure: bool = False, root_certificates: str | None = None, ready_file: str | None = None,
+    auth_secret_file: str | None = None,
 ) -> None:
     """Execute the SuperLink's ServerApp tasks (one per run) one after another, forever."""
     from fedpeft.experiment import preload
@@ -112,7 +113,7 @@ def serve_server_apps(
     if ready_file:
         Path(ready_file).touch()
     log.info("fedpeft flower-server-worker serving ServerApp tasks of %s", runtime_api_address)
-    acquire = _client(runtime_api_address, insecure, certs, [])
+    acquire = acquiring_client(runtime_api_address, insecure, certs, auth_secret_file)
 
     def run(token: str) -> str:
         start = time.perf_counter()

@@ -47,17 +47,18 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from fedpeft.errors import FedPeftError
+
 log = logging.getLogger(__name__)
 PULL_BACKOFF_S = (0.02, 0.2)  # retry delays while the SuperNode still stores the message's arrays
 
 
 def _client(address: str, insecure: bool, root_certificates: bytes | None, interceptors: list) -> RuntimeHttpClient:
-    """A Runtime API client; without ``interceptors`` one that acquires tasks (as SuperExec)."""
     return RuntimeHttpClient.from_server_address(
         server_address=address,
         insecure=insecure,
         root_certificates=root_certificates,
-        interceptors=interceptors or [RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        interceptors=interceptors,
         retry_invoker=make_simple_http_retry_invoker(),
     )
 
@@ -121,6 +122,24 @@ def run_task(address: str, token: str, insecure: bool, root_certificates: bytes 
     return f"{status} ({steps})"
 
 
+def acquiring_client(address: str, insecure: bool, certs: bytes | None, auth_secret_file: str | None) -> RuntimeHttpClient:
+    """A Runtime API client that acquires tasks as a SuperExec does, signing its requests with the
+    shared secret of ``--superexec-auth-secret-file`` when the SuperNode / SuperLink has one."""
+    interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if auth_secret_file:
+        from flwr.supercore.auth import load_superexec_auth_secret
+        from flwr.supercore.interceptors.http.superexec_auth import SuperExecAuthHttpInterceptor
+
+        try:
+            secret = load_superexec_auth_secret(auth_secret_file)
+        except ValueError as exc:
+            raise FedPeftError(f"--superexec-auth-secret-file: {exc}") from None
+        interceptors.append(SuperExecAuthHttpInterceptor(
+            master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"}),
+        ))
+    return _client(address, insecure, certs, interceptors)
+
+
 def poll_forever(
     acquire: RuntimeHttpClient, request: AcquireTaskRequest, run: Callable[[str], str], what: str,
     poll_interval: tuple[float, float] = (0.05, 0.5),
@@ -131,6 +150,11 @@ def poll_forever(
     while True:
         try:
             res = acquire.AcquireTask(request)
+        except KeyboardInterrupt:  # flwr's HTTP retry interrupts its own process on 401 Unauthorized
+            raise FedPeftError(
+                f"stopped: Ctrl-C, or the {what} refused to hand this worker a task (401 Unauthorized: "
+                f"if the {what} runs with --superexec-auth-secret-file, give the worker the same file)"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - the SuperNode / SuperLink may be (re)starting
             unreachable_since = unreachable_since or time.monotonic()
             if time.monotonic() - unreachable_since > 10:
@@ -152,10 +176,11 @@ def serve(
     root_certificates: str | None = None,
     poll_interval: tuple[float, float] = (0.05, 0.5),
     ready_file: str | None = None,
+    auth_secret_file: str | None = None,
 ) -> None:
     """Execute the SuperNode's ClientApp tasks one after another, forever."""
     certs = Path(root_certificates).read_bytes() if root_certificates else None
-    acquire = _client(runtime_api_address, insecure, certs, [])
+    acquire = acquiring_client(runtime_api_address, insecure, certs, auth_secret_file)
     from fedpeft.experiment import preload
 
     preload()  # torch, transformers, model code: once, before the first task
