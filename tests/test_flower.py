@@ -16,7 +16,8 @@ from safetensors.numpy import load_file
 
 from fedpeft.experiment import build_experiment, run_experiment
 from fedpeft.federation.strategy import RoundPlan
-from fedpeft.runtime.flower_app import FlowerClients, record_to_state, state_to_record
+from fedpeft.runtime.flower_app import FlowerClients
+from fedpeft.runtime.flower_wire import record_to_state, state_to_record
 from test_runs import csv_data, make_cfg  # noqa: F401 - fixture reused
 
 # ------------------------------------------------------------------ malformed replies (fake grid)

@@ -6,7 +6,7 @@ in-process runtime (:class:`~fedpeft.federation.strategy.FedAvgStrategy`,
 
 Wire format
     ``TRAIN`` server -> client: ``arrays`` (ArrayRecord: the global exchanged state, packed by
-    :func:`state_to_record` into a ``layout`` of names/dtypes/shapes + one buffer per dtype) and
+    :func:`~fedpeft.runtime.flower_wire.state_to_record` into a ``layout`` of names/dtypes/shapes + one buffer per dtype) and
     ``config`` (ConfigRecord: ``round``, ``partition-id``, ``fedpeft-config`` = the experiment
     config as TOML text). Reply: ``arrays`` (the client's exchanged state) and ``metrics``
     (MetricRecord: ``num-examples``, ``train_loss``, ``steps``, ``samples_processed``, ``flops``,
@@ -23,17 +23,14 @@ Backbone reuse
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 import tomllib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedpeft.config import Config, RuntimeConfig
 from fedpeft.errors import FedPeftError
@@ -41,6 +38,7 @@ from fedpeft.federation.costs import message_bytes
 from fedpeft.federation.strategy import ClientResult, RoundPlan
 from fedpeft.methods.base import NamedArrays
 from fedpeft.runtime.flower_polling import fast_grid_pulls
+from fedpeft.runtime.flower_wire import record_to_state, state_to_record, wire_bytes
 from fedpeft.runtime.rounds import Delivery
 
 if TYPE_CHECKING:
@@ -58,51 +56,6 @@ def config_from_text(text: str) -> Config:
         return Config.from_dict(tomllib.loads(text))
     except tomllib.TOMLDecodeError as exc:
         raise FedPeftError(f"{CONFIG_KEY}: not valid TOML: {exc}") from None
-
-
-def state_to_record(state: NamedArrays) -> ArrayRecord:
-    """Named arrays as one ArrayRecord: a ``layout`` (names, dtypes, shapes as JSON) and one flat
-    buffer per dtype.
-
-    Flower ships every Array of a record as separate objects, each one request per hop (ServerApp
-    -> SuperLink -> SuperNode -> worker and back); LoRA on a 6-layer model has 26 arrays, on a
-    32-layer LLaMA hundreds. Packed, a state is 2-3 arrays whatever its size, and the names still
-    travel with the data.
-    """
-    layout = [[name, a.dtype.str, list(a.shape)] for name, a in state.items()]
-    record = {"layout": Array(np.frombuffer(json.dumps(layout).encode(), np.uint8).copy())}
-    for dtype in dict.fromkeys(a.dtype for a in state.values()):
-        flat = [np.ascontiguousarray(a).reshape(-1) for a in state.values() if a.dtype == dtype]
-        record[f"buffer.{dtype.str}"] = Array(np.concatenate(flat))
-    return ArrayRecord(record)
-
-
-def record_to_state(record: ArrayRecord) -> NamedArrays:
-    """The named arrays of :func:`state_to_record`; ``ValueError`` naming what does not fit."""
-    if "layout" not in record:
-        raise ValueError(f"no layout among the arrays {sorted(record)}")
-    layout = json.loads(record["layout"].numpy().tobytes().decode())
-    offsets: dict[str, int] = {}
-    state = {}
-    for name, dtype, shape in layout:
-        key = f"buffer.{dtype}"
-        if key not in record:
-            raise ValueError(f"{name}: no {key} array")
-        buffer, start = record[key].numpy(), offsets.get(key, 0)
-        size = int(np.prod(shape, dtype=np.int64))
-        if buffer.dtype != np.dtype(dtype) or start + size > buffer.size:
-            raise ValueError(f"{name}: {key} holds {buffer.size} {buffer.dtype} values, the layout needs more")
-        state[name] = buffer[start:start + size].reshape(shape)
-        offsets[key] = start + size
-    for key in set(record) - {"layout"}:
-        if offsets.get(key, 0) != record[key].numpy().size:
-            raise ValueError(f"{key} holds values that no name in the layout takes")
-    return state
-
-
-def wire_bytes(content: RecordDict) -> int:
-    """Bytes Flower serializes for ``content``: every distinct object it ships, deflated."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 
 # --------------------------------------------------------------------------------------- client
