@@ -241,11 +241,19 @@ def test_loopback_deployment_matches_the_in_process_runtime(csv_data, local_run,
     with LoopbackDeployment(2, tmp_path / "deploy", superexec_secret=True) as dep:
         cfg = parity_cfg(csv_data, kind="flower", superlink=dep.superlink, insecure=True, connect_timeout=60)
         (tmp_path / "run.toml").write_text(cfg.to_toml())
-        for out in ("run", "again"):  # again: the same long-lived server and client workers
-            cli = [sys.executable, "-m", "fedpeft.cli", "run", str(tmp_path / "run.toml"), "--out", str(tmp_path / out)]
+        bad = parity_cfg(csv_data, kind="flower", superlink=dep.superlink, insecure=True, connect_timeout=60)
+        bad.partition.num_clients = 3  # the nodes hold 2 partitions: the ServerApp fails at discovery
+        (tmp_path / "bad.toml").write_text(bad.to_toml())
+        # run, a run whose ServerApp fails, then again on the same long-lived server and client workers
+        for out, toml in (("run", "run.toml"), ("bad", "bad.toml"), ("again", "run.toml")):
+            cli = [sys.executable, "-m", "fedpeft.cli", "run", str(tmp_path / toml), "--out", str(tmp_path / out)]
             done = subprocess.run(cli, capture_output=True, text=True, timeout=600)
-            assert done.returncode == 0, done.stderr[-3000:]
-            assert "round 2/2" in done.stdout + done.stderr  # the ServerApp's output reached `fedpeft run`
+            output = done.stdout + done.stderr
+            if out == "bad":
+                assert done.returncode != 0 and "num-partitions=2" in output, output[-3000:]
+                continue
+            assert done.returncode == 0, output[-3000:]
+            assert "round 2/2" in output  # the ServerApp's output reached `fedpeft run`
     for out in ("run", "again"):
         summary = json.loads((tmp_path / out / "summary.json").read_text())
         assert summary["runtime"] == "flower" and summary["clients_failed_total"] == 0
