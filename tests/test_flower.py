@@ -407,3 +407,14 @@ def test_the_supernode_restarts_a_dead_worker_and_stops_it_with_the_node(tmp_pat
     count = len(starts.read_text())
     time.sleep(1.5)  # longer than the restart delay
     assert len(starts.read_text()) == count and worker.proc.poll() is not None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="taskset / CPU affinity are Linux's")
+def test_ray_is_sized_to_the_cpus_this_process_may_use_not_the_machine(tmp_path):
+    import shutil
+
+    if shutil.which("taskset") is None:
+        pytest.skip("no taskset")
+    code = "from fedpeft.runtime.flower_launch import usable_cpus; print(usable_cpus())"
+    done = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "1", done.stderr
