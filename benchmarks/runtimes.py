@@ -16,8 +16,8 @@ model load, data, training, evaluation, outputs):
   workers still hold the built experiment (backbone + partition): what every run after the first
   costs on a long-lived deployment;
 - flower (cold, ``--cold``): the same deployment with Flower's defaults: a fresh ServerApp process
-  per run, plain ``flower-supernode``, a fresh ClientApp process per message (re-importing torch and reloading the model every round),
-  idle pulls every 3 s.
+  per run, plain ``flower-supernode``s starting a fresh ClientApp process per message (re-importing
+  torch and reloading the model every round), idle pulls every 3 s.
 
 Every runtime gets the CPUs the benchmark may use (``taskset``) and uses them as a user would:
 the single-process runtimes (plain loop, local) run that many torch threads; flower-sim runs one

@@ -27,6 +27,11 @@ SetOption = Annotated[
     typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable)."),
 ]
 
+SecretOption = Annotated[
+    Optional[Path],
+    typer.Option(help="The shared secret the SuperLink / SuperNode was given with the same option."),
+]
+
 
 @app.command()
 def run(
@@ -123,6 +128,18 @@ def datasets() -> None:
     Console().print(table)
 
 
+def _start_service(insecure: bool, root_certificates: Optional[Path]) -> None:
+    """What every long-lived worker checks and sets up first: TLS or --insecure, a timestamped log."""
+    if not insecure and root_certificates is None:
+        raise FedPeftError("give --root-certificates for a TLS Runtime API, or --insecure on loopback")
+    logging.basicConfig(force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # a service log
+    logging.getLogger("fedpeft").setLevel(os.environ.get("FEDPEFT_LOG", "INFO"))
+
+
+def _str(path: Optional[Path]) -> str | None:
+    return str(path) if path else None
+
+
 @app.command("flower-worker")
 def flower_worker(
     runtime_api_address: Annotated[str, typer.Option(help="The SuperNode's Runtime API (its --host:--port).")] = "127.0.0.1:9094",
@@ -130,8 +147,7 @@ def flower_worker(
     root_certificates: Annotated[Optional[Path], typer.Option(help="CA certificate of the SuperNode's Runtime API TLS.")] = None,
     ready_file: Annotated[Optional[Path], typer.Option(help="Touch this file once ready to serve.")] = None,
     parent_pid: Annotated[Optional[int], typer.Option(help="Exit when this process (the SuperNode) is gone.")] = None,
-    superexec_auth_secret_file: Annotated[Optional[Path], typer.Option(
-        help="The shared secret the SuperLink / SuperNode was given with the same option.")] = None,
+    superexec_auth_secret_file: SecretOption = None,
 ) -> None:
     """Serve a SuperNode's ClientApp tasks from one long-lived process (flower-supernode --isolation process).
 
@@ -140,17 +156,13 @@ def flower_worker(
     """
     from fedpeft.runtime.flower_worker import serve
 
-    if not insecure and root_certificates is None:
-        raise FedPeftError("give --root-certificates for a TLS Runtime API, or --insecure on loopback")
-    logging.basicConfig(force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # a service log
-    logging.getLogger("fedpeft").setLevel(os.environ.get("FEDPEFT_LOG", "INFO"))
+    _start_service(insecure, root_certificates)
     if parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 
         start_parent_process_monitor(parent_pid)
-    serve(runtime_api_address, insecure, str(root_certificates) if root_certificates else None,
-          ready_file=str(ready_file) if ready_file else None,
-          auth_secret_file=str(superexec_auth_secret_file) if superexec_auth_secret_file else None)
+    serve(runtime_api_address, insecure, _str(root_certificates), ready_file=_str(ready_file),
+          auth_secret_file=_str(superexec_auth_secret_file))
 
 
 @app.command("flower-server-worker")
@@ -159,8 +171,7 @@ def flower_server_worker(
     insecure: Annotated[bool, typer.Option(help="Plain HTTP to the SuperLink (loopback only).")] = False,
     root_certificates: Annotated[Optional[Path], typer.Option(help="CA certificate of the SuperLink's TLS.")] = None,
     ready_file: Annotated[Optional[Path], typer.Option(help="Touch this file once ready to serve.")] = None,
-    superexec_auth_secret_file: Annotated[Optional[Path], typer.Option(
-        help="The shared secret the SuperLink / SuperNode was given with the same option.")] = None,
+    superexec_auth_secret_file: SecretOption = None,
 ) -> None:
     """Run every ServerApp of a SuperLink (flower-superlink --isolation process) in one long-lived process.
 
@@ -168,13 +179,9 @@ def flower_server_worker(
     """
     from fedpeft.runtime.flower_server_worker import serve_server_apps
 
-    if not insecure and root_certificates is None:
-        raise FedPeftError("give --root-certificates for a TLS Runtime API, or --insecure on loopback")
-    logging.basicConfig(force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # a service log
-    logging.getLogger("fedpeft").setLevel(os.environ.get("FEDPEFT_LOG", "INFO"))
-    serve_server_apps(runtime_api_address, insecure, str(root_certificates) if root_certificates else None,
-                      str(ready_file) if ready_file else None,
-                      str(superexec_auth_secret_file) if superexec_auth_secret_file else None)
+    _start_service(insecure, root_certificates)
+    serve_server_apps(runtime_api_address, insecure, _str(root_certificates), _str(ready_file),
+                      _str(superexec_auth_secret_file))
 
 
 @app.command("flower-supernode", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -192,7 +199,7 @@ def flower_supernode(
     from fedpeft.runtime.flower_supernode import run_supernode
 
     logging.getLogger("fedpeft").setLevel(os.environ.get("FEDPEFT_LOG", "INFO"))
-    run_supernode(ctx.args, idle_poll, runtime_port, str(ready_file) if ready_file else None)
+    run_supernode(ctx.args, idle_poll, runtime_port, _str(ready_file))
 
 
 def _print_summary(summary: dict, run_dir: Path) -> None:

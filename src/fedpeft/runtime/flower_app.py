@@ -6,7 +6,8 @@ in-process runtime (:class:`~fedpeft.federation.strategy.FedAvgStrategy`,
 
 Wire format
     ``TRAIN`` server -> client: ``arrays`` (ArrayRecord: the global exchanged state, packed by
-    :func:`~fedpeft.runtime.flower_wire.state_to_record` into a ``layout`` of names/dtypes/shapes + one buffer per dtype) and
+    :func:`~fedpeft.runtime.flower_wire.state_to_record` into a ``layout`` of names, dtypes and
+    shapes + one buffer per dtype) and
     ``config`` (ConfigRecord: ``round``, ``partition-id``, ``fedpeft-config`` = the experiment
     config as TOML text). Reply: ``arrays`` (the client's exchanged state) and ``metrics``
     (MetricRecord: ``num-examples``, ``train_loss``, ``steps``, ``samples_processed``, ``flops``,

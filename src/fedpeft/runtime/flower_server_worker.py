@@ -37,14 +37,15 @@ from flwr.supercore.logger import flush_logs, mirror_output_to_queue, start_log_
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import HttpGrid
 
-from fedpeft.runtime.flower_worker import acquiring_client, poll_forever
+from fedpeft.runtime.flower_launch import APP_PYPROJECT
+from fedpeft.runtime.flower_worker import acquiring_client, poll_forever, warm_up
 
 log = logging.getLogger(__name__)
 
 
 def app_config_defaults() -> dict:
     """The run config defaults of fedpeft's Flower app (``[tool.flwr.app.config]``)."""
-    text = resources.files("fedpeft.runtime").joinpath("flower_pyproject.toml").read_text()
+    text = resources.files("fedpeft.runtime").joinpath(APP_PYPROJECT).read_text()
     return dict(tomllib.loads(text)["tool"]["flwr"]["app"]["config"])
 
 
@@ -104,14 +105,10 @@ def serve_server_apps(
     auth_secret_file: str | None = None,
 ) -> None:
     """Execute the SuperLink's ServerApp tasks (one per run) one after another, forever."""
-    from fedpeft.experiment import preload
-
     certs = Path(root_certificates).read_bytes() if root_certificates else None
-    preload()  # torch, transformers, model code: once, before the first run
     log_queue: queue.Queue = queue.Queue()
     mirror_output_to_queue(log_queue)  # a run's output also goes to its log (flwr run --stream)
-    if ready_file:
-        Path(ready_file).touch()
+    warm_up(ready_file)
     log.info("fedpeft flower-server-worker serving ServerApp tasks of %s", runtime_api_address)
     acquire = acquiring_client(runtime_api_address, insecure, certs, auth_secret_file)
 

@@ -42,8 +42,8 @@ def worker_command(runtime_port: int, ready_file: str | None) -> list[str]:
 
 
 class Worker:
-    """The ``fedpeft flower-worker`` child: started after the Runtime API listens, restarted if it
-    exits while the node runs, stopped with the node."""
+    """The ``fedpeft flower-worker`` child: started with the node (it retries until the Runtime API
+    answers), restarted if it exits while the node runs, stopped with the node."""
 
     def __init__(self, cmd: list[str]) -> None:
         self.cmd, self.stopping, self.proc = cmd, False, None
@@ -94,7 +94,6 @@ def run_supernode(flower_args: Sequence[str], idle_poll: float, runtime_port: in
         Path(ready_file).unlink(missing_ok=True)
     worker = Worker(worker_command(runtime_port, ready_file))
     add_exit_handler(worker.stop)
-    # The worker retries until the Runtime API answers, so it can start with the node.
     worker.start()
     sys.argv = ["flower-supernode", *flower_args, "--isolation", "process",
                 "--host", "127.0.0.1", "--port", str(runtime_port)]

@@ -170,6 +170,16 @@ def poll_forever(
             wait = min(wait * 1.5, poll_interval[1])
 
 
+def warm_up(ready_file: str | None) -> None:
+    """Import torch, transformers and the model code once, before the first task; then touch
+    ``ready_file`` (if given) to say the process is ready."""
+    from fedpeft.experiment import preload
+
+    preload()
+    if ready_file:
+        Path(ready_file).touch()
+
+
 def serve(
     runtime_api_address: str,
     insecure: bool = False,
@@ -181,11 +191,7 @@ def serve(
     """Execute the SuperNode's ClientApp tasks one after another, forever."""
     certs = Path(root_certificates).read_bytes() if root_certificates else None
     acquire = acquiring_client(runtime_api_address, insecure, certs, auth_secret_file)
-    from fedpeft.experiment import preload
-
-    preload()  # torch, transformers, model code: once, before the first task
-    if ready_file:
-        Path(ready_file).touch()
+    warm_up(ready_file)
     log.info("fedpeft flower-worker serving ClientApp tasks of %s", runtime_api_address)
     poll_forever(acquire, AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]),
                  lambda token: run_task(runtime_api_address, token, insecure, certs), "SuperNode", poll_interval)
