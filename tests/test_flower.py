@@ -418,3 +418,18 @@ def test_ray_is_sized_to_the_cpus_this_process_may_use_not_the_machine(tmp_path)
     code = "from fedpeft.runtime.flower_launch import usable_cpus; print(usable_cpus())"
     done = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "1", done.stderr
+
+
+def test_the_server_grid_retries_uploading_replies_fast_and_wraps_once(monkeypatch):
+    import functools
+
+    import flwr.superlink.grid.http_grid as http_grid
+
+    from fedpeft.runtime.flower_polling import fast_grid_pulls
+
+    original = getattr(http_grid.pull_objects, "func", http_grid.pull_objects)  # an earlier ServerApp here wrapped it
+    monkeypatch.setattr(http_grid, "pull_objects", original)  # flwr's own; restored after the test
+    fast_grid_pulls()
+    fast_grid_pulls()  # a second run in the same server worker
+    assert isinstance(http_grid.pull_objects, functools.partial) and http_grid.pull_objects.func is original
+    assert http_grid.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5}
