@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 from fedpeft.config import FederationConfig
 from fedpeft.data import EncodedSplit
-from fedpeft.federation.costs import measure_step_flops
+from fedpeft.federation.costs import TrainingFlops
 from fedpeft.federation.strategy import ClientResult
 from fedpeft.methods.base import NamedArrays, get_state, set_state
 
@@ -26,17 +25,6 @@ from fedpeft.methods.base import NamedArrays, get_state, set_state
 def client_seed(seed: int, rnd: int, client: int) -> int:
     """The torch seed of one client's training in one round (data order, dropout)."""
     return int(np.random.default_rng([seed, rnd, client, 0xC11E]).integers(2**62))
-
-
-@dataclass
-class FlopsProbe:
-    """Training FLOPs per processed token (text) or sample (image), measured once on a real step."""
-
-    per_unit: float | None = None
-
-    def units(self, batch: dict[str, torch.Tensor]) -> int:
-        ids = batch.get("input_ids")
-        return int(ids.numel()) if ids is not None else int(batch["labels"].numel())
 
 
 class ClientTrainer:
@@ -56,7 +44,7 @@ class ClientTrainer:
         self.cfg = cfg
         self.seed = seed
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.flops = FlopsProbe()
+        self.flops = TrainingFlops(model)  # exact FLOPs of a batch from its shape
 
     def num_steps(self, num_samples: int) -> int:
         if self.cfg.local_steps is not None:
@@ -92,16 +80,11 @@ class ClientTrainer:
         self.model.train()
         optimizer = self.make_optimizer()
         steps = self.num_steps(len(indices))
-        loss_sum, units, samples = 0.0, 0, 0
+        loss_sum, flops, samples = 0.0, 0, 0
         for batch_rows in self.batch_order(indices, steps, generator):
             batch = self.train.batch(batch_rows)
-            if self.flops.per_unit is None:
-                flops, loss = measure_step_flops(lambda: self._step(batch, optimizer))
-                self.flops.per_unit = flops / max(1, self.flops.units(batch))
-            else:
-                loss = self._step(batch, optimizer)
-            loss_sum += loss
-            units += self.flops.units(batch)
+            loss_sum += self._step(batch, optimizer)
+            flops += self.flops(batch)
             samples += len(batch_rows)
         self.model.eval()
         state = get_state(self.model, self.names)
@@ -109,7 +92,7 @@ class ClientTrainer:
             "train_loss": loss_sum / steps,
             "steps": float(steps),
             "samples_processed": float(samples),
-            "flops": float(self.flops.per_unit * units),
+            "flops": float(flops),
             "compute_s": time.perf_counter() - start,
         }
         return ClientResult(client, state, int(len(indices)), metrics)

@@ -6,9 +6,11 @@ Message size
     least; framing (safetensors header, gRPC) adds a few hundred bytes per message and is
     reported by the Flower runtime separately.
 FLOPs
-    One real training step is run under :class:`torch.utils.flop_counter.FlopCounterMode`
-    (forward + backward + what the optimizer does in matmuls); the count per processed token
-    (text) or sample (image) then scales to every client's work.
+    Counted by :class:`torch.utils.flop_counter.FlopCounterMode` (matmuls and attention, forward
+    + backward; the optimizer does no matmuls). A transformer step on a batch of ``B`` rows of
+    ``L`` tokens costs exactly ``B * (c0 + c1 * L + c2 * L**2)``: :class:`TrainingFlops` measures
+    ``c0, c1, c2`` once per model on synthetic one-row batches, so every client's count is exact,
+    and the same in every process, runtime and resumed run.
 Memory
     Peak resident memory of the process, and the bytes a client needs to hold its trainable
     state during training (parameters + gradients + two AdamW moments).
@@ -18,13 +20,12 @@ from __future__ import annotations
 
 import resource
 import sys
-from collections.abc import Callable, Mapping
-from typing import TypeVar
+from collections.abc import Mapping
+from fractions import Fraction
 
 import numpy as np
+import torch
 from torch import nn
-
-T = TypeVar("T")
 
 
 def message_bytes(state: Mapping[str, np.ndarray]) -> int:
@@ -39,14 +40,90 @@ def model_message_bytes(model: nn.Module) -> int:
     )
 
 
-def measure_step_flops(step: Callable[[], T]) -> tuple[float, T]:
-    """Run ``step()`` under a FLOP counter; return (FLOPs, step's return value)."""
-    from torch.utils.flop_counter import FlopCounterMode
+class TrainingFlops:
+    """Training FLOPs (forward + backward) of a batch, an exact function of the batch's shape.
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        out = step()
-    return float(counter.get_total_flops()), out
+    Every op :class:`~torch.utils.flop_counter.FlopCounterMode` counts in a transformer is a
+    matmul over the batch rows: per row it costs a constant (head, pooler), a term linear in the
+    sequence length ``L`` (projections, FFN, LoRA, the head of every token) and one quadratic in
+    ``L`` (attention scores); soft prompts only shift ``L``. So a text batch of shape ``(B, L)``
+    costs ``B * (c0 + c1 * L + c2 * L**2)`` and an image batch ``B * c0``. The coefficients are
+    measured once, on synthetic one-row batches of 1, 2 and 3 tokens, and checked on a fourth
+    length; a model that breaks the form is measured at each new length instead. The probe runs
+    forward and backward only (no optimizer step), clears the gradients it made and leaves the
+    random state as it was, so it changes nothing about training.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The prepared model; its trainable parameters get (and lose) gradients during the probe.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._coeffs: tuple[Fraction, ...] | None = None  # (c0, c1, c2); image: (c0,)
+        self._per_row: dict[int, int] = {}  # L -> measured FLOPs of one row (form broken)
+        self._exact_form = True
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> int:
+        """FLOPs of one training step on ``batch`` (model inputs + ``labels``)."""
+        rows = int(batch["labels"].shape[0])
+        if "input_ids" not in batch:
+            if self._coeffs is None:
+                self._coeffs = (Fraction(self._measure(_one_row(batch, None))),)
+            return rows * int(self._coeffs[0])
+        length = int(batch["input_ids"].shape[1])
+        if self._coeffs is None and self._exact_form:
+            self._fit(batch)
+        if not self._exact_form:
+            if length not in self._per_row:
+                self._per_row[length] = self._measure(_one_row(batch, length))
+            return rows * self._per_row[length]
+        c0, c1, c2 = self._coeffs
+        return rows * int(c0 + c1 * length + c2 * length * length)
+
+    def _fit(self, batch: dict[str, torch.Tensor]) -> None:
+        f1, f2, f3, f4 = (self._measure(_one_row(batch, n)) for n in (1, 2, 3, 4))
+        c2 = Fraction(f3 - 2 * f2 + f1, 2)
+        c1 = f2 - f1 - 3 * c2
+        c0 = f1 - c1 - c2
+        if c0 + 4 * c1 + 16 * c2 == f4:
+            self._coeffs = (c0, c1, c2)
+        else:
+            self._exact_form = False
+            self._per_row.update({1: f1, 2: f2, 3: f3, 4: f4})
+
+    def _measure(self, batch: dict[str, torch.Tensor]) -> int:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        saved = [p.grad for p in params]  # backward would add into them in place
+        for p in params:
+            p.grad = None
+        with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+            self.model(**batch).loss.backward()
+        for p, grad in zip(params, saved):
+            p.grad = grad
+        return int(counter.get_total_flops())
+
+
+def _one_row(batch: dict[str, torch.Tensor], length: int | None) -> dict[str, torch.Tensor]:
+    """A synthetic batch of one row shaped like ``batch``'s rows, text cut or padded to ``length``."""
+    out = {"labels": batch["labels"][:1]}
+    for name, value in batch.items():
+        if name == "labels":
+            continue
+        if length is None or value.dim() != 2:
+            out[name] = value[:1]
+        elif name == "input_ids":
+            out[name] = value[:1, -1:].expand(1, length).clone()  # any real token id
+        elif name == "attention_mask":
+            out[name] = torch.ones(1, length, dtype=value.dtype)
+        elif name == "position_ids":
+            out[name] = torch.arange(length, dtype=value.dtype).unsqueeze(0)
+        else:
+            out[name] = torch.zeros(1, length, dtype=value.dtype)  # e.g. token_type_ids
+    return out
 
 
 def peak_rss_mb() -> float:

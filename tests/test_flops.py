@@ -1,0 +1,90 @@
+"""Client FLOPs are exact: the shape formula of TrainingFlops equals torch's FLOP counter on real
+training steps, for every tiny model family and method, and its probe changes nothing."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedpeft.federation.costs import TrainingFlops
+from fedpeft.methods import build_method, method_names
+
+FAMILIES = ["tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-vit"]
+SHAPES = [(3, 5), (7, 17), (2, 40), (1, 1)]  # (rows, tokens)
+
+
+def text_batch(family, rows, length):
+    ids = torch.randint(100, 2000, (rows, length), generator=torch.Generator().manual_seed(rows * length))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros(rows, dtype=torch.long)}
+    if family in ("tiny-gpt2", "tiny-llama"):  # left-padded decoders get position ids (EncodedSplit.batch)
+        batch["position_ids"] = torch.arange(length).expand(rows, length)
+    return batch
+
+
+def counted_step(model, optimizer, batch):
+    """FLOPs of one real training step (forward, backward, clipping, AdamW) by torch's counter."""
+    with FlopCounterMode(display=False) as counter:
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", method_names())
+def test_shape_formula_equals_the_flop_counter_on_real_steps(tiny, family, method):
+    loaded = tiny(family)
+    model = build_method(method).prepare(loaded.model, loaded.info)
+    model.train()
+    flops = TrainingFlops(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for rows, length in SHAPES:
+        if loaded.info.modality == "image":
+            size = model.config.image_size if hasattr(model, "config") else 32
+            batch = {"pixel_values": torch.randn(rows, 3, size, size), "labels": torch.zeros(rows, dtype=torch.long)}
+        else:
+            batch = text_batch(family, rows, length)
+        assert flops(batch) == counted_step(model, optimizer, batch) > 0, (rows, length)
+    assert flops._exact_form
+
+
+def test_the_probe_changes_no_parameter_gradient_or_random_state(tiny, batch_for):
+    loaded = tiny("tiny-bert")
+    model = build_method("lora").prepare(loaded.model, loaded.info)
+    model.train()
+    batch = batch_for(loaded, n=4)
+    model(**batch).loss.backward()  # gradients the probe must leave alone
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    rng = torch.get_rng_state()
+    assert TrainingFlops(model)(batch) > 0
+    assert torch.equal(torch.get_rng_state(), rng)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n]), n
+        assert (p.grad is None) == (n not in grads) and (p.grad is None or torch.equal(p.grad, grads[n])), n
+
+
+def test_a_model_outside_the_form_is_measured_per_length(tiny):
+    """A model whose cost is not quadratic in the length (here: cubic) falls back to measuring."""
+    loaded = tiny("tiny-bert")
+    model = build_method("head").prepare(loaded.model, loaded.info)
+
+    class Cubic(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.w = model, torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, input_ids, labels, **kw):
+            rows, n = input_ids.shape
+            extra = (torch.ones(rows, n, n * n) @ torch.ones(n * n, 1)).sum() * self.w  # 2 rows n^3
+            out = self.inner(input_ids=input_ids, labels=labels, **kw)
+            out.loss = out.loss + 0 * extra
+            return out
+
+    cubic = Cubic()
+    flops = TrainingFlops(cubic)
+    optimizer = torch.optim.AdamW([p for p in cubic.parameters() if p.requires_grad], lr=1e-3)
+    for rows, length in [(2, 6), (3, 9), (1, 2)]:
+        batch = text_batch("tiny-bert", rows, length)
+        assert flops(batch) == counted_step(cubic, optimizer, batch)
+    assert not flops._exact_form
