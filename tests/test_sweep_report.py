@@ -1,4 +1,5 @@
-"""Sweeps (grid expansion, skip finished, resume killed, failures) and reports (numbers, plots)."""
+"""Sweeps (grid expansion, skip finished, resume killed, failures) and reports (numbers, plots,
+unfinished runs, duplicate seeds)."""
 
 import json
 
@@ -6,9 +7,10 @@ import numpy as np
 import pytest
 import tomli_w
 
+from fedpeft.config import Config
 from fedpeft.errors import ConfigError
-from fedpeft.report import find_runs, group_runs, pareto_frontier, write_report
-from fedpeft.sweep import expand_grid, parse_grid, plan_sweep, run_sweep
+from fedpeft.report import COLUMNS, find_runs, group_runs, pareto_frontier, write_report
+from fedpeft.sweep import expand_grid, parse_grid, plan_sweep, run_status, run_sweep
 from test_runs import csv_data, make_cfg  # noqa: F401 - fixture reused
 
 
@@ -66,11 +68,15 @@ def test_sweep_skips_finished_resumes_killed_and_reports_failures(base_config, t
     killed = out / "method.name=head__seed=1"
     summary = json.loads((killed / "summary.json").read_text())
     (killed / "summary.json").write_text(json.dumps({**summary, "rounds_completed": 1}))
+    # kill a run after its last round's row and summary, before its final summary
+    unsaved = out / "method.name=bias__seed=0"
+    summary = json.loads((unsaved / "summary.json").read_text())
+    (unsaved / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
     before = (out / "method.name=head__seed=0" / "summary.json").read_text()
     calls.clear()
     second = run_sweep(base_config, out, grid, seeds=[0, 1], execute=execute)
     assert second["method.name=head__seed=0"] == "skipped"
-    assert second["method.name=head__seed=1"] == "resumed"
+    assert second["method.name=head__seed=1"] == second["method.name=bias__seed=0"] == "resumed"
     assert second["method.name=bias__seed=1"].startswith("failed")
     assert ("method.name=head__seed=1", True) in calls and all(n != "method.name=head__seed=0" for n, _ in calls)
     assert (out / "method.name=head__seed=0" / "summary.json").read_text() == before
@@ -87,18 +93,19 @@ def test_report_numbers_equal_the_runs_summaries_and_plots_are_written(base_conf
     out = tmp_path / "sweep"
     outcomes = run_sweep(base_config, out, ["method.name=head,lora"], seeds=[0, 1])
     assert set(outcomes.values()) == {"ran"}
-    rows, path = write_report(out)
+    report = write_report(out)
     summaries = {run.name: json.loads((run / "summary.json").read_text()) for run in find_runs(out)}
     for method in ("head", "lora"):
         mine = [s for name, s in summaries.items() if f"={method}__" in name]
-        row = next(r for r in rows if r[0] == f"method={method}")
+        row = cells(report.rows, f"method={method}")
         accs = [s["final_accuracy"] for s in mine]
-        assert row[1] == "2"
-        assert row[2] == f"{np.mean(accs):.3f} ± {np.std(accs):.3f}"
-        assert row[3] == f"{np.mean([s['mb_up_per_round'] for s in mine]):.4g}"
-        assert row[5] == f"{np.mean([s['total_bytes_up'] for s in mine]) / 1e6:.4g}"
-        assert row[7] == f"{np.mean([s['client_flops_total'] for s in mine]) / 1e9:.4g}"
-        assert f"| {' | '.join(row)} |" in path.read_text()
+        assert (row["seeds"], row["finished"]) == ("2", "all")
+        assert row["accuracy (mean ± std)"] == f"{np.mean(accs):.3f} ± {np.std(accs):.3f}"
+        assert row["MB up / round"] == f"{np.mean([s['mb_up_per_round'] for s in mine]):.4g}"
+        assert row["MB up total"] == f"{np.mean([s['total_bytes_up'] for s in mine]) / 1e6:.4g}"
+        assert row["client GFLOPs total"] == f"{np.mean([s['client_flops_total'] for s in mine]) / 1e9:.4g}"
+        assert f"| {' | '.join(row.values())} |" in report.path.read_text()
+    assert report.notes == []
     for name in ("accuracy_vs_round.png", "accuracy_vs_mb.png", "frontier.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
@@ -139,7 +146,8 @@ def test_cli_sweep_then_report(base_config, tmp_path):
     assert "skipped" in again.stdout
     rep = subprocess.run([sys.executable, "-m", "fedpeft.cli", "report", str(out)], capture_output=True, text=True)
     assert rep.returncode == 0, rep.stderr
-    assert (out / "report.md").exists() and "| method=head | 1 |" in rep.stdout
+    assert (out / "report.md").exists() and "| method=head | 1 | all |" in rep.stdout
+    assert f"wrote {out / 'report.md'} and accuracy_vs_round.png" in rep.stderr.splitlines()[-1]
     bad = subprocess.run([*cmd[:-1], "zero"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--seeds" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -181,12 +189,14 @@ def test_options_of_other_methods_do_not_split_groups(tmp_path):
 def test_plot_styles_colour_by_method_and_mark_the_other_settings_alike():
     """Readable plots of a method x setting grid: one colour per method, and the same setting
     (here alpha) the same marker for every method; a key tied to the method (lr) is ignored."""
-    from fedpeft.report import Group, _styles
+    from pathlib import Path
 
-    groups = [Group(f"method={m}, federation.lr={lr}, partition.alpha={a}", summaries=[{"method": m}])
+    from fedpeft.report import Group, Run, _styles
+
+    groups = [Group(f"method={m}, federation.lr={lr}, partition.alpha={a}", runs=[Run(Path(m), m, 0, 1, {})])
               for m, lr in (("bias", 0.01), ("lora", 0.003)) for a in (0.1, 0.5)]
     styles = _styles(groups)
-    by = {(g.summaries[0]["method"], g.label[-3:]): styles[g.label] for g in groups}
+    by = {(g.runs[0].method, g.label[-3:]): styles[g.label] for g in groups}
     assert by["bias", "0.1"]["color"] == by["bias", "0.5"]["color"] != by["lora", "0.1"]["color"]
     assert by["bias", "0.1"]["marker"] == by["lora", "0.1"]["marker"] != by["bias", "0.5"]["marker"]
 
@@ -195,3 +205,124 @@ def test_labels_show_config_values_as_written():
     from fedpeft.report import _value
 
     assert [_value(v) for v in (8.0, 0.003, 1e-05, 3, "lora", True)] == ["8", "0.003", "1e-05", "3", "lora", "True"]
+
+
+def cells(rows, label):
+    """The report row of the group ``label``, by column name."""
+    return dict(zip(COLUMNS, next(r for r in rows if r[0] == label)))
+
+
+def fake_run(folder, method="head", seed=0, accuracy=0.5, rounds=2, completed=None, status="finished"):
+    """A run folder as fedpeft writes it, without training: config.toml, metrics.jsonl (accuracy
+    rising to ``accuracy`` at round ``rounds``) and summary.json; ``status=None`` writes a summary
+    of a fedpeft that had no status key yet."""
+    completed = rounds if completed is None else completed
+    folder.mkdir(parents=True)
+    Config.from_dict({"data": {"name": "banking77"}, "method": {"name": method}, "runtime": {"seed": seed},
+                      "federation": {"rounds": rounds}}).save(folder / "config.toml")
+    rows = [{"round": r, "accuracy": accuracy * r / rounds, "cum_bytes_up": 1e6 * r, "cum_bytes_down": 2e6 * r}
+            for r in range(1, completed + 1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"method": method, "rounds": rounds, "rounds_completed": completed,
+               "final_accuracy": rows[-1]["accuracy"] if rows else None,
+               "total_bytes_up": 1e6 * completed, "total_bytes_down": 2e6 * completed}
+    if status is not None:
+        summary["status"] = status
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+@pytest.mark.parametrize("summary, rounds, metrics, expected", [
+    ({"status": "finished", "rounds_completed": 2}, 2, True, "finished"),
+    ({"status": "finished", "rounds_completed": 2}, 3, True, "partial"),  # the sweep asks for more rounds
+    # killed after the last round's row and summary, before the final summary: resume finishes it
+    ({"status": "running", "rounds_completed": 2}, 2, True, "partial"),
+    ({"status": "interrupted", "rounds_completed": 1}, 2, True, "partial"),
+    ({"status": "failed", "rounds_completed": 1}, 2, True, "partial"),
+    ({"status": "failed", "rounds_completed": 0}, 2, False, "new"),
+    ({"rounds_completed": 2}, 2, True, "finished"),  # written before summaries had a status
+    ({"rounds_completed": 1}, 2, True, "partial"),
+    ("{\"status\": \"fini", 2, True, "partial"),  # unreadable: resume, never a traceback
+    ("[2]", 2, True, "partial"),
+    ({"status": "finished", "rounds_completed": None}, 2, True, "partial"),
+    ("{", 2, False, "new"),
+    (None, 2, True, "partial"),
+    (None, 2, False, "new"),
+])
+def test_run_status_trusts_the_summary_status_and_reads_old_summaries(tmp_path, summary, rounds, metrics, expected):
+    if summary is not None:
+        (tmp_path / "summary.json").write_text(summary if isinstance(summary, str) else json.dumps(summary))
+    if metrics:
+        (tmp_path / "metrics.jsonl").write_text(json.dumps({"round": 1}) + "\n")
+    assert run_status(tmp_path, rounds) == expected
+
+
+@pytest.fixture
+def mixed_runs(tmp_path):
+    """head: seeds 0, 1 finished and seed 2 killed; lora: finished (one summary without status);
+    bias: nothing finished (interrupted, and an old summary one round short); one unreadable summary."""
+    fake_run(tmp_path / "head0", seed=0, accuracy=0.4)
+    fake_run(tmp_path / "head1", seed=1, accuracy=0.6)
+    fake_run(tmp_path / "head2", seed=2, accuracy=0.9, completed=1, status="running")
+    fake_run(tmp_path / "lora0", "lora", seed=0, accuracy=0.3)
+    fake_run(tmp_path / "lora1", "lora", seed=1, accuracy=0.3, status=None)
+    fake_run(tmp_path / "bias0", "bias", seed=0, completed=1, status="interrupted")
+    fake_run(tmp_path / "bias1", "bias", seed=1, completed=1, status=None)
+    (fake_run(tmp_path / "bias2", "bias", seed=2) / "summary.json").write_text("{")
+    return tmp_path
+
+
+def test_report_means_finished_runs_only_and_marks_groups_with_unfinished_ones(mixed_runs):
+    report = write_report(mixed_runs)
+    head, lora, bias = (cells(report.rows, f"method={m}") for m in ("head", "lora", "bias"))
+    assert (head["seeds"], head["finished"], head["accuracy (mean ± std)"]) == ("3", "2 of 3", "0.500 ± 0.100")
+    assert head["MB up total"] == "2"  # the killed run's 1 MB is not in the mean
+    assert (lora["seeds"], lora["finished"], lora["accuracy (mean ± std)"]) == ("2", "all", "0.300 ± 0.000")
+    assert (bias["seeds"], bias["finished"]) == ("3", "0 of 3")
+    assert {bias[c] for c in COLUMNS[3:]} == {"-"}
+    assert report.rows[-1][0] == "method=bias"  # no finished run: last
+    text = report.path.read_text()
+    assert "| method=head | 3 | 2 of 3 | 0.500 ± 0.100 |" in text
+    for note in ("- `head2` (method=head, seed 2): running, 1 of 2 rounds",
+                 "- `bias0` (method=bias, seed 0): interrupted, 1 of 2 rounds",
+                 "- `bias1` (method=bias, seed 1): 1 of 2 rounds",
+                 "- `bias2` (method=bias, seed 2): summary.json unreadable"):
+        assert note in report.notes and note in text
+    assert "mean over the finished runs only" in text and "dashed" in text
+
+
+def test_plots_draw_each_unfinished_run_dashed_in_its_groups_colour(mixed_runs, monkeypatch):
+    import fedpeft.report as report_module
+
+    drawn = {}
+    finish = report_module._finish
+
+    def keep_lines(fig, ax, xlabel, ylabel, path):
+        drawn[path.name] = [(line.get_label(), line.get_linestyle(), line.get_color()) for line in ax.get_lines()]
+        finish(fig, ax, xlabel, ylabel, path)
+
+    monkeypatch.setattr(report_module, "_finish", keep_lines)
+    write_report(mixed_runs)
+    for name in ("accuracy_vs_round.png", "accuracy_vs_mb.png"):
+        lines = drawn[name]
+        dashed = [line for line in lines if line[1] == "--"]
+        assert len(dashed) == 4 + 1  # head2, bias0-2, and the legend's "unfinished run"
+        assert [label for label, style, _ in lines if style != "--"] == ["method=head", "method=lora"]
+        head_colour = next(c for label, _, c in lines if label == "method=head")
+        assert ("_nolegend_", "--", head_colour) in dashed
+        assert ("method=bias", "--") in [line[:2] for line in dashed]  # named by its first dashed line
+    assert "method=bias" not in [label for label, _, _ in drawn["frontier.png"]]
+
+
+def test_duplicate_seeds_count_once_keeping_the_first_run_by_path(tmp_path):
+    fake_run(tmp_path / "a", seed=0, accuracy=0.2)
+    fake_run(tmp_path / "b" / "copy", seed=0, accuracy=0.8)
+    fake_run(tmp_path / "c", seed=1, accuracy=0.4)
+    (group,) = group_runs(find_runs(tmp_path))
+    assert [r.path.name for r in group.runs] == ["a", "c"]
+    assert [(dup.path.name, kept.path.name) for dup, kept in group.duplicates] == [("copy", "a")]
+    report = write_report(tmp_path)
+    row = cells(report.rows, "method=head")
+    assert (row["seeds"], row["finished"], row["accuracy (mean ± std)"]) == ("2", "all", "0.300 ± 0.100")
+    assert "- `b/copy` repeats seed 0 of `a` (method=head)" in report.notes
+    assert "first run by path is kept" in report.path.read_text()

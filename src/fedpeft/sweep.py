@@ -8,8 +8,9 @@ epochs (Wang et al. 2024, https://arxiv.org/abs/2412.04650)::
     --grid federation.rounds+federation.local_epochs=1+10,10+1
 
 Every run writes to ``OUT/<key=value__...__seed=N>``. Re-running the same command skips runs that
-finished (their ``summary.json`` counts every round), resumes runs that were killed after a
-finished round, and starts the rest afresh (also runs that failed before finishing a round).
+finished (their ``summary.json`` says so: :func:`is_finished`), resumes runs that were killed,
+interrupted or failed after a finished round, and starts the rest afresh (also runs that failed
+before finishing a round).
 A run that fails is reported and the sweep goes on; finished runs are never touched.
 """
 
@@ -21,7 +22,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from fedpeft.config import Config, load_config
 from fedpeft.errors import ConfigError, FedPeftError
@@ -85,13 +86,76 @@ def plan_sweep(config: str | Path, grid: list[str], sets: list[str], seeds: list
     return runs
 
 
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """The ``summary.json`` of the run folder ``path``, or None if it is missing or unreadable.
+
+    Parameters
+    ----------
+    path : Path
+        A run folder.
+
+    Returns
+    -------
+    dict or None
+        The summary; None when there is none, or when it cannot be parsed as a JSON object (a
+        hand-edited or cut copy): such a run is treated as not finished, never as an error.
+    """
+    try:
+        summary = json.loads(RunDir(path).summary.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def is_finished(summary: dict[str, Any] | None, rounds: int) -> bool:
+    """Whether a run with this summary finished all ``rounds`` rounds.
+
+    Parameters
+    ----------
+    summary : dict or None
+        The run's summary (None: missing or unreadable).
+    rounds : int
+        The rounds the run must have completed.
+
+    Returns
+    -------
+    bool
+        With a ``status`` key, True only if it is ``"finished"`` and ``rounds_completed`` counts
+        ``rounds`` rounds: a run killed after writing its last round's row and summary but before
+        its final summary (e.g. while saving the model) still says ``"running"`` and is not
+        finished. Without ``status`` (summaries written before it existed), True if
+        ``rounds_completed`` counts ``rounds`` rounds.
+    """
+    if summary is None:
+        return False
+    done = summary.get("rounds_completed")
+    all_rounds = isinstance(done, int) and done >= rounds
+    if "status" in summary:
+        return summary["status"] == "finished" and all_rounds
+    return all_rounds
+
+
 def run_status(path: Path, rounds: int) -> str:
-    """``finished`` (its summary counts ``rounds`` rounds), ``partial`` (some round finished: resume)
-    or ``new`` (nothing finished there yet, e.g. a run that failed while loading: start afresh)."""
-    run = RunDir(path)
-    if run.summary.exists() and run.read_summary().get("rounds_completed", 0) >= rounds:
+    """What a sweep does with the run folder ``path``.
+
+    Parameters
+    ----------
+    path : Path
+        The run's folder (it need not exist).
+    rounds : int
+        The rounds the sweep asks of this run.
+
+    Returns
+    -------
+    str
+        ``finished`` (see :func:`is_finished`: skip it), ``partial`` (not finished but some round
+        finished, whatever its summary says or if it cannot be read: resume; resuming a run whose
+        last round is checkpointed only writes its final summary and model) or ``new`` (no round finished
+        there yet, e.g. a run that failed while loading: start afresh).
+    """
+    if is_finished(read_summary(path), rounds):
         return "finished"
-    return "partial" if run.read_metrics() else "new"
+    return "partial" if RunDir(path).read_metrics() else "new"
 
 
 def clear_unfinished(path: Path) -> None:
