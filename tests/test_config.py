@@ -103,3 +103,47 @@ def test_apply_overrides_does_not_mutate_input():
     raw = {"federation": {"rounds": 1}}
     out = apply_overrides(raw, ["federation.rounds=2"])
     assert raw["federation"]["rounds"] == 1 and out["federation"]["rounds"] == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["partition.num_clients=4", "federation.clients_per_round=5"],
+         r"federation.clients_per_round = 5 is above partition.num_clients = 4: give at most 4"),
+        (["partition.num_clients=10", "federation.clients_per_round=0.25", "federation.min_clients=4"],
+         r"federation.min_clients = 4 is above the 3 clients per round \(federation.clients_per_round = 0.25, "
+         r"partition.num_clients = 10\): give at most 3"),
+        (["partition.num_clients=4", "federation.clients_per_round=2", "federation.min_clients=3"],
+         r"federation.min_clients = 3 is above the 2 clients per round"),
+    ],
+)
+def test_impossible_client_counts_name_both_keys(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, BASE), overrides)
+
+
+def test_possible_client_counts_pass_and_fractions_round_up(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), ["partition.num_clients=10", "federation.clients_per_round=0.25",
+                                               "federation.min_clients=3"])
+    assert cfg.federation.clients_per_round_count(cfg.partition.num_clients) == 3
+    cfg = load_config(_write(tmp_path, BASE), ["partition.num_clients=4", "federation.clients_per_round=4",
+                                               "federation.min_clients=4"])
+    assert cfg.federation.clients_per_round_count(4) == 4
+
+
+def test_inactive_notice_names_the_other_methods_keys_once(tmp_path):
+    assert load_config(_write(tmp_path, BASE)).method.inactive_notice() is None
+    head = load_config(_write(tmp_path, BASE), ["method.name=head", "method.alpha=32"])
+    assert head.method.inactive_notice() == "method.r, method.alpha belong to lora, not to head: ignored"
+    adapter = load_config(_write(tmp_path, BASE), ["method.name=adapter"])
+    assert adapter.method.inactive_notice() == "method.r belongs to lora, not to adapter: ignored"
+    mixed = load_config(_write(tmp_path, BASE), ["method.name=head", "method.bottleneck=8"])
+    assert mixed.method.inactive_notice() == "method.r, method.bottleneck belong to adapter and lora, not to head: ignored"
+
+
+def test_data_fingerprint_is_an_optional_key_kept_through_toml(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), ["data.fingerprint=local:abc"])
+    assert cfg.data.fingerprint == "local:abc"
+    cfg.save(tmp_path / "saved.toml")
+    assert load_config(tmp_path / "saved.toml").data.fingerprint == "local:abc"
+    assert load_config(_write(tmp_path, BASE)).data.fingerprint is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import datasets
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from fedpeft.config import DataConfig
-from fedpeft.data import KNOWN_DATASETS, EncodedSplit, encode, load_data, resolve_data_dir
+from fedpeft.data import KNOWN_DATASETS, EncodedSplit, encode, load_data, resolve_data_dir, resolved_config
 from fedpeft.errors import DataError
 
 TRAIN = [("good film", "pos"), ("bad film", "neg"), ("fine film", "neutral"), ("great", "pos"),
@@ -275,7 +276,8 @@ def test_hub_errors_become_data_errors(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match=r"cannot load hub:someone/tiny from the Hugging Face hub: Couldn't reach"):
         load_data(DataConfig(name="someone/tiny"), seed=0)
-    with pytest.raises(DataError, match=r"hub:PolyAI/banking77 .*no local copy at .*nowhere/banking77: check data.data_dir"):
+    with pytest.raises(DataError, match=r"hub:PolyAI/banking77 .*no local copy at /nowhere/banking77: "
+                                        r"set data.data_dir to the folder holding banking77/$"):
         load_data(DataConfig(name="banking77", data_dir="/nowhere"), seed=0)
 
 
@@ -461,3 +463,105 @@ def test_left_padded_decoder_batch_scores_like_the_unpadded_row(family):
     with torch.no_grad():
         diff = (loaded.model(**both).logits[1] - loaded.model(**alone).logits[0]).abs().max()
     assert diff < 1e-5
+
+
+# --------------------------------------------------------------------------- empty cells
+
+
+def _csv(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_empty_and_blank_csv_labels_name_file_column_count_and_lines(tmp_path, csv_files):
+    train = _csv(tmp_path / "train.csv", 'text,label\ngood film,pos\nbad film,\n"multi\nline",neg\nfine film,   \n')
+    with pytest.raises(DataError, match=r"train\.csv: label column 'label' is empty in 2 rows \(lines 3, 6\); "
+                                        r"fill them in or remove those rows$"):
+        load_data(DataConfig(train=str(train), test=str(csv_files[1])), seed=0)
+
+
+def test_blank_csv_text_and_many_empty_labels(tmp_path, csv_files):
+    blank_text = _csv(tmp_path / "blank.csv", "text,label\nvery good,pos\n  \t ,neg\n")
+    with pytest.raises(DataError, match=r"blank\.csv: text column 'text' is empty in 1 row \(line 3\)"):
+        load_data(DataConfig(train=str(csv_files[0]), test=str(blank_text)), seed=0)
+    many = _csv(tmp_path / "many.csv", "text,label\n" + "".join(f"t{i},\n" for i in range(7)) + "ok,pos\n")
+    with pytest.raises(DataError, match=r"empty in 7 rows \(lines 2, 3, 4, 5, 6, \.\.\.\)"):
+        load_data(DataConfig(train=str(many), test=str(csv_files[1])), seed=0)
+
+
+def test_json_and_parquet_nulls_give_the_same_message_shape(tmp_path, csv_files):
+    labels = tmp_path / "train.json"
+    labels.write_text('[{"text": "a", "label": "pos"}, {"text": "b", "label": null}]')
+    with pytest.raises(DataError, match=r"train\.json: label column 'label' is empty in 1 row \(row 2\); fill"):
+        load_data(DataConfig(train=str(labels), test=str(csv_files[1])), seed=0)
+    texts = _write(pd.DataFrame({"text": ["a", "b", None], "label": ["pos", "neg", "pos"]}), tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"t\.parquet: text column 'text' is empty in 1 row \(row 3\); fill"):
+        load_data(DataConfig(train=str(texts), test=str(csv_files[1])), seed=0)
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def _known_folder(root: Path) -> Path:
+    folder = root / "banking77"
+    folder.mkdir(parents=True)
+    _write(_frame(TRAIN), folder / "train.csv")
+    _write(_frame(TEST), folder / "test.csv")
+    return root
+
+
+def test_resolved_config_has_absolute_paths_and_a_local_fingerprint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _known_folder(tmp_path / "data")
+    cfg = DataConfig(name="banking77", data_dir="data", cache_dir="cache", max_train_samples=5)
+    data = load_data(cfg, seed=0)
+    resolved = resolved_config(cfg, data)
+    assert resolved.data_dir == str(tmp_path / "data") and resolved.cache_dir == str(tmp_path / "cache")
+    assert resolved.fingerprint == data.fingerprint and data.fingerprint.startswith("local:")
+    assert load_data(resolved, seed=0).fingerprint == data.fingerprint  # verified: same data
+    assert load_data(cfg, seed=1).fingerprint == data.fingerprint  # the dataset, whatever the seed
+    monkeypatch.delenv("FEDPEFT_DATA_DIR", raising=False)  # default ./data is recorded too
+    assert resolved_config(DataConfig(name="banking77"), load_data(DataConfig(name="banking77"), 0)).data_dir == str(
+        tmp_path / "data")
+    files = DataConfig(train="data/banking77/train.csv", test="data/banking77/test.csv")
+    resolved = resolved_config(files, load_data(files, seed=0))
+    assert resolved.train == str(tmp_path / "data/banking77/train.csv") and resolved.data_dir is None
+
+
+def test_fingerprint_detects_one_edited_label(tmp_path):
+    _known_folder(tmp_path)
+    cfg = DataConfig(name="banking77", data_dir=str(tmp_path))
+    resolved = resolved_config(cfg, load_data(cfg, seed=0))
+    edited = _frame(TRAIN[:-1] + [(TRAIN[-1][0], "pos")])  # one label changed, same label set
+    _write(edited, tmp_path / "banking77" / "train.csv")
+    with pytest.raises(DataError, match=rf"{tmp_path}/banking77 \(local\): the dataset changed since the run "
+                                        r"was made .*point data.data_dir"):
+        load_data(resolved, seed=0)
+
+
+def test_moved_local_folder_is_named_and_never_fetched_from_the_hub(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", _no_hub)
+    _known_folder(tmp_path / "old")
+    cfg = DataConfig(name="banking77", data_dir=str(tmp_path / "old"))
+    resolved = resolved_config(cfg, load_data(cfg, seed=0))
+    (tmp_path / "old").rename(tmp_path / "new")
+    with pytest.raises(DataError, match=rf"data.data_dir: no folder {tmp_path}/old/banking77, where this run's "
+                                        r"banking77 data was .*--set data.data_dir=NEW"):
+        load_data(resolved, seed=0)
+    moved = dataclasses.replace(resolved, data_dir=str(tmp_path / "new"))
+    assert load_data(moved, seed=0).fingerprint == resolved.fingerprint
+
+
+def test_moved_file_names_the_path_and_the_key_to_set(tmp_path, csv_files):
+    with pytest.raises(DataError, match=rf"data.train: file not found: {tmp_path}/gone.csv "
+                                        r"\(if it moved: --set data.train=NEW_PATH\)"):
+        load_data(DataConfig(train=str(tmp_path / "gone.csv"), test=str(csv_files[1])), seed=0)
+
+
+def test_image_fingerprint_hashes_the_image_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    train = _image_folder(tmp_path / "train", {"cat": 2, "dog": 2})
+    cfg = DataConfig(train=str(train), test=str(train))
+    first = load_data(cfg, seed=0).fingerprint
+    Image.fromarray(np.zeros((12, 10, 3), dtype=np.uint8)).save(train / "dog" / "1.png")
+    assert load_data(cfg, seed=0).fingerprint not in (first, None)

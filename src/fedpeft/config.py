@@ -16,6 +16,7 @@ Example
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -65,6 +66,7 @@ class DataConfig:
     max_train_samples: int | None = None  # seeded shuffle, then the first N rows
     max_test_samples: int | None = None  # seeded shuffle, then the first N rows
     cache_dir: str | None = None  # tokenized-data cache; default ~/.cache/fedpeft
+    fingerprint: str | None = None  # set by a run: hash of the data loaded; checked when set
 
     def validate(self) -> None:
         _check(
@@ -136,6 +138,24 @@ class MethodConfig:
     def to_table(self) -> dict[str, Any]:
         return {"name": self.name, **_to_table(self.options), **self.inactive}
 
+    def inactive_notice(self) -> str | None:
+        """One line naming the kept but ignored keys of other methods, or None if there are none.
+
+        Example: ``"method.r, method.alpha belong to lora, not to head: ignored"``.
+        """
+        if not self.inactive:
+            return None
+        from fedpeft.methods import get_method_class, method_names
+
+        owners = sorted(
+            other
+            for other in method_names()
+            if any(f.name in self.inactive for f in dataclasses.fields(get_method_class(other).Options))
+        )
+        keys = ", ".join(f"method.{k}" for k in self.inactive)
+        verb = "belong" if len(self.inactive) > 1 else "belongs"
+        return f"{keys} {verb} to {' and '.join(owners)}, not to {self.name}: ignored"
+
 
 @dataclass
 class FederationConfig:
@@ -175,6 +195,11 @@ class FederationConfig:
         _check(self.eval_every >= 1, "federation.eval_every", "must be >= 1")
         _check(self.eval_batch_size >= 1, "federation.eval_batch_size", "must be >= 1")
         _check(self.checkpoint_every >= 1, "federation.checkpoint_every", "must be >= 1")
+
+    def clients_per_round_count(self, num_clients: int) -> int:
+        """Clients selected per round out of ``num_clients``: the count, or ceil(fraction * num_clients)."""
+        cpr = self.clients_per_round
+        return math.ceil(cpr * num_clients) if isinstance(cpr, float) else cpr
 
 
 @dataclass
@@ -239,7 +264,26 @@ class Config:
                 built[name] = MethodConfig.from_table(table)
             else:
                 built[name] = _build(f.default_factory().__class__, table, name)  # type: ignore[misc]
-        return cls(**built)
+        cfg = cls(**built)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Checks across sections (each section has checked its own keys)."""
+        fed, num_clients = self.federation, self.partition.num_clients
+        cpr = fed.clients_per_round
+        if isinstance(cpr, int) and cpr > num_clients:
+            raise ConfigError(
+                f"federation.clients_per_round = {cpr} is above partition.num_clients = {num_clients}: "
+                f"give at most {num_clients}, or a fraction such as 0.5"
+            )
+        per_round = fed.clients_per_round_count(num_clients)
+        if fed.min_clients > per_round:
+            raise ConfigError(
+                f"federation.min_clients = {fed.min_clients} is above the {per_round} clients per round "
+                f"(federation.clients_per_round = {cpr}, partition.num_clients = {num_clients}): "
+                f"give at most {per_round}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -298,6 +342,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+# config keys that may differ between a run and its resumption (or its saved config.toml)
+# data.data_dir, data.train, data.test may move: data.fingerprint proves it is the same data
+DATA_LOCATION_KEYS = ("data.data_dir", "data.train", "data.test", "data.cache_dir")
+RESUMABLE_CHANGES = {"federation.rounds", "runtime.progress", "runtime.threads", "output.dir", *DATA_LOCATION_KEYS}
 
 
 def flatten_config(d: dict[str, Any]) -> dict[str, Any]:

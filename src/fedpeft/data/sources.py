@@ -11,11 +11,14 @@ Where the data comes from, in order of precedence:
 3. Any other ``data.name`` containing ``/``: a Hugging Face hub id.
 
 Whatever the origin, :func:`load_data` returns train and test splits with exactly two columns,
-``"text"`` (str) or ``"image"`` (PIL image), and ``"label"`` (int64 in ``[0, num_labels)``).
+``"text"`` (str) or ``"image"`` (PIL image), and ``"label"`` (int64 in ``[0, num_labels)``), and
+a fingerprint of them (:mod:`fedpeft.data.fingerprint`). A run records its data config with
+absolute paths and that fingerprint (:func:`resolved_config`); loading it again checks both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -26,9 +29,11 @@ import datasets
 import numpy as np
 
 from fedpeft.config import DataConfig
+from fedpeft.data.fingerprint import data_fingerprint, same_data
 from fedpeft.data.labels import encode_labels, label_values
-from fedpeft.data.tables import SUFFIXES, read_table
+from fedpeft.data.tables import SUFFIXES, read_table, require_filled
 from fedpeft.errors import DataError
+from fedpeft.hub import failure_reason, hub_problem, single_library_logs
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,7 @@ class ClassificationData:
     label_names: list[str]
     modality: Modality
     source: str  # human-readable origin, e.g. "/abs/data/banking77 (local)" or "hub:PolyAI/banking77"
+    fingerprint: str  # "local:<sha256>" or "hub:<sha256>" of the splits and label names
 
     @property
     def num_labels(self) -> int:
@@ -98,47 +104,21 @@ def load_data(cfg: DataConfig, seed: int) -> ClassificationData:
 
     The train split is always shuffled with ``seed`` (some files are sorted by label) and then cut
     to ``cfg.max_train_samples``; the test split is shuffled and cut only if
-    ``cfg.max_test_samples`` is set.
+    ``cfg.max_test_samples`` is set. When ``cfg.fingerprint`` is set (the config of a saved run),
+    the loaded data must have that fingerprint.
 
     Raises
     ------
     DataError
-        For a missing file or column, an unknown dataset name, or labels that do not match.
+        For a missing file or column, an unknown dataset name, empty cells, labels that do not
+        match, or data that differs from ``cfg.fingerprint``.
     """
-    if cfg.train is None and cfg.test is not None:
-        raise DataError("data.test is set without data.train: give both files (they replace data.name)")
-    if cfg.train is not None:
-        train, test, labels_file, source = _from_files(cfg)
-        modality = _detect_modality(train.ds, cfg)
-    elif cfg.name in KNOWN_DATASETS:
-        spec = KNOWN_DATASETS[cfg.name]
-        folder = resolve_data_dir(cfg) / spec.folder
-        if folder.is_dir():
-            train, test, labels_file, source = _from_folder(folder, spec)
-        else:
-            log.info("%s not found: loading %s from the Hugging Face hub", folder, spec.hub_id)
-            try:
-                train, test, source = _from_hub(
-                    spec.hub_id, spec.hub_config, spec.hub_train_split, spec.hub_test_split,
-                    spec.hub_input_column, spec.hub_label_column,
-                )
-            except DataError as exc:  # say where the local copy was looked for, too
-                raise DataError(f"{exc} (no local copy at {folder}: check data.data_dir)") from None
-            labels_file = None
-        modality = spec.modality
-    elif cfg.name is not None and "/" in cfg.name:
-        train, test, source = _from_hub(cfg.name, None, "train", None, None, "label")
-        labels_file = None
-        modality = _detect_modality(train.ds, cfg)
-    else:
-        known = ", ".join(sorted(KNOWN_DATASETS))
-        problem = "no dataset given" if cfg.name is None else f"unknown dataset {cfg.name!r}"
-        raise DataError(
-            f"data.name: {problem}; known datasets: {known} "
-            "(or a Hugging Face hub id such as 'owner/name', or set data.train and data.test)"
-        )
-    for split in (train, test):  # report a wrong text/image column before any label problem
-        _require_column(split, *_input_column(split, modality, cfg))
+    single_library_logs()
+    train, test, labels_file, source, modality = _load_splits(cfg)
+    for split in (train, test):  # report a wrong or empty text/image column before any label problem
+        column, key = _input_column(split, modality, cfg)
+        _require_column(split, column, key)
+        require_filled(split.ds, column, split.where, modality)
     train_ids, test_ids, names = encode_labels(
         label_values(train.ds, _label_column(train, cfg), train.where),
         label_values(test.ds, _label_column(test, cfg), test.where),
@@ -146,13 +126,87 @@ def load_data(cfg: DataConfig, seed: int) -> ClassificationData:
     )
     train_ds = _normalize(train, train_ids, modality, cfg)
     test_ds = _normalize(test, test_ids, modality, cfg)
-    train_ds = _shuffle_head(train_ds, cfg.max_train_samples, np.random.default_rng([seed, 0]))
+    train_rows = _shuffled_head(len(train_ds), cfg.max_train_samples, np.random.default_rng([seed, 0]))
+    test_rows = None
     if cfg.max_test_samples is not None:
-        test_ds = _shuffle_head(test_ds, cfg.max_test_samples, np.random.default_rng([seed, 1]))
-    return ClassificationData(train_ds, test_ds, names, modality, source)
+        test_rows = _shuffled_head(len(test_ds), cfg.max_test_samples, np.random.default_rng([seed, 1]))
+    origin = "hub" if source.startswith("hub:") else "local"
+    # the whole splits, not the seeded subsample: one dataset has one fingerprint whatever the seed
+    fingerprint = data_fingerprint(origin, [(train_ds, None), (test_ds, None)], names, modality)
+    if cfg.fingerprint and not same_data(cfg.fingerprint, fingerprint):
+        raise DataError(
+            f"{source}: the dataset changed since the run was made (its fingerprint is not "
+            "data.fingerprint); point data.data_dir, or data.train and data.test, at the run's data"
+        )
+    test_ds = test_ds if test_rows is None else test_ds.select(test_rows)
+    return ClassificationData(train_ds.select(train_rows), test_ds, names, modality, source, fingerprint)
+
+
+def resolved_config(cfg: DataConfig, data: ClassificationData) -> DataConfig:
+    """``cfg`` as a run records it: the paths it loaded from made absolute, and ``data.fingerprint``.
+
+    ``data_dir`` becomes the absolute folder a known dataset was read from (whether it came from
+    ``data.data_dir``, ``$FEDPEFT_DATA_DIR`` or ``./data``); it is left as is for hub data.
+    """
+    used_data_dir = cfg.train is None and not data.source.startswith("hub:")
+    return dataclasses.replace(
+        cfg,
+        data_dir=absolute_path(resolve_data_dir(cfg)) if used_data_dir else cfg.data_dir,
+        train=absolute_path(cfg.train),
+        test=absolute_path(cfg.test),
+        cache_dir=absolute_path(cfg.cache_dir),
+        fingerprint=data.fingerprint,
+    )
+
+
+def absolute_path(path: str | Path | None) -> str | None:
+    """``path`` with ``~`` expanded, absolute and normalized (symlinks kept); None stays None."""
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
 
 
 # --------------------------------------------------------------------------- origins
+
+
+def _load_splits(cfg: DataConfig) -> tuple[_Split, _Split, Path | None, str, Modality]:
+    """The raw train and test splits of ``cfg``, its labels file, a source description, the modality."""
+    if cfg.train is None and cfg.test is not None:
+        raise DataError("data.test is set without data.train: give both files (they replace data.name)")
+    if cfg.train is not None:
+        train, test, labels_file, source = _from_files(cfg)
+        return train, test, labels_file, source, _detect_modality(train.ds, cfg)
+    if cfg.name in KNOWN_DATASETS:
+        return _from_known(cfg, KNOWN_DATASETS[cfg.name])
+    if cfg.name is not None and "/" in cfg.name:
+        fix = "check the hub id, or set data.train and data.test to local files"
+        train, test, source = _from_hub(cfg.name, None, "train", None, None, "label", fix)
+        return train, test, None, source, _detect_modality(train.ds, cfg)
+    known = ", ".join(sorted(KNOWN_DATASETS))
+    problem = "no dataset given" if cfg.name is None else f"unknown dataset {cfg.name!r}"
+    raise DataError(
+        f"data.name: {problem}; known datasets: {known} "
+        "(or a Hugging Face hub id such as 'owner/name', or set data.train and data.test)"
+    )
+
+
+def _from_known(cfg: DataConfig, spec: KnownDataset) -> tuple[_Split, _Split, Path | None, str, Modality]:
+    """A known dataset from its folder under the data dir, else from the hub (never for a run whose
+    fingerprint says its data was local: then the folder has moved)."""
+    folder = resolve_data_dir(cfg) / spec.folder
+    if folder.is_dir():
+        return *_from_folder(folder, spec), spec.modality
+    if (cfg.fingerprint or "").startswith("local:"):
+        raise DataError(
+            f"data.data_dir: no folder {absolute_path(folder)}, where this run's {cfg.name} data was "
+            f"(data.fingerprint is local); if it moved: --set data.data_dir=NEW, the folder that "
+            f"holds {spec.folder}/"
+        )
+    log.info("%s not found: loading %s from the Hugging Face hub", folder, spec.hub_id)
+    fix = f"no local copy at {absolute_path(folder)}: set data.data_dir to the folder holding {spec.folder}/"
+    train, test, source = _from_hub(
+        spec.hub_id, spec.hub_config, spec.hub_train_split, spec.hub_test_split,
+        spec.hub_input_column, spec.hub_label_column, fix,
+    )
+    return train, test, None, source, spec.modality
 
 
 def _from_files(cfg: DataConfig) -> tuple[_Split, _Split, Path | None, str]:
@@ -186,13 +240,18 @@ def _from_folder(folder: Path, spec: KnownDataset) -> tuple[_Split, _Split, Path
 
 
 def _from_hub(hub_id: str, config: str | None, train_split: str, test_split: str | None,
-              input_column: str | None, label_column: str) -> tuple[_Split, _Split, str]:
+              input_column: str | None, label_column: str, fix: str) -> tuple[_Split, _Split, str]:
+    """Both splits of a hub dataset; any failure is one DataError ending with ``fix``."""
     source = f"hub:{hub_id}" + (f"/{config}" if config else "")
+    problem = hub_problem()
+    if problem:
+        raise DataError(f"data.name: cannot load {source}: {problem}; {fix}")
     try:
         dsd = datasets.load_dataset(hub_id, config)
     except Exception as exc:  # network, auth, unknown id, bad config: all reach the user as one line
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"data.name: cannot load {source} from the Hugging Face hub: {message}") from None
+        raise DataError(
+            f"data.name: cannot load {source} from the Hugging Face hub: {failure_reason(exc)}; {fix}"
+        ) from None
     if test_split is None:  # unknown hub dataset: prefer a test split, else validation
         test_split = next((s for s in ("test", "validation") if s in dsd), "test")
     split_list = []
@@ -213,7 +272,7 @@ def _read_local(path: Path, key: str, image_column: str | None) -> _Split:
             raise DataError(f"{key}: cannot read image folder {path}: {str(exc).strip()[:200]}") from None
         return _Split(dsd["train"], str(path), "image")
     if not path.is_file():
-        raise DataError(f"{key}: file not found: {path}")
+        raise DataError(f"{key}: file not found: {absolute_path(path)} (if it moved: --set {key}=NEW_PATH)")
     return _Split(read_table(path, image_column), str(path))
 
 
@@ -269,13 +328,10 @@ def _normalize(split: _Split, ids: np.ndarray, modality: Modality, cfg: DataConf
             raise DataError(
                 f"{split.where}: text column {column!r} holds {feature}, not strings (set {key})"
             )
-        nulls = ds.data.column(modality).null_count
-        if nulls:
-            raise DataError(f"{split.where}: text column {column!r} is empty in {nulls} row(s)")
     return ds.add_column("label", ids.astype(np.int64), feature=datasets.Value("int64"))
 
 
-def _shuffle_head(ds: datasets.Dataset, n: int | None, rng: np.random.Generator) -> datasets.Dataset:
-    """A seeded shuffle of ``ds`` cut to its first ``n`` rows (all rows if ``n`` is None)."""
-    order = rng.permutation(len(ds))
-    return ds.select(order[:n] if n is not None else order)
+def _shuffled_head(num_rows: int, n: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Row ids of a seeded shuffle of ``num_rows`` rows, cut to the first ``n`` (all if None)."""
+    order = rng.permutation(num_rows)
+    return order[:n] if n is not None else order

@@ -10,7 +10,6 @@ probability ``dropout``; the round aggregates the survivors, folding each result
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -69,8 +68,7 @@ class FedAvgStrategy:
         self.seed = seed
 
     def clients_per_round(self) -> int:
-        cpr = self.cfg.clients_per_round
-        count = math.ceil(cpr * self.num_clients) if isinstance(cpr, float) else int(cpr)
+        count = self.cfg.clients_per_round_count(self.num_clients)  # Config.from_dict checks it fits
         return max(1, min(count, self.num_clients))
 
     def plan_round(self, rnd: int) -> RoundPlan:
