@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.app.error import Error
-from safetensors.numpy import load_file
 
+from fedpeft.results import RunDir
 from fedpeft.experiment import build_experiment, run_experiment
 from fedpeft.federation.strategy import RoundPlan
 from fedpeft.runtime.flower_app import FlowerClients
@@ -195,7 +195,7 @@ def test_a_state_crosses_the_wire_packed_with_its_names():
 
 
 def final_state(run):
-    return load_file(sorted((run / "checkpoint").glob("*.safetensors"))[-1])
+    return RunDir(run).latest_checkpoint().state
 
 
 def rows_of(run):

@@ -7,12 +7,12 @@ import sys
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from fedpeft.config import Config
 from fedpeft.errors import FedPeftError
 from fedpeft.experiment import evaluate_run, run_experiment
 from fedpeft.federation.costs import message_bytes
+from fedpeft.results import RunDir
 
 WORDS = {
     "sports": "goal match team score ball league coach",
@@ -34,6 +34,11 @@ def csv_data(tmp_path_factory):
             lines.append(f"{' '.join(words)},{label}")
         (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
     return root
+
+
+def final_state(run):
+    """The global state of a run folder's newest checkpoint."""
+    return RunDir(run).latest_checkpoint().state
 
 
 def make_cfg(csv_data, **sections):
@@ -58,7 +63,7 @@ def test_run_writes_every_output_with_exact_costs(csv_data, tmp_path):
         assert (run / name).stat().st_size > 0, name
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3]
-    state = load_file(str(next((run / "checkpoint").glob("global-*.safetensors"))))
+    state = final_state(run)
     per_msg = message_bytes(state)
     assert per_msg == sum(a.nbytes + len(k.encode()) for k, a in state.items())
     assert summary["bytes_per_client_update"] == per_msg
@@ -86,7 +91,7 @@ def test_same_seed_same_result_other_seed_differs(csv_data, tmp_path):
     a = run_experiment(make_cfg(csv_data), out=tmp_path / "a")
     b = run_experiment(make_cfg(csv_data), out=tmp_path / "b")
     run_experiment(make_cfg(csv_data, runtime={"seed": 1}), out=tmp_path / "c")
-    sa, sb, sc = (load_file(str(next((tmp_path / d / "checkpoint").glob("*.safetensors")))) for d in "abc")
+    sa, sb, sc = (final_state(tmp_path / d) for d in "abc")
     for k in sa:
         np.testing.assert_array_equal(sa[k], sb[k])
     assert any(not np.array_equal(sa[k], sc[k]) for k in sa)
@@ -115,8 +120,8 @@ def test_resume_after_interrupt_equals_uninterrupted(csv_data, tmp_path, monkeyp
         run_experiment(cfg, out=tmp_path / "cut")
     resumed = run_experiment(cfg, out=tmp_path / "cut", resume=True)
 
-    a = load_file(str(next((tmp_path / "full" / "checkpoint").glob("*.safetensors"))))
-    b = load_file(str(next((tmp_path / "cut" / "checkpoint").glob("*.safetensors"))))
+    a = final_state(tmp_path / "full")
+    b = final_state(tmp_path / "cut")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     for key in ("final_accuracy", "final_loss", "total_bytes_up", "total_bytes_down", "rounds_completed"):
@@ -260,7 +265,7 @@ def test_nan_update_is_rejected_with_its_reason_and_the_run_goes_on(csv_data, tm
         assert bad["status"] == "rejected" and "non-finite" in bad["reason"]
         assert r["clients_rejected"] == 1 and r["aggregated"]
     assert summary["clients_rejected_total"] == 2
-    state = load_file(str(next((tmp_path / "nan" / "checkpoint").glob("*.safetensors"))))
+    state = final_state(tmp_path / "nan")
     assert all(np.isfinite(a).all() for a in state.values())
 
 
@@ -303,3 +308,24 @@ def test_each_run_reports_its_own_peak_rss_in_a_shared_process(csv_data, tmp_pat
     before = peak_rss_mb()
     summary = run_experiment(make_cfg(csv_data), out=tmp_path / "run")
     assert 0 < summary["peak_rss_mb"] < before - 600, (summary["peak_rss_mb"], before)
+
+
+def test_progress_in_a_log_file_is_one_unwrapped_line_per_event(csv_data, tmp_path, monkeypatch):
+    """Without a terminal: finished clients are reported as they finish (throttled), and no line
+    is wrapped even on a console narrower than the lines."""
+    import io
+
+    from rich.console import Console
+
+    import fedpeft.runtime.rounds as rounds
+
+    monkeypatch.setattr(rounds, "LOG_EVERY_S", 0.0)  # report every finished client
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=False, width=40)
+    run_experiment(make_cfg(csv_data, federation={"rounds": 2, "clients_per_round": 3}), out=tmp_path / "p", console=console)
+    lines = buf.getvalue().splitlines()
+    done = [x for x in lines if "clients done" in x]
+    assert [x.split(": ")[1].split(" ")[0] for x in done] == ["1/3", "2/3", "1/3", "2/3"]  # not the last one
+    rows = [x for x in lines if x.startswith("round ") and "acc " in x]
+    assert len(rows) == 2 and all(x.rstrip().endswith("s") and "up " in x for x in rows)  # whole lines
+    assert all(len(x) > 40 for x in rows)  # longer than the console, yet not wrapped

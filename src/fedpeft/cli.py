@@ -9,18 +9,44 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from fedpeft.errors import FedPeftError
+from fedpeft.hub import single_library_logs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated parameter-efficient fine-tuning of pre-trained transformers.")
-console = Console(stderr=True)
+LOG_WIDTH = 10_000  # wider than any line fedpeft prints: in a log, one output line is one line
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console for stdout (or stderr) that reads well wherever the output goes.
+
+    Parameters
+    ----------
+    stderr : bool
+        Write to stderr instead of stdout.
+
+    Returns
+    -------
+    Console
+        On a terminal, one as wide as the terminal. When the stream is a file or a pipe
+        (``fedpeft run ... > log 2>&1``), one that never wraps: rich's default there is 80
+        columns, which breaks long lines and table cells (URLs) mid-word.
+    """
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else LOG_WIDTH)
+
+
+console = make_console(stderr=True)
 
 SetOption = Annotated[
     Optional[list[str]],
@@ -41,12 +67,19 @@ def run(
     resume: Annotated[Optional[Path], typer.Option(help="Continue the killed or finished run in this folder.")] = None,
 ) -> None:
     """Run a federated fine-tuning experiment and write its results to a run folder."""
-    from fedpeft.config import load_config
+    from fedpeft.config import Config, apply_overrides, load_config
+    from fedpeft.results import RunDir, load_run_config
 
     if config is None and resume is None:
         raise FedPeftError("give a CONFIG file, or --resume DIR to continue a run")
-    config = config if config is not None else resume / "config.toml"
-    cfg = load_config(config, set_ or [])
+    stop_on_sigterm()
+    if config is not None:
+        cfg = load_config(config, set_ or [])
+    else:  # the run's own config (config.toml, or the checkpoint's copy if that is damaged)
+        saved, restored = load_run_config(RunDir(resume))
+        if restored:
+            console.print(f"[yellow]warning:[/] {restored}", soft_wrap=True, highlight=False)
+        cfg = Config.from_dict(apply_overrides(saved.to_dict(), set_ or []))
     out_dir = resume if resume is not None else out
     from fedpeft.runner import run_experiment  # no torch for a Flower deployment: the ServerApp runs there
 
@@ -72,11 +105,9 @@ def sweep(
     except ValueError:
         raise FedPeftError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
     logging.getLogger("fedpeft").setLevel(logging.INFO)
+    stop_on_sigterm()
     outcomes = run_sweep(config, out, grid or [], set_ or [], seed_list)
-    table = Table("run", "outcome", title=f"fedpeft sweep: {out}")
-    for name, outcome in outcomes.items():
-        table.add_row(name, outcome)
-    Console().print(table)
+    _print_outcomes(outcomes, out)
     failed = [n for n, o in outcomes.items() if o.startswith("failed")]
     if failed:
         raise FedPeftError(f"{len(failed)} of {len(outcomes)} runs failed: {', '.join(failed)}; run the same command again to retry them")
@@ -87,17 +118,25 @@ def report(runs_dir: Annotated[Path, typer.Argument(help="A folder holding run f
     """Write DIR/report.md (accuracy and costs per run group) and PNG plots, and print the table."""
     from fedpeft.report import PLOTS, markdown_table, write_report
 
-    rows, path = write_report(runs_dir)
-    typer.echo(markdown_table(rows))  # plain markdown: readable at any width, pasteable
-    console.print(f"wrote {path} and {', '.join(PLOTS)}")
+    written = write_report(runs_dir)
+    typer.echo(markdown_table(written.rows))  # plain markdown: readable at any width, pasteable
+    if written.notes:
+        typer.echo("\n".join(written.notes))
+    console.print(f"wrote {written.path} and {', '.join(PLOTS)}", markup=False, soft_wrap=True)
 
 
 @app.command("eval")
-def eval_(run_dir: Annotated[Path, typer.Argument(help="A run folder written by `fedpeft run`.")]) -> None:
-    """Re-evaluate the saved global state of a run on its test split."""
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `fedpeft run`.")],
+    set_: SetOption = None,
+) -> None:
+    """Re-evaluate the saved global state of a run on its test split.
+
+    --set may point at moved data (e.g. data.data_dir=NEW); the data fingerprint must still match.
+    """
     from fedpeft.experiment import evaluate_run
 
-    metrics = evaluate_run(run_dir)
+    metrics = evaluate_run(run_dir, set_ or [])
     typer.echo(json.dumps(metrics, indent=2))
 
 
@@ -108,13 +147,14 @@ def methods() -> None:
 
     from fedpeft.methods import get_method_class, method_names
 
-    table = Table("method", "options (method.<key> = default)")
-    table.add_column("paper", overflow="fold")
+    table = Table("method")
+    table.add_column("options (method.<key> = default)", overflow="fold")
+    table.add_column("paper", no_wrap=True)  # a link stays whole: the options wrap instead
     for name in method_names():
         cls = get_method_class(name)
         opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options))
-        table.add_row(name, opts or "-", cls.paper)
-    Console().print(table)
+        table.add_row(name, Text(opts or "-"), cls.paper)
+    make_console().print(table)
 
 
 @app.command()
@@ -122,10 +162,11 @@ def datasets() -> None:
     """List the known dataset names (data.name) and where each is looked for."""
     from fedpeft.data import KNOWN_DATASETS
 
-    table = Table("name", "local folder (under data.data_dir)", "hub fallback")
+    table = Table("name", "local folder (under data.data_dir)")
+    table.add_column("hub fallback", no_wrap=True)  # a hub id stays whole
     for name, spec in KNOWN_DATASETS.items():
         table.add_row(name, getattr(spec, "folder", name), getattr(spec, "hub_id", "") or "-")
-    Console().print(table)
+    make_console().print(table)
 
 
 def _start_service(insecure: bool, root_certificates: Optional[Path]) -> None:
@@ -202,8 +243,42 @@ def flower_supernode(
     run_supernode(ctx.args, idle_poll, runtime_port, _str(ready_file))
 
 
+def _print_outcomes(outcomes: dict[str, str], out: Path) -> None:
+    """The sweep's result: a line naming its folder, then each run's name and outcome.
+
+    Parameters
+    ----------
+    outcomes : dict of str to str
+        Run name -> ``skipped``, ``resumed``, ``ran`` or ``failed: reason`` (from ``run_sweep``).
+    out : Path
+        The sweep folder.
+    """
+    table = Table()
+    table.add_column("run", no_wrap=True)  # a folder name stays whole: the outcome wraps instead
+    table.add_column("outcome", overflow="fold")
+    for name, outcome in outcomes.items():
+        table.add_row(Text(name), Text(outcome))  # Text: brackets in a name or reason are not markup
+    _print_titled(f"fedpeft sweep: {out}", table)
+
+
+def _print_titled(title: str, table: Table) -> None:
+    """A line ``title`` (whole, however long: a path), then ``table``, on stdout."""
+    out = make_console()
+    out.print(title, markup=False, highlight=False, soft_wrap=True)
+    out.print(table)
+
+
 def _print_summary(summary: dict, run_dir: Path) -> None:
-    table = Table(title=f"fedpeft run: {run_dir}", show_header=False)
+    """A finished run's headline numbers: a line naming its folder, then one row per number.
+
+    Parameters
+    ----------
+    summary : dict
+        The run's summary (``summary.json``).
+    run_dir : Path
+        The run folder.
+    """
+    table = Table(show_header=False)
     for key in (
         "method", "final_accuracy", "best_accuracy", "final_macro_f1", "trainable_params", "total_params",
         "bytes_per_client_update", "total_bytes_up", "total_bytes_down", "upload_reduction_vs_full",
@@ -213,16 +288,27 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
         if isinstance(value, float):
             value = f"{value:.4g}"
         table.add_row(key, str(value))
-    Console().print(table)
+    _print_titled(f"fedpeft run: {run_dir}", table)
+
+
+def stop_on_sigterm() -> None:
+    """Make ``kill PID`` stop a run as Ctrl-C does: the last finished round is checkpointed and
+    summary.json says ``interrupted`` (only ``kill -9`` leaves it ``running``)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def main() -> None:
     """Console entry point: run the app and turn user errors into one line."""
     logging.basicConfig(level=os.environ.get("FEDPEFT_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    single_library_logs()  # hub libraries log through their own handler: not twice via root
     try:
         app(standalone_mode=False)
     except FedPeftError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "code", getattr(exc, "exit_code", 0)) or 0)

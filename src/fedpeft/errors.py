@@ -15,3 +15,7 @@ class DataError(FedPeftError):
 
 class UpdateRejected(FedPeftError):
     """A client update failed validation (names, shapes, dtypes, non-finite values)."""
+
+
+class RunInterrupted(FedPeftError):
+    """The user stopped a run (Ctrl-C, SIGTERM); its last finished round is checkpointed."""

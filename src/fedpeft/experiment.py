@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -16,22 +16,25 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from fedpeft.config import Config, flatten_config, load_config
-from fedpeft.data import ClassificationData, EncodedSplit, encode, label_histograms, load_data, partition
-from fedpeft.errors import ConfigError, FedPeftError
+from fedpeft.config import DATA_LOCATION_KEYS, RESUMABLE_CHANGES, Config, DataConfig, apply_overrides, flatten_config
+from fedpeft.data import (
+    ClassificationData, EncodedSplit, absolute_path, encode, label_histograms, load_data, partition, resolved_config,
+)
+from fedpeft.checkpoint import Checkpoint
+from fedpeft.errors import ConfigError, FedPeftError, RunInterrupted, UpdateRejected
+from fedpeft.federation.aggregate import validate_update
 from fedpeft.federation.client import ClientTrainer, evaluate
 from fedpeft.federation.costs import message_bytes, model_message_bytes, param_counts, train_state_bytes
 from fedpeft.federation.strategy import FedAvgStrategy
-from fedpeft.methods import Method, build_method, get_state, set_state
+from fedpeft.methods import Method, NamedArrays, build_method, get_state, set_state
 from fedpeft.models import ModelInfo, is_image_model, load_model
-from fedpeft.results import RunDir
+from fedpeft.provenance import git_commit, now_iso, versions
+from fedpeft.results import RunDir, load_run_config
 from fedpeft.runner import run_experiment  # noqa: F401 - the public entry point lives torch-free
 
 if TYPE_CHECKING:
     from fedpeft.runtime.rounds import Clients
 
-# config keys that may differ between a run and its resumption
-RESUMABLE_CHANGES = {"federation.rounds", "runtime.progress", "runtime.threads", "output.dir"}
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Experiment:
     parts: list[np.ndarray]  # row ids of each client
     trainer: ClientTrainer
     strategy: FedAvgStrategy
+    processor: Any = None  # the tokenizer (text) or image processor (image) the data was encoded with
 
     def initial_state(self) -> dict[str, np.ndarray]:
         return get_state(self.model, self.names)
@@ -111,13 +115,26 @@ def preload() -> None:
 def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
     """Load data and model, apply the method, encode and partition the data.
 
-    ``with_test=False`` (a Flower client) skips encoding the test split: ``exp.test`` is empty.
+    ``exp.cfg`` is ``cfg`` resolved (:func:`fedpeft.data.resolved_config`): the data paths
+    absolute and ``data.fingerprint`` set, so a run folder's config reloads the same data from any
+    working directory, and says so when it cannot. ``with_test=False`` (a Flower client) skips
+    encoding the test split: ``exp.test`` is empty.
+
+    Raises
+    ------
+    ConfigError
+        For a ``model.name`` that cannot load (checked before any data is read) or that does not
+        take the data's modality.
+    DataError
+        For unusable data, or data that is not the data ``cfg.data.fingerprint`` names.
     """
     seed = cfg.runtime.seed
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
+    image_model = is_image_model(cfg.model.name)
     data = load_data(cfg.data, seed)
-    if (data.modality == "image") != is_image_model(cfg.model.name):
+    cfg = replace(cfg, data=resolved_config(cfg.data, data))
+    if (data.modality == "image") != image_model:
         raise ConfigError(
             f"model.name {cfg.model.name!r} does not take {data.modality} data ({data.source})"
         )
@@ -134,7 +151,7 @@ def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
     parts = partition(train.labels.numpy(), cfg.partition, seed)
     trainer = ClientTrainer(model, names, train, cfg.federation, seed)
     strategy = FedAvgStrategy(cfg.federation, len(parts), seed)
-    return Experiment(cfg, data, loaded.info, method, model, names, train, test, parts, trainer, strategy)
+    return Experiment(cfg, data, loaded.info, method, model, names, train, test, parts, trainer, strategy, loaded.processor)
 
 
 def run_with_clients(
@@ -152,65 +169,145 @@ def run_with_clients(
     from fedpeft.history import summarize
     from fedpeft.runtime.rounds import run_rounds
 
+    console = console or Console(stderr=True)
     run_dir = RunDir(out or cfg.output_dir())
+    checkpoint, damaged = None, []
     if resume:
-        cfg = _resumable_config(cfg, run_dir)
+        saved, restored = load_run_config(run_dir)
+        cfg = _resumable_config(cfg, saved, run_dir)
+        checkpoint, damaged = run_dir.resume_point()
+        for problem in filter(None, [restored, *damaged]):
+            console.print(f"[yellow]warning:[/] {problem}", soft_wrap=True, highlight=False)
     elif run_dir.has_run():
         raise FedPeftError(
             f"{run_dir.path} already holds a run; continue it with --resume {run_dir.path} "
             "or choose another --out"
         )
+    notice = cfg.method.inactive_notice()
+    if notice:
+        console.print(f"note: {notice}", soft_wrap=True, highlight=False)
     run_dir.create()
     cfg.save(run_dir.config)
     exp = build_experiment(cfg)
+    cfg = exp.cfg
+    cfg.save(run_dir.config)  # resolved: what a resumed run or `fedpeft eval` rebuilds
     run_dir.write_json(run_dir.partition, exp.partition_report())
     state, rows, start = exp.initial_state(), [], 1
-    checkpoint = run_dir.load_checkpoint() if resume else None
     if checkpoint is not None:
-        done, saved, _ = checkpoint
-        if set(saved) != set(state):
-            raise FedPeftError(f"{run_dir.checkpoint}: checkpoint names do not match the method's exchanged state")
-        state, start = saved, done + 1
-        rows = run_dir.keep_metrics_upto(done)
-    elif resume:
-        rows = run_dir.keep_metrics_upto(0)
-    static = exp.static_summary()
-    if start <= cfg.federation.rounds:
-        state = run_rounds(exp, make_clients(exp), run_dir, state, rows, start, static, console)
-    summary = summarize(rows, static)
-    if cfg.output.save_model:
-        set_state(exp.model, state)
-        exp.method.save_pretrained(exp.model, run_dir.model, state)
+        state, rows, start = _restart_point(checkpoint, state, run_dir), checkpoint.rows, checkpoint.round + 1
+        if rows is None:  # a fedpeft 0.1 checkpoint holds no rows: take them from metrics.jsonl
+            rows = _legacy_rows(run_dir, checkpoint.round)
+    if resume:
+        run_dir.write_metrics(rows)  # the checkpoint's rows; later rounds are recomputed
+        where = f"resuming at round {start} of {cfg.federation.rounds}" if start <= cfg.federation.rounds else (
+            f"all {cfg.federation.rounds} rounds are done; rewriting the summary and model")
+        console.print(f"{run_dir.path}: {where}", soft_wrap=True, highlight=False)
+    started = (checkpoint.extra.get("started_at") if checkpoint else None) or now_iso()
+    static = {**exp.static_summary(), "status": "running", "started_at": started, "ended_at": None,
+              "resumed_at": now_iso() if resume else None, "versions": versions(), "git_commit": git_commit()}
+    run_dir.write_json(run_dir.summary, summarize(rows, static))
+    try:
+        if start <= cfg.federation.rounds:
+            state = run_rounds(exp, make_clients(exp), run_dir, state, rows, start, static, console)
+        summary = {**summarize(rows, static), "status": "finished", "ended_at": now_iso()}
+        if cfg.output.save_model:
+            from fedpeft.export import export_model
+
+            export_model(exp, state, run_dir.model, summary)
+    except BaseException as exc:
+        stopped = isinstance(exc, (RunInterrupted, KeyboardInterrupt))
+        end = {"status": "interrupted" if stopped else "failed", "ended_at": now_iso()}
+        if not stopped:
+            end["error"] = f"{type(exc).__name__}: {exc}"
+        run_dir.write_json(run_dir.summary, {**summarize(rows, static), **end})
+        raise
     run_dir.write_json(run_dir.summary, summary)
     return summary
 
 
-def evaluate_run(run_dir: str | Path) -> dict[str, float]:
-    """Rebuild a saved run from its folder and evaluate its last checkpointed global state."""
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, float]:
+    """Rebuild a saved run from its folder and evaluate its last checkpointed global state.
+
+    ``overrides`` (``section.key=value``) may change only what a resume may change, such as
+    where the data now is.
+
+    Raises
+    ------
+    FedPeftError
+        For a folder that is no run, a run without a checkpoint, or a damaged checkpoint (naming
+        the file and how to recompute it).
+    """
     run = RunDir(run_dir)
-    if not run.config.exists():
+    if not run.config.exists() and not run.checkpoint.is_dir():
         raise FedPeftError(f"{run.path}: no config.toml; not a fedpeft run folder")
-    cfg = load_config(run.config)
-    checkpoint = run.load_checkpoint()
+    cfg, _ = load_run_config(run)
+    if overrides:
+        cfg = _resumable_config(Config.from_dict(apply_overrides(cfg.to_dict(), overrides)), cfg, run)
+    checkpoint = run.latest_checkpoint()
     if checkpoint is None:
         raise FedPeftError(f"{run.path}: no checkpoint to evaluate (the run finished no round)")
-    done, state, _ = checkpoint
     exp = build_experiment(cfg)
-    return {"round": done, **exp.evaluate(state)}
+    state = _restart_point(checkpoint, exp.initial_state(), run)
+    return {"round": checkpoint.round, **exp.evaluate(state)}
 
 
-def _resumable_config(cfg: Config, run_dir: RunDir) -> Config:
-    """The saved config of ``run_dir``, after checking ``cfg`` asks for the same experiment."""
-    if not run_dir.config.exists():
-        raise FedPeftError(f"--resume {run_dir.path}: no config.toml there; nothing to resume")
-    saved = load_config(run_dir.config)
+def _restart_point(checkpoint: Checkpoint, state: NamedArrays, run_dir: RunDir) -> NamedArrays:
+    """The checkpoint's state after checking it fits the model's exchanged ``state`` exactly."""
+    try:
+        validate_update(checkpoint.state, state)
+    except UpdateRejected as exc:
+        raise FedPeftError(f"{checkpoint.path}: the saved state does not fit this run's model: {exc}") from None
+    return checkpoint.state
+
+
+def _legacy_rows(run_dir: RunDir, done: int) -> list[dict[str, Any]]:
+    rows = [r for r in run_dir.read_metrics() if r["round"] <= done]
+    if [r["round"] for r in rows] != list(range(1, done + 1)):
+        raise FedPeftError(
+            f"{run_dir.metrics}: lacks rows of rounds 1..{done}, and this run's checkpoint (fedpeft 0.1) "
+            "holds no copy of them: start the run again in a new folder"
+        )
+    return rows
+
+
+def _resumable_config(cfg: Config, saved: Config, run_dir: RunDir) -> Config:
+    """The ``saved`` config of ``run_dir``, after checking ``cfg`` asks for the same experiment.
+
+    A ``data.fingerprint`` that ``cfg`` leaves out is the saved one. A data location that ``cfg``
+    sets (:data:`~fedpeft.config.DATA_LOCATION_KEYS`) and that is not the saved one as an
+    absolute path replaces it: the saved fingerprint then proves that it holds the same data.
+    """
     new, old = flatten_config(cfg.to_dict()), flatten_config(saved.to_dict())
+    new.setdefault("data.fingerprint", old.get("data.fingerprint"))
     changed = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         raise FedPeftError(
             f"--resume {run_dir.path}: the config differs from the saved one in {', '.join(changed)}"
         )
+    _move_data(saved.data, cfg.data, run_dir)
     saved.federation.rounds = cfg.federation.rounds
     saved.runtime.progress = cfg.runtime.progress
     saved.runtime.threads = cfg.runtime.threads
     return saved
+
+
+def _move_data(saved: DataConfig, given: DataConfig, run_dir: RunDir) -> None:
+    """Set in ``saved`` the data locations ``given`` moves (as absolute paths).
+
+    Raises
+    ------
+    FedPeftError
+        When the data itself would move but ``saved`` has no fingerprint to check it with.
+    """
+    moved = {}
+    for key in (location.partition(".")[2] for location in DATA_LOCATION_KEYS):
+        path = absolute_path(getattr(given, key))
+        if path is not None and path != absolute_path(getattr(saved, key)):
+            moved[key] = path
+    if not saved.fingerprint and set(moved) - {"cache_dir"}:
+        raise FedPeftError(
+            f"--resume {run_dir.path}: {', '.join(f'data.{k}' for k in moved)} differ from the saved "
+            "config, which has no data.fingerprint to check the data with: restore the saved location"
+        )
+    for key, path in moved.items():
+        setattr(saved, key, path)

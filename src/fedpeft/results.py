@@ -6,11 +6,13 @@ Layout of ``DIR``::
     metrics.jsonl      one JSON object per finished round, appended and flushed as it ends
     partition.json     clients' sizes and label histograms
     summary.json       the headline numbers, rewritten after every round
-    checkpoint/        global.safetensors + state.json: enough to resume after a kill
+    checkpoint/        the two newest checkpoints, round-NNNNN/ each (see fedpeft.checkpoint)
     model/             the final trainable part, loadable without fedpeft (see docs/methods.md)
 
 Every file is written atomically (temporary file, then rename), so a kill never leaves a
-half-written file and never loses a finished round.
+half-written file and never loses a finished round. The checkpoint is the source of truth: on
+resume, ``metrics.jsonl`` and ``summary.json`` are rebuilt from it, and ``config.toml`` too if
+it is damaged.
 """
 
 from __future__ import annotations
@@ -18,14 +20,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from safetensors.numpy import load_file, save_file
-
+from fedpeft.checkpoint import Checkpoint, latest_valid, write_checkpoint
 from fedpeft.errors import FedPeftError
 
-NamedArrays = dict[str, np.ndarray]
+if TYPE_CHECKING:
+    from fedpeft.config import Config
 
 
 class RunDir:
@@ -66,11 +67,9 @@ class RunDir:
                     break
         return rows
 
-    def keep_metrics_upto(self, rnd: int) -> list[dict[str, Any]]:
-        """Drop rows after round ``rnd`` (they are recomputed on resume); return the kept rows."""
-        rows = [r for r in self.read_metrics() if r["round"] <= rnd]
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Replace ``metrics.jsonl`` with ``rows`` (on resume: the rows the checkpoint holds)."""
         write_text_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
-        return rows
 
     # ------------------------------------------------------------------ json files
     def write_json(self, path: Path, obj: Any) -> None:
@@ -79,33 +78,99 @@ class RunDir:
     def read_summary(self) -> dict[str, Any]:
         if not self.summary.exists():
             raise FedPeftError(f"no summary.json in {self.path}: not a finished fedpeft run")
-        return json.loads(self.summary.read_text())
+        try:
+            summary = json.loads(self.summary.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FedPeftError(
+                f"{self.summary}: damaged ({type(exc).__name__}); fedpeft run --resume {self.path} rewrites it"
+            ) from None
+        if not isinstance(summary, dict):
+            raise FedPeftError(f"{self.summary}: damaged (not a JSON object); fedpeft run --resume {self.path} rewrites it")
+        return summary
 
     # ------------------------------------------------------------------ checkpoint
-    def save_checkpoint(self, rnd: int, state: NamedArrays, extra: dict[str, Any]) -> None:
-        """Write the global state after round ``rnd`` and the bookkeeping needed to resume.
+    def save_checkpoint(self, ckpt: Checkpoint) -> None:
+        """Write a checkpoint (see :mod:`fedpeft.checkpoint`); the two newest are kept."""
+        write_checkpoint(self.checkpoint, ckpt)
 
-        The state goes to a new file named by round; ``state.json`` then points at it in one
-        atomic rename, and only then is the previous state file removed.
+    def resume_point(self) -> tuple[Checkpoint | None, list[str]]:
+        """The newest intact checkpoint to resume from, and one line per damaged newer one.
+
+        Raises
+        ------
+        FedPeftError
+            When checkpoints exist but none is intact.
         """
-        self.checkpoint.mkdir(parents=True, exist_ok=True)
-        name = f"global-{rnd:05d}.safetensors"
-        tmp = self.checkpoint / (name + ".tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
-        os.replace(tmp, self.checkpoint / name)
-        self.write_json(self.checkpoint / "state.json", {"round": rnd, "state_file": name, **extra})
-        for old in self.checkpoint.glob("global-*.safetensors"):
-            if old.name != name:
-                old.unlink()
+        ckpt, problems = latest_valid(self.checkpoint)
+        if ckpt is None and problems:
+            raise FedPeftError(
+                f"every checkpoint of {self.path} is damaged ({'; '.join(problems)}); "
+                "the run cannot be resumed: start it again in a new folder (--out)"
+            )
+        return ckpt, problems
 
-    def load_checkpoint(self) -> tuple[int, NamedArrays, dict[str, Any]] | None:
-        """(round, global state, bookkeeping) of the last checkpoint, or None if there is none."""
-        meta_path = self.checkpoint / "state.json"
-        if not meta_path.exists():
-            return None
-        meta = json.loads(meta_path.read_text())
-        state = load_file(str(self.checkpoint / meta.pop("state_file")))
-        return int(meta.pop("round")), state, meta
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The newest checkpoint, verified; damage is a :class:`FedPeftError` saying what to do."""
+        ckpt, problems = latest_valid(self.checkpoint)
+        if problems:
+            fix = (
+                f"fedpeft run --resume {self.path} recomputes it from the checkpoint of round {ckpt.round}"
+                if ckpt is not None else "no intact checkpoint is left: start the run again in a new folder"
+            )
+            raise FedPeftError(f"{problems[0]}; {fix}")
+        return ckpt
+
+
+def load_run_config(run: RunDir) -> tuple["Config", str | None]:
+    """The config a run folder was made with, and a warning if ``config.toml`` had to be restored.
+
+    ``config.toml`` is checked against the copy in the newest intact checkpoint: if it is missing
+    or unreadable, the copy is used (and written back); if it reads but asks for another
+    experiment (an edit, or a cut that left valid TOML), that is an error naming the keys.
+
+    Raises
+    ------
+    FedPeftError
+        When neither ``config.toml`` nor a checkpoint copy is usable, or when they disagree.
+    """
+    from fedpeft.config import RESUMABLE_CHANGES, flatten_config
+
+    ckpt, _ = latest_valid(run.checkpoint)
+    copy = ckpt.config_text if ckpt is not None and ckpt.config_text else None
+    try:
+        text = run.config.read_text()
+        if copy is not None and text != copy and copy.startswith(text):
+            raise FedPeftError("cut short")
+        cfg = _parse_config(text)
+    except FileNotFoundError:
+        problem = "missing"
+    except (OSError, UnicodeDecodeError, FedPeftError) as exc:
+        problem = f"damaged ({exc})" if isinstance(exc, FedPeftError) else f"unreadable ({type(exc).__name__})"
+    else:
+        if copy is not None:
+            saved, own = flatten_config(_parse_config(copy).to_dict()), flatten_config(cfg.to_dict())
+            changed = sorted(k for k in set(saved) | set(own) if saved.get(k) != own.get(k) and k not in RESUMABLE_CHANGES)
+            if changed:
+                raise FedPeftError(
+                    f"{run.config}: differs from the config this run was made with in {', '.join(changed)}; "
+                    f"restore it from {ckpt.path / 'config.toml'}"
+                )
+        return cfg, None
+    if copy is None:
+        raise FedPeftError(f"{run.config}: {problem}, and no checkpoint holds a copy: not a resumable fedpeft run")
+    write_text_atomic(run.config, copy)
+    return _parse_config(copy), f"{run.config}: {problem}; restored from {ckpt.path / 'config.toml'}"
+
+
+def _parse_config(text: str) -> "Config":
+    import tomllib
+
+    from fedpeft.config import Config
+
+    try:
+        return Config.from_dict(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise FedPeftError(f"invalid TOML: {exc}") from None
 
 
 def write_text_atomic(path: Path, text: str) -> None:

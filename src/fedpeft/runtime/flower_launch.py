@@ -108,4 +108,7 @@ def run_flower_deployment(
             f"the run ended but {run_dir.summary} does not exist here: the ServerApp failed (see its log "
             "above) or the SuperLink runs on another machine (the run folder is there)"
         )
-    return run_dir.read_summary()
+    summary = run_dir.read_summary()
+    if summary.get("status", "finished") != "finished":  # the ServerApp wrote why it stopped
+        raise FedPeftError(f"the run on the SuperLink ended {summary['status']}: {summary.get('error', 'see its log above')}")
+    return summary

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fedpeft.errors import FedPeftError
+from fedpeft.checkpoint import Checkpoint
+from fedpeft.errors import RunInterrupted
 from fedpeft.federation.strategy import ClientResult, RoundPlan
 from fedpeft.history import round_row, summarize
 from fedpeft.methods.base import NamedArrays
@@ -61,8 +62,14 @@ def run_rounds(
 ) -> NamedArrays:
     """Run rounds ``start_round..rounds``; write a row, the summary and checkpoints as they end.
 
-    Returns the final global state. On Ctrl-C, the last finished round is checkpointed before a
-    :class:`FedPeftError` tells the user how to resume.
+    Every finished round appends its row to ``metrics.jsonl``, then (every
+    ``checkpoint_every`` rounds and after the last) writes a checkpoint holding the state and all
+    rows so far, then rewrites ``summary.json``. Returns the final global state. On Ctrl-C (or
+    SIGTERM, see :mod:`fedpeft.cli`), the last finished round is checkpointed before
+    :class:`RunInterrupted` tells the user how to resume.
+
+    On a terminal a live progress bar shows rounds and clients; elsewhere (a log file) a short
+    line reports finished clients, at most one every :data:`LOG_EVERY_S` seconds.
     """
     fed = exp.cfg.federation
     console = console or Console(stderr=True)
@@ -73,6 +80,12 @@ def run_rounds(
         console=console, transient=True,
     )
     done = start_round - 1
+    log_clients = ClientLog(console, fed.rounds) if not show else None
+
+    def checkpoint(rnd: int, state: NamedArrays) -> None:
+        extra = {"started_at": static.get("started_at")}
+        run_dir.save_checkpoint(Checkpoint(rnd, state, rows[:rnd], exp.cfg.to_toml(), extra))
+
     tracker = RoundTracker(run_dir, exp.cfg.output.tensorboard)
     with progress if show else nullcontext(), tracker:
         rounds_task = progress.add_task("rounds", total=fed.rounds, completed=done)
@@ -87,6 +100,8 @@ def run_rounds(
                 def on_result(res: ClientResult) -> None:
                     aggregation.add(res)  # sequential aggregation: folded in as it arrives
                     progress.advance(clients_task)
+                    if log_clients is not None:
+                        log_clients.finished(plan, res.client)
 
                 delivery = clients.fit_round(plan, state, on_result)
                 compute_s = sum(r.metrics.get("compute_s", 0.0) for r in delivery.results)
@@ -103,17 +118,41 @@ def run_rounds(
                 tracker.log(row)
                 state, done = outcome.state, rnd
                 if rnd % fed.checkpoint_every == 0 or rnd == fed.rounds:
-                    run_dir.save_checkpoint(rnd, state, {})
+                    checkpoint(rnd, state)
                 run_dir.write_json(run_dir.summary, summarize(rows, static))
                 progress.advance(rounds_task)
-                console.print(format_row(row, fed.rounds))
+                console.print(format_row(row, fed.rounds), soft_wrap=True)
         except KeyboardInterrupt:
-            if done >= start_round:
-                run_dir.save_checkpoint(done, state, {})
-            raise FedPeftError(
+            if done >= start_round and done % fed.checkpoint_every:
+                checkpoint(done, state)
+            raise RunInterrupted(
                 f"interrupted after round {done}; continue with: fedpeft run --resume {run_dir.path}"
             ) from None
     return state
+
+
+LOG_EVERY_S = 10.0  # without a terminal: at most one "clients finished" line this often
+
+
+class ClientLog:
+    """Progress for a log file: ``round 3/8: 5/8 clients done (41 s)``, at most every LOG_EVERY_S."""
+
+    def __init__(self, console: Console, rounds: int) -> None:
+        self.console, self.rounds = console, rounds
+        self.last = time.monotonic()
+        self.round, self.count, self.round_start = 0, 0, self.last
+
+    def finished(self, plan: RoundPlan, client: int) -> None:
+        now = time.monotonic()
+        if plan.round != self.round:
+            self.round, self.count, self.round_start = plan.round, 0, now
+        self.count += 1
+        if now - self.last >= LOG_EVERY_S and self.count < len(plan.training):
+            self.last = now
+            self.console.print(
+                f"round {plan.round}/{self.rounds}: {self.count}/{len(plan.training)} clients done "
+                f"(client {client}, {now - self.round_start:.0f} s)", soft_wrap=True, highlight=False,
+            )
 
 
 def format_row(row: dict[str, Any], rounds: int) -> str:
