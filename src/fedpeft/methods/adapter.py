@@ -213,6 +213,13 @@ class Adapter(Method):
         tensors = {k: np.ascontiguousarray(v) for k, v in state.items()}
         save_file(tensors, directory / "exchanged.safetensors", metadata=metadata)
 
+    def rebuild_code(self, model: nn.Module) -> str:
+        """:func:`add_adapters` with this run's options (the bottleneck is clamped as in training)."""
+        opts = self.options
+        return ("from fedpeft.methods.adapter import add_adapters\n\n"
+                f"add_adapters(model, model.config.model_type, bottleneck={opts.bottleneck}, "
+                f'activation="{opts.activation}")')
+
 
 def _num_layers(model: nn.Module) -> int:
     config = model.config

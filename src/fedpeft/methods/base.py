@@ -64,6 +64,21 @@ class Method:
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, directory / "exchanged.safetensors")
 
+    def rebuild_code(self, model: nn.Module) -> str | None:
+        """Python that adds this method's own modules to a plain ``transformers`` model.
+
+        The model card of an export (:mod:`fedpeft.export`) shows these lines: they run on
+        ``model``, the base model loaded with plain ``transformers``, before
+        ``exchanged.safetensors`` is loaded into it.
+
+        Returns
+        -------
+        str or None
+            The lines, or None (the default) when the plain model already has every saved
+            parameter.
+        """
+        return None
+
 
 def freeze_all(model: nn.Module) -> None:
     for p in model.parameters():

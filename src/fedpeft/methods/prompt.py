@@ -143,3 +143,10 @@ class Prompt(Method):
             save_peft_folder(model, directory, state)
         else:
             super().save_pretrained(model, directory, state)
+
+    def rebuild_code(self, model: nn.Module) -> str | None:
+        """ViT: :func:`add_visual_prompt` with this run's token count; text (peft): None."""
+        if hasattr(model, "peft_config"):
+            return None
+        return ("from fedpeft.methods.prompt import add_visual_prompt\n\n"
+                f"add_visual_prompt(model, num_virtual_tokens={self.options.num_virtual_tokens})")
