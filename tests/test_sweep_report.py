@@ -101,6 +101,10 @@ def test_report_numbers_equal_the_runs_summaries_and_plots_are_written(base_conf
         accs = [s["final_accuracy"] for s in mine]
         assert (row["seeds"], row["finished"]) == ("2", "all")
         assert row["accuracy (mean ± std)"] == f"{np.mean(accs):.3f} ± {np.std(accs):.3f}"
+        f1s = [s["final_macro_f1"] for s in mine]
+        assert row["macro-F1 (mean ± std)"] == f"{np.mean(f1s):.3f} ± {np.std(f1s):.3f}"
+        assert row["classes predicted"] == "/".join(str(s["predicted_classes"]) for s in mine)
+        assert all(1 <= s["predicted_classes"] <= s["num_labels"] for s in mine)
         assert row["MB up / round"] == f"{np.mean([s['mb_up_per_round'] for s in mine]):.4g}"
         assert row["MB up total"] == f"{np.mean([s['total_bytes_up'] for s in mine]) / 1e6:.4g}"
         assert row["client GFLOPs total"] == f"{np.mean([s['client_flops_total'] for s in mine]) / 1e9:.4g}"

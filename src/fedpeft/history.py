@@ -73,6 +73,7 @@ def round_row(
         "round": plan.round,
         "accuracy": ev.get("accuracy"),
         "macro_f1": ev.get("macro_f1"),
+        "predicted_classes": ev.get("predicted_classes"),
         "loss": ev.get("loss"),
         "train_loss": train_loss,
         "aggregated": outcome.aggregated,
@@ -109,6 +110,7 @@ def summarize(rows: list[dict[str, Any]], static: dict[str, Any]) -> dict[str, A
         "rounds_completed": len(rows),
         "final_accuracy": last.get("accuracy"),
         "final_macro_f1": last.get("macro_f1"),
+        "predicted_classes": last.get("predicted_classes"),  # distinct classes the final model predicts
         "final_loss": last.get("loss"),
         "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
         "total_bytes_up": sum(r["bytes_up"] for r in rows),

@@ -4,7 +4,8 @@
 + ``metrics.jsonl``), groups runs that differ only in their seed, and writes:
 
 - ``DIR/report.md``: one row per group: its distinct seeds, how many of them finished, accuracy
-  mean +- std, MB up and down per round and in total, client FLOPs, client training-state memory,
+  and macro-F1 mean +- std (under label skew accuracy alone hides a collapse to a few classes),
+  the number of classes each run's final model predicts, MB up and down per round and in total, client FLOPs, client training-state memory,
   peak RSS, wall time; then notes on unfinished runs and on duplicate seeds;
 - ``DIR/accuracy_vs_round.png``, ``DIR/accuracy_vs_mb.png`` (cumulative MB up + down, log
   scale) and ``DIR/frontier.png`` (final accuracy against total MB per group, with the
@@ -30,10 +31,9 @@ from fedpeft.errors import FedPeftError
 from fedpeft.results import RunDir, write_text_atomic
 from fedpeft.sweep import is_finished, read_summary
 
-# not settings that make runs different experiments (data.fingerprint: the hash of the data as
-# loaded, whose row order follows the seed)
+# not settings that make runs different experiments (a different data.fingerprint does: other data)
 IGNORED_KEYS = {"runtime.seed", "runtime.progress", "runtime.threads", "output.dir", "output.save_model",
-                "data.cache_dir", "data.fingerprint"}
+                "data.cache_dir"}
 PLOTS = ("accuracy_vs_round.png", "accuracy_vs_mb.png", "frontier.png")
 DEFAULTS = Config()  # what a key missing from a hand-written config.toml means
 
@@ -155,7 +155,8 @@ def _value(value: object) -> str:
     return format(value, "g") if isinstance(value, float) else str(value)
 
 
-COLUMNS = ["run", "seeds", "finished", "accuracy (mean ± std)", "MB up / round", "MB down / round", "MB up total",
+COLUMNS = ["run", "seeds", "finished", "accuracy (mean ± std)", "macro-F1 (mean ± std)", "classes predicted",
+           "MB up / round", "MB down / round", "MB up total",
            "MB down total", "client GFLOPs total", "client train state MB", "peak RSS MB", "wall s"]
 
 
@@ -168,12 +169,13 @@ def table_rows(groups: list[Group]) -> list[list[str]]:
 
     rows = []
     for g in sorted(groups, key=_best_first):
-        acc, sd = g.mean("final_accuracy"), g.std("final_accuracy")
         rows.append([
             g.label,
             str(len(g.runs)),
             finished_cell(g),
-            "-" if acc is None else f"{acc:.3f} ± {sd:.3f}",
+            mean_std(g, "final_accuracy"),
+            mean_std(g, "final_macro_f1"),
+            "-" if not g.values("predicted_classes") else "/".join(str(v) for v in g.values("predicted_classes")),
             num(g.mean("mb_up_per_round"), ".4g"),
             num(g.mean("mb_down_per_round"), ".4g"),
             num(_scaled(g.mean("total_bytes_up"), 1e6), ".4g"),
@@ -184,6 +186,12 @@ def table_rows(groups: list[Group]) -> list[list[str]]:
             num(g.mean("wall_s"), ".1f"),
         ])
     return rows
+
+
+def mean_std(group: Group, key: str) -> str:
+    """``0.512 ± 0.031`` over the group's finished runs, ``-`` when none has ``key``."""
+    mean = group.mean(key)
+    return "-" if mean is None else f"{mean:.3f} ± {group.std(key):.3f}"
 
 
 def _best_first(group: Group) -> tuple[bool, float]:

@@ -109,7 +109,8 @@ class ClientTrainer:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: EncodedSplit, batch_size: int, num_labels: int) -> dict[str, float]:
-    """Accuracy, macro-F1 and mean cross-entropy of ``model`` on ``split``."""
+    """Accuracy, macro-F1, mean cross-entropy and the number of distinct classes predicted
+    (``predicted_classes``: 1 means the model collapsed to a single class) on ``split``."""
     model.eval()
     preds, loss_sum = [], 0.0
     order = torch.arange(len(split))
@@ -125,6 +126,7 @@ def evaluate(model: nn.Module, split: EncodedSplit, batch_size: int, num_labels:
         "accuracy": float((y_pred == y_true).mean()),
         "macro_f1": macro_f1(y_true, y_pred, num_labels),
         "loss": loss_sum / len(split),
+        "predicted_classes": int(len(np.unique(y_pred))),
     }
 
 
