@@ -329,4 +329,14 @@ def test_duplicate_seeds_count_once_keeping_the_first_run_by_path(tmp_path):
     row = cells(report.rows, "method=head")
     assert (row["seeds"], row["finished"], row["accuracy (mean ± std)"]) == ("2", "all", "0.300 ± 0.100")
     assert "- `b/copy` repeats seed 0 of `a` (method=head)" in report.notes
-    assert "first run by path is kept" in report.path.read_text()
+    assert "a finished run is kept, else the first by path" in report.path.read_text()
+
+
+def test_a_killed_copy_never_hides_the_finished_run_of_its_seed(tmp_path):
+    fake_run(tmp_path / "a-killed", seed=0, accuracy=0.2, completed=1, status="running")
+    fake_run(tmp_path / "b-done", seed=0, accuracy=0.8)
+    (group,) = group_runs(find_runs(tmp_path))
+    assert [r.path.name for r in group.runs] == ["b-done"]
+    assert [(dup.path.name, kept.path.name) for dup, kept in group.duplicates] == [("a-killed", "b-done")]
+    row = cells(write_report(tmp_path).rows, "method=head")
+    assert (row["seeds"], row["finished"], row["accuracy (mean ± std)"]) == ("1", "all", "0.800 ± 0.000")

@@ -13,7 +13,7 @@
 
 Every number in the table is read from, or averaged over, the finished runs' own
 ``summary.json`` (:func:`fedpeft.sweep.is_finished`). Two runs of a group with the same seed (a
-copied folder, the same run twice) count once: the first by path is kept.
+copied folder, the same run twice) count once: a finished one is kept, else the first by path.
 """
 
 from __future__ import annotations
@@ -70,10 +70,17 @@ class Group:
     duplicates: list[tuple[Run, Run]] = field(default_factory=list)  # (left out, kept run of its seed)
 
     def add(self, run: Run) -> None:
-        """Keep ``run``, or record it as a duplicate if a run with its seed is already kept."""
+        """Keep ``run``, or record it as a duplicate if a run with its seed is already kept.
+
+        Of two runs with one seed the finished one is kept (the first added if both or neither
+        finished), so a killed copy never hides a finished run.
+        """
         kept = next((r for r in self.runs if r.seed == run.seed), None)
         if kept is None:
             self.runs.append(run)
+        elif run.finished and not kept.finished:
+            self.runs[self.runs.index(kept)] = run
+            self.duplicates.append((kept, run))
         else:
             self.duplicates.append((run, kept))
 
@@ -234,7 +241,7 @@ def notes(groups: list[Group], root: Path) -> list[str]:
         lines += ["Unfinished runs, left out of every mean (resume one with `fedpeft run --resume DIR`, or "
                   "re-run its sweep):", "", *unfinished, ""]
     if duplicates:
-        lines += ["Duplicate seeds, each counted once (the first run by path is kept, the others are left out):",
+        lines += ["Duplicate seeds, each counted once (a finished run is kept, else the first by path; the others are left out):",
                   "", *duplicates, ""]
     return lines
 
