@@ -217,8 +217,9 @@ def assert_same_run(local, other):
 
 
 def parity_cfg(csv_data, **runtime):  # noqa: F811
-    return make_cfg(csv_data, partition={"num_clients": 2}, federation={"rounds": 2, "clients_per_round": 2},
-                    runtime={"threads": 1, **runtime})
+    # a server optimizer with state (FedAdam's moments): the same server step in every runtime
+    return make_cfg(csv_data, partition={"num_clients": 2}, runtime={"threads": 1, **runtime},
+                    federation={"rounds": 2, "clients_per_round": 2, "server_optimizer": "fedadam", "server_lr": 0.05})
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,24 @@ def test_resume_equals_uninterrupted_in_every_field_but_wall_times(reference, cs
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_a_server_optimizer_equals_uninterrupted(reference, csv_data, tmp_path, monkeypatch):
+    """FedAdam's moments are checkpointed: a run killed in round 3 and resumed ends bit-identical."""
+    cfg = small_cfg(csv_data, server_optimizer="fedadam", server_lr=0.05)
+    full = run_experiment(cfg, out=tmp_path / "full")
+    real_fit = interrupt_at(monkeypatch, 3)
+    with pytest.raises(FedPeftError, match="interrupted after round 2"):
+        run_experiment(cfg, out=tmp_path / "cut")
+    monkeypatch.setattr(ClientTrainer, "fit", real_fit)
+    resumed = run_experiment(cfg, out=tmp_path / "cut", resume=True)
+    assert strip_times(resumed) == strip_times(full)
+    a, b = final_state(tmp_path / "full"), final_state(tmp_path / "cut")
+    assert metrics_equal(a, b)
+    fedavg = final_state(reference["finished"])  # the same clients and data, plain FedAvg
+    assert a.keys() == fedavg.keys() and not metrics_equal(a, fedavg)
+    moments = RunDir(tmp_path / "cut").latest_checkpoint().server_state
+    assert int(moments["step"]) == ROUNDS and {f"m/{k}" for k in a} <= set(moments)
+
+
 def test_summary_says_running_during_a_run_and_failed_with_the_error(csv_data, tmp_path, monkeypatch):
     real_fit = ClientTrainer.fit
     seen = []
@@ -114,7 +132,8 @@ def damage(path, how):
 
 NEWEST, PREVIOUS = "checkpoint/round-00003", "checkpoint/round-00002"
 FILES = ["metrics.jsonl", "summary.json", "config.toml", "partition.json",
-         *(f"{NEWEST}/{f}" for f in ("global.safetensors", "state.json", "metrics.jsonl", "config.toml")),
+         *(f"{NEWEST}/{f}" for f in ("global.safetensors", "server.safetensors", "state.json", "metrics.jsonl",
+                                     "config.toml")),
          f"{PREVIOUS}/global.safetensors", f"{PREVIOUS}/state.json"]
 HOWS = ["delete", "half", "last byte"]
 

@@ -3,6 +3,7 @@
 A checkpoint of round ``N`` is the folder ``DIR/checkpoint/round-0000N/``::
 
     global.safetensors   the global exchanged state after round N
+    server.safetensors   the strategy's state (the server optimizer's moments)
     metrics.jsonl        the metric rows of rounds 1..N (metrics.jsonl is rebuilt from them)
     config.toml          the run's resolved config (config.toml is restored from it)
     state.json           round, the SHA-256 of each file above, and what resuming needs
@@ -33,7 +34,7 @@ from fedpeft.errors import FedPeftError
 NamedArrays = dict[str, np.ndarray]
 KEPT = 2  # checkpoints kept: the newest and the one before it
 FORMAT = 2  # state.json "format"; checkpoints of fedpeft 0.1 (a flat state.json) are format 1
-FILES = ("global.safetensors", "metrics.jsonl", "config.toml")
+FILES = ("global.safetensors", "server.safetensors", "metrics.jsonl", "config.toml")
 
 
 class CheckpointDamaged(FedPeftError):
@@ -49,6 +50,7 @@ class Checkpoint:
     rows: list[dict[str, Any]] | None  # metric rows 1..round (None: a format-1 checkpoint)
     config_text: str | None  # the resolved config as TOML (None: a format-1 checkpoint)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. started_at
+    server_state: NamedArrays | None = None  # the strategy's state_dict (None: a format-1 checkpoint)
     path: Path | None = None
 
 
@@ -61,7 +63,8 @@ def write_checkpoint(root: Path, ckpt: Checkpoint) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     contents = {
-        "global.safetensors": save_safetensors({k: np.require(v, requirements="C") for k, v in ckpt.state.items()}),
+        "global.safetensors": _safetensors(ckpt.state),
+        "server.safetensors": _safetensors(ckpt.server_state or {}),
         "metrics.jsonl": "".join(json.dumps(r) + "\n" for r in ckpt.rows or []).encode(),
         "config.toml": (ckpt.config_text or "").encode(),
     }
@@ -109,8 +112,8 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     rows = [json.loads(line) for line in data["metrics.jsonl"].decode().splitlines() if line.strip()]
     if [r.get("round") for r in rows] != list(range(1, rnd + 1)):
         raise CheckpointDamaged(f"{folder / 'metrics.jsonl'}: does not hold rounds 1..{rnd}")
-    state = load_safetensors(data["global.safetensors"])
-    return Checkpoint(rnd, state, rows, data["config.toml"].decode(), meta, folder)
+    state, server = (load_safetensors(data[f"{n}.safetensors"]) for n in ("global", "server"))
+    return Checkpoint(rnd, state, rows, data["config.toml"].decode(), meta, server_state=server, path=folder)
 
 
 def read_legacy_checkpoint(root: Path) -> Checkpoint:
@@ -123,7 +126,7 @@ def read_legacy_checkpoint(root: Path) -> Checkpoint:
         state = load_safetensors(path.read_bytes())
     except (OSError, SafetensorError) as exc:
         raise CheckpointDamaged(f"{path}: unreadable ({exc})") from None
-    return Checkpoint(int(meta.pop("round")), state, None, None, meta, root)
+    return Checkpoint(int(meta.pop("round")), state, None, None, meta, path=root)
 
 
 def latest_valid(root: Path) -> tuple[Checkpoint | None, list[str]]:
@@ -155,6 +158,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or not isinstance(meta.get("round"), int):
         raise CheckpointDamaged(f"{path}: damaged (no round number)")
     return meta
+
+
+def _safetensors(arrays: NamedArrays) -> bytes:
+    return save_safetensors({k: np.require(v, requirements="C") for k, v in arrays.items()})  # 0-d stays 0-d
 
 
 def _write_synced(path: Path, data: bytes) -> None:

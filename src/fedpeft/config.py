@@ -28,6 +28,9 @@ import tomli_w
 
 from fedpeft.errors import ConfigError
 
+if typing.TYPE_CHECKING:
+    from fedpeft.federation.server_opt import ServerOptimizer
+
 
 @dataclass
 class ModelConfig:
@@ -157,6 +160,11 @@ class MethodConfig:
         return f"{keys} {verb} to {' and '.join(owners)}, not to {self.name}: ignored"
 
 
+# federation.<key> -> the server optimizer's argument (fedpeft.federation.server_opt)
+SERVER_OPTIMIZER_KEYS = {"server_lr": "server_lr", "server_momentum": "server_momentum",
+                         "server_beta_1": "beta_1", "server_beta_2": "beta_2", "server_tau": "tau"}
+
+
 @dataclass
 class FederationConfig:
     """Federated rounds, client sampling and instability, and local training."""
@@ -176,6 +184,18 @@ class FederationConfig:
     eval_every: int = 1  # evaluate the global model every N rounds (and after the last)
     eval_batch_size: int = 64  # batch size of global evaluation
     checkpoint_every: int = 1  # write a resumable checkpoint every N rounds
+    # server optimizer after FedAvg (Reddi et al. 2021); unset options take Flower's defaults
+    server_optimizer: Literal["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = "fedavg"
+    server_lr: float | None = None  # Flower's eta: 1 (fedavg, fedavgm), 0.1 (fedadagrad, fedadam), 0.01 (fedyogi)
+    server_momentum: float | None = None  # fedavgm only: server momentum (Flower's default 0 = FedAvg)
+    server_beta_1: float | None = None  # fedadam, fedyogi: 0.9; fedadagrad: 0 (Flower has none)
+    server_beta_2: float | None = None  # fedadam, fedyogi: 0.99
+    server_tau: float | None = None  # fedadagrad, fedadam, fedyogi: adaptivity 1e-3
+    # client-side corrections (issue 12)
+    proximal_mu: float = 0.0  # FedProx: + mu/2 ||w - w_global||^2 on the trainable part; 0 = off
+    label_skew: Literal["none", "fedlc", "fedrs"] = "none"  # loss from the client's own label counts
+    fedlc_tau: float | None = None  # fedlc only: calibration strength tau > 0 (unset: 1.0)
+    fedrs_alpha: float | None = None  # fedrs only: absent classes' logit scale in (0, 1] (unset: 0.5)
 
     def validate(self) -> None:
         _check(self.rounds >= 1, "federation.rounds", "must be >= 1")
@@ -195,6 +215,42 @@ class FederationConfig:
         _check(self.eval_every >= 1, "federation.eval_every", "must be >= 1")
         _check(self.eval_batch_size >= 1, "federation.eval_batch_size", "must be >= 1")
         _check(self.checkpoint_every >= 1, "federation.checkpoint_every", "must be >= 1")
+        self.build_server_optimizer()  # its options' names and ranges
+        self._validate_client_corrections()
+
+    def _validate_client_corrections(self) -> None:
+        """FedProx and the label-skew losses (issue 12): ranges, and no option of a loss not chosen."""
+        _check(
+            math.isfinite(self.proximal_mu) and self.proximal_mu >= 0,
+            "federation.proximal_mu", "must be >= 0 (0 disables FedProx)",
+        )
+        for key, owner in (("fedlc_tau", "fedlc"), ("fedrs_alpha", "fedrs")):
+            _check(
+                getattr(self, key) is None or self.label_skew == owner,
+                f"federation.{key}",
+                f'is only used with federation.label_skew = "{owner}" (it is "{self.label_skew}"): '
+                f'remove it or set label_skew = "{owner}"',
+            )
+        tau, alpha = self.fedlc_tau, self.fedrs_alpha
+        _check(tau is None or (math.isfinite(tau) and tau > 0), "federation.fedlc_tau", "must be > 0")
+        _check(alpha is None or 0 < alpha <= 1, "federation.fedrs_alpha", "must be in (0, 1]")
+
+    def build_server_optimizer(self) -> "ServerOptimizer":
+        """The server optimizer these keys describe (a fresh one: no moments yet).
+
+        Raises
+        ------
+        ConfigError
+            For an option the chosen optimizer does not take, or a value out of its range.
+        """
+        from fedpeft.federation.server_opt import build_server_optimizer
+
+        options = {arg: getattr(self, key) for key, arg in SERVER_OPTIMIZER_KEYS.items() if getattr(self, key) is not None}
+        try:
+            return build_server_optimizer(self.server_optimizer, **options)
+        except ValueError as exc:
+            given = ", ".join(f"federation.{k}" for k, arg in SERVER_OPTIMIZER_KEYS.items() if arg in options)
+            raise ConfigError(f"federation.server_optimizer = {self.server_optimizer!r} with {given or 'defaults'}: {exc}") from None
 
     def clients_per_round_count(self, num_clients: int) -> int:
         """Clients selected per round out of ``num_clients``: the count, or ceil(fraction * num_clients)."""

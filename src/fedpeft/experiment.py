@@ -195,6 +195,8 @@ def run_with_clients(
     state, rows, start = exp.initial_state(), [], 1
     if checkpoint is not None:
         state, rows, start = _restart_point(checkpoint, state, run_dir), checkpoint.rows, checkpoint.round + 1
+        if checkpoint.server_state is not None:
+            _load_strategy_state(exp, checkpoint)
         if rows is None:  # a fedpeft 0.1 checkpoint holds no rows: take them from metrics.jsonl
             rows = _legacy_rows(run_dir, checkpoint.round)
     if resume:
@@ -258,6 +260,16 @@ def _restart_point(checkpoint: Checkpoint, state: NamedArrays, run_dir: RunDir) 
     except UpdateRejected as exc:
         raise FedPeftError(f"{checkpoint.path}: the saved state does not fit this run's model: {exc}") from None
     return checkpoint.state
+
+
+def _load_strategy_state(exp: Experiment, checkpoint: Checkpoint) -> None:
+    try:
+        exp.strategy.load_state_dict(checkpoint.server_state)
+    except ValueError as exc:
+        raise FedPeftError(
+            f"{checkpoint.path}: its server optimizer state does not fit federation.server_optimizer = "
+            f"{exp.cfg.federation.server_optimizer!r}: {exc}"
+        ) from None
 
 
 def _legacy_rows(run_dir: RunDir, done: int) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ import numpy as np
 from fedpeft.config import FederationConfig
 from fedpeft.errors import UpdateRejected
 from fedpeft.federation.aggregate import NamedArrays, RunningFedAvg, validate_update
+from fedpeft.federation.server_opt import ServerOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +57,26 @@ class RoundOutcome:
 
 
 class FedAvgStrategy:
-    """Uniform client sampling without replacement, simulated dropout, FedAvg of survivors.
+    """Uniform client sampling without replacement, simulated dropout, FedAvg of survivors, then
+    the server optimizer's step (``federation.server_optimizer``; Reddi et al. 2021,
+    https://arxiv.org/abs/2003.00295).
 
     Every random draw is derived from ``(seed, round)``, so a resumed run plans the same rounds
-    as an uninterrupted one.
+    as an uninterrupted one; the optimizer's moments go into every checkpoint (:meth:`state_dict`).
     """
 
     def __init__(self, cfg: FederationConfig, num_clients: int, seed: int) -> None:
         self.cfg = cfg
         self.num_clients = num_clients
         self.seed = seed
+        self.server_opt = cfg.build_server_optimizer()  # its moments are checkpointed (state_dict)
+
+    def state_dict(self) -> NamedArrays:
+        """What the strategy carries from round to round (the server optimizer's state)."""
+        return self.server_opt.state_dict()
+
+    def load_state_dict(self, state: NamedArrays) -> None:
+        self.server_opt.load_state_dict(state)
 
     def clients_per_round(self) -> int:
         count = self.cfg.clients_per_round_count(self.num_clients)  # Config.from_dict checks it fits
@@ -95,7 +106,7 @@ class FedAvgStrategy:
 
     def start_round(self, rnd: int, global_state: NamedArrays) -> "RoundAggregation":
         """An aggregation that folds results in as they arrive (see :class:`RoundAggregation`)."""
-        return RoundAggregation(rnd, global_state, self.cfg.min_clients)
+        return RoundAggregation(rnd, global_state, self.cfg.min_clients, self.server_opt)
 
 
 class RoundAggregation:
@@ -104,12 +115,16 @@ class RoundAggregation:
     Each result is validated against the global state on arrival: a result with wrong names,
     shapes, dtypes or non-finite values is rejected with its reason and never aggregated; an
     accepted one is folded into a :class:`RunningFedAvg` and its state is not kept, so the server
-    holds one running sum however many clients report. With fewer than ``min_clients`` accepted
-    results, :meth:`finish` keeps the global state unchanged and says so.
+    holds one running sum however many clients report. :meth:`finish` moves the global state by
+    the server optimizer's step on the average (plain FedAvg: the average itself); with fewer
+    than ``min_clients`` accepted results it keeps the global state unchanged and says so (the
+    optimizer takes no step).
     """
 
-    def __init__(self, rnd: int, global_state: NamedArrays, min_clients: int) -> None:
+    def __init__(self, rnd: int, global_state: NamedArrays, min_clients: int,
+                 server_opt: ServerOptimizer | None = None) -> None:
         self.round, self.global_state, self.min_clients = rnd, global_state, min_clients
+        self.server_opt = server_opt or ServerOptimizer()  # plain FedAvg
         self.running = RunningFedAvg()
         self.accepted: list[int] = []
         self.rejected: dict[int, str] = {}
@@ -140,4 +155,5 @@ class RoundAggregation:
             )
             log.warning(message)
             return RoundOutcome(self.global_state, False, list(self.accepted), rejected, message)
-        return RoundOutcome(self.running.result(), True, list(self.accepted), rejected)
+        state = self.server_opt.step(self.global_state, self.running.result())
+        return RoundOutcome(state, True, list(self.accepted), rejected)

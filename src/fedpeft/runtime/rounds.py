@@ -84,7 +84,8 @@ def run_rounds(
 
     def checkpoint(rnd: int, state: NamedArrays) -> None:
         extra = {"started_at": static.get("started_at")}
-        run_dir.save_checkpoint(Checkpoint(rnd, state, rows[:rnd], exp.cfg.to_toml(), extra))
+        run_dir.save_checkpoint(Checkpoint(rnd, state, rows[:rnd], exp.cfg.to_toml(), extra,
+                                           server_state=exp.strategy.state_dict()))
 
     tracker = RoundTracker(run_dir, exp.cfg.output.tensorboard)
     with progress if show else nullcontext(), tracker:
