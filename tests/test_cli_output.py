@@ -109,10 +109,11 @@ def test_sweep_table_in_a_log_keeps_names_and_reasons_whole(tmp_path):
 def test_report_in_a_log_prints_the_marked_table_and_its_notes(tmp_path):
     fake_run(tmp_path / "head0", seed=0, accuracy=0.4)
     fake_run(tmp_path / "head1", seed=1, completed=1, status="interrupted")
-    fake_run(tmp_path / "head1-copy", seed=1)
+    fake_run(tmp_path / "head1-copy", seed=1)  # finished: kept over the interrupted head1
+    fake_run(tmp_path / "head2", seed=2, completed=1, status="interrupted")
     res = cli("report", str(tmp_path))
-    assert "| method=head | 2 | 1 of 2 | 0.400 ± 0.000 |" in res.stdout
-    assert "- `head1` (method=head, seed 1): interrupted, 1 of 2 rounds" in res.stdout.splitlines()
-    assert "- `head1-copy` repeats seed 1 of `head1` (method=head)" in res.stdout.splitlines()
+    assert "| method=head | 3 | 2 of 3 | 0.450 ± 0.050 |" in res.stdout
+    assert "- `head2` (method=head, seed 2): interrupted, 1 of 2 rounds" in res.stdout.splitlines()
+    assert "- `head1` repeats seed 1 of `head1-copy` (method=head)" in res.stdout.splitlines()
     assert res.stderr.splitlines()[-1] == (f"wrote {tmp_path / 'report.md'} and accuracy_vs_round.png, "
                                            "accuracy_vs_mb.png, frontier.png")

@@ -17,6 +17,7 @@ from torch import nn
 
 from fedpeft.config import FederationConfig
 from fedpeft.data import EncodedSplit
+from fedpeft.federation import label_skew
 from fedpeft.federation.costs import TrainingFlops
 from fedpeft.federation.strategy import ClientResult
 from fedpeft.methods.base import NamedArrays, get_state, set_state
@@ -71,7 +72,11 @@ class ClientTrainer:
         return torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def fit(self, client: int, indices: np.ndarray, global_state: NamedArrays, rnd: int) -> ClientResult:
-        """Local training of ``client`` in round ``rnd``; returns its new exchanged state."""
+        """Local training of ``client`` in round ``rnd``; returns its new exchanged state.
+
+        ``train_loss`` is the mean data loss over the steps: the model's cross-entropy, or the
+        ``federation.label_skew`` loss; FedProx's proximal term is not included.
+        """
         start = time.perf_counter()
         seed = client_seed(self.seed, rnd, client)
         torch.manual_seed(seed)
@@ -80,10 +85,13 @@ class ClientTrainer:
         self.model.train()
         optimizer = self.make_optimizer()
         steps = self.num_steps(len(indices))
+        # FedProx anchor: the trainable parameters as loaded from the global state
+        anchor = [p.detach().clone() for p in self.params] if self.cfg.proximal_mu > 0 else None
+        counts = self.client_class_counts(indices) if self.cfg.label_skew != "none" else None
         loss_sum, flops, samples = 0.0, 0, 0
         for batch_rows in self.batch_order(indices, steps, generator):
             batch = self.train.batch(batch_rows)
-            loss_sum += self._step(batch, optimizer)
+            loss_sum += self._step(batch, optimizer, anchor, counts)
             flops += self.flops(batch)
             samples += len(batch_rows)
         self.model.eval()
@@ -97,14 +105,66 @@ class ClientTrainer:
         }
         return ClientResult(client, state, int(len(indices)), metrics)
 
-    def _step(self, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> float:
+    def client_class_counts(self, indices: np.ndarray) -> torch.Tensor:
+        """The client's number of training rows per class (label ids ``0..max``); used on the
+        client only, never sent. The losses pad it to the model's number of classes."""
+        rows = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return torch.bincount(self.train.labels[rows])
+
+    def _step(
+        self,
+        batch: dict[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        anchor: list[torch.Tensor] | None = None,
+        counts: torch.Tensor | None = None,
+    ) -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = self.model(**batch).loss
-        loss.backward()
+        loss = self._backward(batch, anchor, counts)
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         optimizer.step()
+        return loss
+
+    def _backward(
+        self,
+        batch: dict[str, torch.Tensor],
+        anchor: list[torch.Tensor] | None = None,
+        counts: torch.Tensor | None = None,
+    ) -> float:
+        """Gradients of the local objective into ``.grad``; returns the data loss.
+
+        The data loss is the model's own loss, or with ``counts`` (the client's rows per class) the
+        ``federation.label_skew`` loss on the logits. With ``anchor`` (the global values of
+        ``self.params``) FedProx's ``mu/2 * ||w - w_global||^2`` is added through its gradient,
+        ``mu * (w - w_global)``, so it builds no graph; it is clipped with the rest.
+        """
+        if counts is None:
+            loss = self.model(**batch).loss
+        else:
+            loss = self._label_skew_loss(batch, counts)
+        loss.backward()
+        if anchor is not None:
+            mu = self.cfg.proximal_mu
+            with torch.no_grad():
+                for p, p0 in zip(self.params, anchor):
+                    if p.grad is None:
+                        p.grad = mu * (p - p0)
+                    else:
+                        p.grad.add_(p - p0, alpha=mu)
         return float(loss.detach())
+
+    def _label_skew_loss(self, batch: dict[str, torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
+        labels = batch["labels"]
+        logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        num_classes = logits.shape[-1]
+        counts = torch.nn.functional.pad(counts, (0, max(0, num_classes - len(counts))))[:num_classes]
+        if self.cfg.label_skew == "fedlc":
+            tau = label_skew.FEDLC_TAU if self.cfg.fedlc_tau is None else self.cfg.fedlc_tau
+            return label_skew.fedlc_loss(logits, labels, counts, tau)
+        if self.cfg.label_skew == "fedrs":
+            alpha = label_skew.FEDRS_ALPHA if self.cfg.fedrs_alpha is None else self.cfg.fedrs_alpha
+            return label_skew.fedrs_loss(logits, labels, counts, alpha)
+        raise ValueError(f"federation.label_skew: unknown {self.cfg.label_skew!r}")
 
 
 @torch.no_grad()
