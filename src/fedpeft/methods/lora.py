@@ -8,6 +8,7 @@ https://arxiv.org/abs/2106.09685 ; used federated in FedPEFT (https://arxiv.org/
 
 - ``base_model.model.<path>.<target>.lora_A.default.weight`` and ``...lora_B.default.weight``
   (``lora_B`` is zero-initialised by peft, so the prepared model equals the pre-trained one);
+  with ``freeze_a`` (FFA-LoRA) only ``lora_B``;
 - ``base_model.model.<head>.modules_to_save.default.{weight,bias}``: peft's trainable copy of the
   head (``<head>`` is ``classifier`` or ``score``). The original head,
   ``<head>.original_module.*``, stays frozen and is not exchanged.
@@ -52,12 +53,18 @@ class LoraOptions:
     target_modules : list of str, optional
         Module-name suffixes to adapt; default: peft's mapping for the model type, else the
         attention query/value projections.
+    freeze_a : bool
+        FFA-LoRA (Sun et al., ICLR 2024, https://arxiv.org/abs/2403.12313): every ``lora_A``
+        stays at its initialisation, which every client and the server draw alike from
+        ``runtime.seed``; only ``lora_B`` (and the head) trains and is sent. The average of the
+        clients' ``B_i A`` is then exactly ``mean(B_i) A``, and the upload is about half.
     """
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] | None = None
+    freeze_a: bool = False
 
     def validate(self) -> None:
         if self.r < 1:
@@ -164,7 +171,12 @@ class Lora(Method):
             modules_to_save=peft_modules_to_save(info),
             fan_in_fan_out=_targets_conv1d(model, targets),
         )
-        return wrap_with_peft(model, config, info)
+        peft_model = wrap_with_peft(model, config, info)
+        if opts.freeze_a:  # FFA-LoRA: A is the shared seeded init, never trained nor sent
+            for name, param in peft_model.named_parameters():
+                if ".lora_A." in name:
+                    param.requires_grad_(False)
+        return peft_model
 
     def save_pretrained(self, model: nn.Module, directory: Path, state: NamedArrays) -> None:
         """Load ``state`` into ``model``, then write a peft adapter folder (``PeftModel.from_pretrained``)."""
