@@ -1,0 +1,139 @@
+"""Learning under label skew: which server optimizer / drift or skew correction rescues PEFT?
+
+Setup (issue 12): all-MiniLM-L6-v2, 16 clients with Dirichlet(0.5) label skew, 8 per round,
+``--rounds`` rounds (at least 8) x ``--epochs`` local epochs, batch 16, max_length 32, on two
+datasets: banking77 (77 balanced intents) and an imbalanced 4-class set built from ag_news
+(World and Sports whole, Business and Sci/Tech cut to ``--minority`` of their rows, in train and
+test alike, so accuracy alone rewards predicting the majority classes: macro-F1 shows it).
+
+Variants: lora, bias and adapter x {fedavg, fedadam, fedprox, fedlc} (+ scaffold when the
+installed fedpeft has ``federation.scaffold``), lora with ``freeze_a`` (FFA-LoRA) (+ ``fedex``
+when ``method.aggregation`` exists), and full FedAvg on the same rounds as the reference. Each
+variant's local lr comes from ``--lrs tune.json`` (``fedpeft tune`` output: its ``chosen``
+mapping of method -> lr), else from :data:`LEARNING_RATES` (chosen for benchmarks/methods.py).
+
+Usage::
+
+    python benchmarks/skew.py [--data-dir ../shared/data] [--out runs/bench-skew] [--lrs DIR/tune.json]
+    python benchmarks/skew.py --datasets ag_news_imbalanced --only lora-fedavg,lora-fedlc
+
+Every run is a normal run folder under ``OUT/<dataset>/<variant>``: re-running skips finished
+runs and resumes killed ones (kill it and start it again at will); ``OUT/<dataset>/report.md``
+(``fedpeft report``) is rewritten at the end with accuracy, macro-F1, classes predicted, MB and
+time per variant. About 5 minutes per PEFT run on 2 CPU cores at the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from fedpeft.config import Config, FederationConfig
+from fedpeft.experiment import run_experiment
+from fedpeft.methods.lora import LoraOptions
+from fedpeft.report import markdown_table, write_report
+from fedpeft.sweep import clear_unfinished, run_status
+
+LEARNING_RATES = {"full": 3e-4, "bias": 1e-2, "adapter": 3e-3, "lora": 3e-3}
+CORRECTIONS = {  # variant suffix -> federation keys
+    "fedavg": {},
+    "fedadam": {"server_optimizer": "fedadam", "server_lr": 1e-2},
+    "fedprox": {"proximal_mu": 0.01},
+    "fedlc": {"label_skew": "fedlc"},
+    "scaffold": {"scaffold": True},
+}
+MINORITY = ("Business", "Sci/Tech")
+
+
+def variants() -> dict[str, tuple[str, dict, dict]]:
+    """``name -> (method, method options, federation keys)`` for what this fedpeft supports."""
+    fed_keys = {f.name for f in dataclasses.fields(FederationConfig)}
+    out = {"full-fedavg": ("full", {}, {})}
+    for method in ("lora", "bias", "adapter"):
+        for suffix, keys in CORRECTIONS.items():
+            if set(keys) <= fed_keys:
+                out[f"{method}-{suffix}"] = (method, {}, keys)
+    out["lora-freeze_a"] = ("lora", {"freeze_a": True}, {})
+    if "aggregation" in {f.name for f in dataclasses.fields(LoraOptions)}:
+        out["lora-fedex"] = ("lora", {"aggregation": "fedex"}, {})
+    return out
+
+
+def imbalanced_ag_news(data_dir: Path, out: Path, minority: float, seed: int = 0) -> Path:
+    """Write ``out/train.csv`` and ``out/test.csv``: ag_news with the :data:`MINORITY` classes cut
+    to a ``minority`` fraction of their rows (test: its ``description`` column, as train's text)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        frame = pd.read_csv(data_dir / "ag_news" / f"{split}.csv")
+        if "description" in frame.columns:
+            frame = frame.assign(text=frame["description"])
+        keep = [g if name not in MINORITY else g.sample(frac=minority, random_state=seed)
+                for name, g in frame.groupby("label")]
+        pd.concat(keep)[["text", "label"]].sample(frac=1.0, random_state=seed).to_csv(out / f"{split}.csv", index=False)
+    return out
+
+
+def config(args: argparse.Namespace, dataset: str, method: str, options: dict, fed: dict, lr: float) -> Config:
+    if dataset == "banking77":
+        data = {"name": "banking77", "data_dir": str(args.data_dir)}
+    else:
+        folder = imbalanced_ag_news(args.data_dir, args.out / "data" / dataset, args.minority)
+        data = {"train": str(folder / "train.csv"), "test": str(folder / "test.csv")}
+    return Config.from_dict({
+        "model": {"name": "minilm", "max_length": 32},
+        "data": {**data, "max_train_samples": args.rows, "max_test_samples": args.test_rows},
+        "partition": {"scheme": "dirichlet", "num_clients": 16, "alpha": 0.5},
+        "method": {"name": method, **options},
+        "federation": {"rounds": args.rounds, "clients_per_round": 8, "local_epochs": args.epochs,
+                       "batch_size": 16, "lr": lr, **fed},
+        "runtime": {"seed": args.seed, "progress": False},
+        "output": {"save_model": False},
+    })
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-skew"))
+    parser.add_argument("--datasets", default="banking77,ag_news_imbalanced")
+    parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    parser.add_argument("--lrs", type=Path, help="a fedpeft tune.json whose 'chosen' maps method -> lr")
+    parser.add_argument("--rows", type=int, default=1600)
+    parser.add_argument("--test-rows", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--minority", type=float, default=0.15)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    lrs = dict(LEARNING_RATES)
+    if args.lrs:
+        lrs.update(json.loads(args.lrs.read_text())["chosen"])
+    chosen = variants()
+    wanted = [v for v in args.only.split(",") if v] or list(chosen)
+    unknown = sorted(set(wanted) - set(chosen))
+    if unknown:
+        raise SystemExit(f"unknown or unsupported variants {unknown}; available: {', '.join(chosen)}")
+    for dataset in args.datasets.split(","):
+        for name in wanted:
+            method, options, fed = chosen[name]
+            folder = args.out / dataset / name
+            cfg = config(args, dataset, method, options, fed, lrs[method])
+            status = run_status(folder, cfg.federation.rounds)
+            if status == "finished":
+                continue
+            if status == "new":
+                clear_unfinished(folder)  # e.g. a run that failed before its first round
+            summary = run_experiment(cfg, out=folder, resume=status == "partial")
+            print(f"{dataset} {name}: acc {summary['final_accuracy']:.4f} f1 {summary['final_macro_f1']:.4f} "
+                  f"classes {summary['predicted_classes']} up {summary['total_bytes_up'] / 1e6:.1f} MB "
+                  f"{summary['wall_s']:.0f} s", flush=True)
+        report = write_report(args.out / dataset)
+        print(f"\n## {dataset}\n\n{markdown_table(report.rows)}")
+
+
+if __name__ == "__main__":
+    main()
