@@ -27,6 +27,16 @@ def _private_cache(tmp_path_factory):
         os.environ["FEDPEFT_CACHE"] = old
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: extra threads only add overhead. One torch thread for the module that asks
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``), restored after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY_FAMILIES = ["tiny-bert", "tiny-vit", "tiny-gpt2", "tiny-llama"]
 LABELS = ["a", "b", "c"]
 TEXTS = [

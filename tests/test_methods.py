@@ -22,13 +22,7 @@ PEFT_METHODS = ["adapter", "lora", "prompt"]
 MATRIX = [(m, f) for m in METHODS for f in TINY_FAMILIES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: extra threads only add overhead (restored after this module)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (conftest)
 
 
 def prepared(tiny, method, family):
