@@ -101,10 +101,9 @@ def read_summary(path: Path) -> dict[str, Any] | None:
         hand-edited or cut copy): such a run is treated as not finished, never as an error.
     """
     try:
-        summary = json.loads(RunDir(path).summary.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return RunDir(path).read_summary()
+    except FedPeftError:  # missing or damaged: the reader says which
         return None
-    return summary if isinstance(summary, dict) else None
 
 
 def is_finished(summary: dict[str, Any] | None, rounds: int) -> bool:
