@@ -89,10 +89,6 @@ def checkpoint_folders(root: Path) -> list[Path]:
     return sorted((p for p in root.glob("round-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
 
 
-def has_checkpoint(root: Path) -> bool:
-    return bool(checkpoint_folders(root)) or (root / "state.json").exists()
-
-
 def read_checkpoint(folder: Path) -> Checkpoint:
     """Read and verify the checkpoint in ``folder``; :class:`CheckpointDamaged` names the bad file."""
     meta = _read_meta(folder / "state.json")

@@ -7,7 +7,7 @@ Layout of ``DIR``::
     partition.json     clients' sizes and label histograms
     summary.json       the headline numbers, rewritten after every round
     checkpoint/        the two newest checkpoints, round-NNNNN/ each (see fedpeft.checkpoint)
-    model/             the final trainable part, loadable without fedpeft (see docs/methods.md)
+    model/             the final model, self-contained: loads without fedpeft (fedpeft.export)
 
 Every file is written atomically (temporary file, then rename), so a kill never leaves a
 half-written file and never loses a finished round. The checkpoint is the source of truth: on
