@@ -68,6 +68,7 @@ class DataConfig:
     image_column: str | None = None  # default: "image" or "img" for image data
     max_train_samples: int | None = None  # seeded shuffle, then the first N rows
     max_test_samples: int | None = None  # seeded shuffle, then the first N rows
+    validation_fraction: float | None = None  # evaluate on this seeded share of the train split; test unread
     cache_dir: str | None = None  # tokenized-data cache; default ~/.cache/fedpeft
     fingerprint: str | None = None  # set by a run: hash of the data loaded; checked when set
 
@@ -80,6 +81,8 @@ class DataConfig:
         for key in ("max_train_samples", "max_test_samples"):
             value = getattr(self, key)
             _check(value is None or value >= 1, f"data.{key}", "must be >= 1")
+        fraction = self.validation_fraction
+        _check(fraction is None or 0 < fraction < 1, "data.validation_fraction", "must be in (0, 1)")
 
 
 @dataclass

@@ -30,7 +30,7 @@ import numpy as np
 
 from fedpeft.config import DataConfig
 from fedpeft.data.fingerprint import data_fingerprint, same_data
-from fedpeft.data.labels import encode_labels, label_values
+from fedpeft.data.labels import LabelValues, encode_labels, label_values
 from fedpeft.data.tables import SUFFIXES, read_table, require_filled
 from fedpeft.errors import DataError
 from fedpeft.hub import failure_reason, hub_problem, single_library_logs
@@ -107,39 +107,48 @@ def load_data(cfg: DataConfig, seed: int) -> ClassificationData:
     ``cfg.max_test_samples`` is set. When ``cfg.fingerprint`` is set (the config of a saved run),
     the loaded data must have that fingerprint.
 
+    With ``cfg.validation_fraction`` (``fedpeft tune``'s proxy runs) the test split is never read:
+    the returned ``test`` is the validation slice, the last ``round(fraction * N)`` rows of the
+    same seeded shuffle of the N train rows, and training takes ``cfg.max_train_samples`` rows from
+    the rest. When N leaves room for both, those are exactly the rows a run without the fraction
+    trains on (the same clients, the same partition). The fingerprint then covers the train split
+    only.
+
     Raises
     ------
     DataError
         For a missing file or column, an unknown dataset name, empty cells, labels that do not
-        match, or data that differs from ``cfg.fingerprint``.
+        match, data that differs from ``cfg.fingerprint``, or a validation slice that leaves no
+        train row.
     """
     single_library_logs()
-    train, test, labels_file, source, modality = _load_splits(cfg)
-    for split in (train, test):  # report a wrong or empty text/image column before any label problem
+    train, test, labels_file, source, modality = _load_splits(cfg, with_test=cfg.validation_fraction is None)
+    for split in filter(None, (train, test)):  # report a wrong or empty text/image column before any label problem
         column, key = _input_column(split, modality, cfg)
         _require_column(split, column, key)
         require_filled(split.ds, column, split.where, modality)
-    train_ids, test_ids, names = encode_labels(
-        label_values(train.ds, _label_column(train, cfg), train.where),
-        label_values(test.ds, _label_column(test, cfg), test.where),
-        labels_file,
-    )
+    train_labels = label_values(train.ds, _label_column(train, cfg), train.where)
+    no_test = LabelValues(train_labels.values[:0], train_labels.class_names, train.where)
+    test_labels = no_test if test is None else label_values(test.ds, _label_column(test, cfg), test.where)
+    train_ids, test_ids, names = encode_labels(train_labels, test_labels, labels_file)
     train_ds = _normalize(train, train_ids, modality, cfg)
-    test_ds = _normalize(test, test_ids, modality, cfg)
-    train_rows = _shuffled_head(len(train_ds), cfg.max_train_samples, np.random.default_rng([seed, 0]))
-    test_rows = None
-    if cfg.max_test_samples is not None:
-        test_rows = _shuffled_head(len(test_ds), cfg.max_test_samples, np.random.default_rng([seed, 1]))
+    test_ds = None if test is None else _normalize(test, test_ids, modality, cfg)
     origin = "hub" if source.startswith("hub:") else "local"
-    # the whole splits, not the seeded subsample: one dataset has one fingerprint whatever the seed
-    fingerprint = data_fingerprint(origin, [(train_ds, None), (test_ds, None)], names, modality)
+    # the whole splits read, not the seeded subsample: one dataset has one fingerprint whatever the seed
+    fingerprint = data_fingerprint(origin, [(ds, None) for ds in (train_ds, test_ds) if ds is not None], names, modality)
     if cfg.fingerprint and not same_data(cfg.fingerprint, fingerprint):
         raise DataError(
             f"{source}: the dataset changed since the run was made (its fingerprint is not "
             "data.fingerprint); point data.data_dir, or data.train and data.test, at the run's data"
         )
-    test_ds = test_ds if test_rows is None else test_ds.select(test_rows)
-    return ClassificationData(train_ds.select(train_rows), test_ds, names, modality, source, fingerprint)
+    order = np.random.default_rng([seed, 0]).permutation(len(train_ds))
+    if test_ds is None:
+        order, held_out = _hold_out(order, cfg.validation_fraction, train.where)
+        test_ds = train_ds.select(held_out)
+        source += f", validated on {len(held_out)} held-out train rows (data.validation_fraction)"
+    if cfg.max_test_samples is not None:
+        test_ds = test_ds.select(_shuffled_head(len(test_ds), cfg.max_test_samples, np.random.default_rng([seed, 1])))
+    return ClassificationData(train_ds.select(order[:cfg.max_train_samples]), test_ds, names, modality, source, fingerprint)
 
 
 def resolved_config(cfg: DataConfig, data: ClassificationData) -> DataConfig:
@@ -167,18 +176,19 @@ def absolute_path(path: str | Path | None) -> str | None:
 # --------------------------------------------------------------------------- origins
 
 
-def _load_splits(cfg: DataConfig) -> tuple[_Split, _Split, Path | None, str, Modality]:
-    """The raw train and test splits of ``cfg``, its labels file, a source description, the modality."""
+def _load_splits(cfg: DataConfig, with_test: bool) -> tuple[_Split, _Split | None, Path | None, str, Modality]:
+    """The raw train and test splits of ``cfg`` (test None unless ``with_test``: then it is never
+    read), its labels file, a source description, the modality."""
     if cfg.train is None and cfg.test is not None:
         raise DataError("data.test is set without data.train: give both files (they replace data.name)")
     if cfg.train is not None:
-        train, test, labels_file, source = _from_files(cfg)
+        train, test, labels_file, source = _from_files(cfg, with_test)
         return train, test, labels_file, source, _detect_modality(train.ds, cfg)
     if cfg.name in KNOWN_DATASETS:
-        return _from_known(cfg, KNOWN_DATASETS[cfg.name])
+        return _from_known(cfg, KNOWN_DATASETS[cfg.name], with_test)
     if cfg.name is not None and "/" in cfg.name:
         fix = "check the hub id, or set data.train and data.test to local files"
-        train, test, source = _from_hub(cfg.name, None, "train", None, None, "label", fix)
+        train, test, source = _from_hub(cfg.name, None, "train", None, None, "label", fix, with_test)
         return train, test, None, source, _detect_modality(train.ds, cfg)
     known = ", ".join(sorted(KNOWN_DATASETS))
     problem = "no dataset given" if cfg.name is None else f"unknown dataset {cfg.name!r}"
@@ -188,12 +198,12 @@ def _load_splits(cfg: DataConfig) -> tuple[_Split, _Split, Path | None, str, Mod
     )
 
 
-def _from_known(cfg: DataConfig, spec: KnownDataset) -> tuple[_Split, _Split, Path | None, str, Modality]:
+def _from_known(cfg: DataConfig, spec: KnownDataset, with_test: bool) -> tuple[_Split, _Split | None, Path | None, str, Modality]:
     """A known dataset from its folder under the data dir, else from the hub (never for a run whose
     fingerprint says its data was local: then the folder has moved)."""
     folder = resolve_data_dir(cfg) / spec.folder
     if folder.is_dir():
-        return *_from_folder(folder, spec), spec.modality
+        return *_from_folder(folder, spec, with_test), spec.modality
     if (cfg.fingerprint or "").startswith("local:"):
         raise DataError(
             f"data.data_dir: no folder {absolute_path(folder)}, where this run's {cfg.name} data was "
@@ -204,28 +214,32 @@ def _from_known(cfg: DataConfig, spec: KnownDataset) -> tuple[_Split, _Split, Pa
     fix = f"no local copy at {absolute_path(folder)}: set data.data_dir to the folder holding {spec.folder}/"
     train, test, source = _from_hub(
         spec.hub_id, spec.hub_config, spec.hub_train_split, spec.hub_test_split,
-        spec.hub_input_column, spec.hub_label_column, fix,
+        spec.hub_input_column, spec.hub_label_column, fix, with_test,
     )
     return train, test, None, source, spec.modality
 
 
-def _from_files(cfg: DataConfig) -> tuple[_Split, _Split, Path | None, str]:
-    if cfg.test is None:
+def _from_files(cfg: DataConfig, with_test: bool) -> tuple[_Split, _Split | None, Path | None, str]:
+    if cfg.test is None and with_test:
         raise DataError(
             f"data.test is missing: data.train = {cfg.train!r} is set, so give the test split as "
             "data.test too (fedpeft does not split the train file silently)"
         )
-    train_path, test_path = Path(cfg.train).expanduser(), Path(cfg.test).expanduser()
+    train_path = Path(cfg.train).expanduser()
     train = _read_local(train_path, "data.train", cfg.image_column)
-    test = _read_local(test_path, "data.test", cfg.image_column)
+    test, source = None, f"{train_path.resolve()} (local)"
+    if with_test:
+        test_path = Path(cfg.test).expanduser()
+        test = _read_local(test_path, "data.test", cfg.image_column)
+        source = f"{train_path.resolve()} + {test_path.resolve()} (local)"
     labels_file = train_path.parent / "labels.txt"
-    source = f"{train_path.resolve()} + {test_path.resolve()} (local)"
     return train, test, labels_file if labels_file.is_file() else None, source
 
 
-def _from_folder(folder: Path, spec: KnownDataset) -> tuple[_Split, _Split, Path | None, str]:
+def _from_folder(folder: Path, spec: KnownDataset, with_test: bool) -> tuple[_Split, _Split | None, Path | None, str]:
+    wanted = [("train", None)] + ([("test", spec.local_test_input_column)] if with_test else [])
     splits = []
-    for name, column in (("train", None), ("test", spec.local_test_input_column)):
+    for name, column in wanted:
         candidates = [folder / f"{name}{suffix}" for suffix in SUFFIXES] + [folder / name]
         path = next((p for p in candidates if p.exists()), None)
         if path is None:
@@ -236,12 +250,13 @@ def _from_folder(folder: Path, spec: KnownDataset) -> tuple[_Split, _Split, Path
         splits.append(split)
     labels_file = folder / "labels.txt"
     source = f"{folder.resolve()} (local)"
-    return splits[0], splits[1], labels_file if labels_file.is_file() else None, source
+    return splits[0], splits[1] if with_test else None, labels_file if labels_file.is_file() else None, source
 
 
 def _from_hub(hub_id: str, config: str | None, train_split: str, test_split: str | None,
-              input_column: str | None, label_column: str, fix: str) -> tuple[_Split, _Split, str]:
-    """Both splits of a hub dataset; any failure is one DataError ending with ``fix``."""
+              input_column: str | None, label_column: str, fix: str, with_test: bool) -> tuple[_Split, _Split | None, str]:
+    """The train and (``with_test``) test splits of a hub dataset; any failure is one DataError
+    ending with ``fix``."""
     source = f"hub:{hub_id}" + (f"/{config}" if config else "")
     problem = hub_problem()
     if problem:
@@ -255,11 +270,11 @@ def _from_hub(hub_id: str, config: str | None, train_split: str, test_split: str
     if test_split is None:  # unknown hub dataset: prefer a test split, else validation
         test_split = next((s for s in ("test", "validation") if s in dsd), "test")
     split_list = []
-    for split in (train_split, test_split):
+    for split in [train_split, test_split] if with_test else [train_split]:
         if split not in dsd:
             raise DataError(f"{source}: no {split!r} split; available splits: {', '.join(dsd)}")
         split_list.append(_Split(dsd[split], f"{source}[{split}]", input_column, label_column))
-    return split_list[0], split_list[1], source
+    return split_list[0], split_list[1] if with_test else None, source
 
 
 def _read_local(path: Path, key: str, image_column: str | None) -> _Split:
@@ -329,6 +344,22 @@ def _normalize(split: _Split, ids: np.ndarray, modality: Modality, cfg: DataConf
                 f"{split.where}: text column {column!r} holds {feature}, not strings (set {key})"
             )
     return ds.add_column("label", ids.astype(np.int64), feature=datasets.Value("int64"))
+
+
+def _hold_out(order: np.ndarray, fraction: float, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """``order`` split into (rows to train on, the last ``round(fraction * len(order))`` rows, at least one).
+
+    Raises
+    ------
+    DataError
+        When the slice would take every row.
+    """
+    n_held_out = max(1, round(fraction * len(order)))
+    if n_held_out >= len(order):
+        raise DataError(
+            f"{where}: data.validation_fraction = {fraction} holds out all {len(order)} train rows: give a smaller fraction"
+        )
+    return order[:-n_held_out], order[-n_held_out:]
 
 
 def _shuffled_head(num_rows: int, n: int | None, rng: np.random.Generator) -> np.ndarray:
