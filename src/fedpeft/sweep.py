@@ -36,6 +36,7 @@ class SweepRun:
     name: str  # folder name under the sweep folder
     overrides: list[str]  # "section.key=value" for this run (grid point + seed)
     cfg: Config
+    settings: list[tuple[str, str]]  # its grid point: (key, value) in grid order, seed excluded
 
 
 def parse_grid(entry: str) -> list[list[tuple[str, str]]]:
@@ -82,7 +83,7 @@ def plan_sweep(config: str | Path, grid: list[str], sets: list[str], seeds: list
                 cfg = load_config(config, overrides)
             except ConfigError as exc:
                 raise ConfigError(f"sweep run {run_name(settings, seed)}: {exc}") from exc
-            runs.append(SweepRun(run_name(settings, seed), overrides, cfg))
+            runs.append(SweepRun(run_name(settings, seed), overrides, cfg, settings))
     return runs
 
 
@@ -166,6 +167,13 @@ def clear_unfinished(path: Path) -> None:
         shutil.rmtree(run.checkpoint)
 
 
+def default_execute(cfg: Config, folder: Path, resume: bool) -> dict:
+    """Run one experiment of a sweep: :func:`~fedpeft.experiment.run_experiment` into ``folder``."""
+    from fedpeft.experiment import run_experiment
+
+    return run_experiment(cfg, out=folder, resume=resume)
+
+
 def run_sweep(
     config: str | Path,
     out: str | Path,
@@ -177,14 +185,8 @@ def run_sweep(
     """Run every run of the sweep into ``out``; return ``{run name: outcome}``.
 
     ``outcome`` is ``skipped`` (already finished), ``resumed``, ``ran`` or ``failed: reason``.
-    ``execute(cfg, folder, resume)`` runs one experiment (default: :func:`run_experiment`).
+    ``execute(cfg, folder, resume)`` runs one experiment (default: :func:`default_execute`).
     """
-    if execute is None:
-        from fedpeft.experiment import run_experiment
-
-        def execute(cfg: Config, folder: Path, resume: bool) -> dict:
-            return run_experiment(cfg, out=folder, resume=resume)
-
     sets, seeds = sets or [], seeds or [0]
     runs = plan_sweep(config, grid, sets, seeds)
     out = Path(out)
@@ -192,6 +194,27 @@ def run_sweep(
     plan = {"config": str(config), "grid": grid, "sets": sets, "seeds": seeds,
             "runs": {r.name: r.overrides for r in runs}}
     write_text_atomic(out / "sweep.json", json.dumps(plan, indent=2) + "\n")
+    return run_planned(runs, out, execute or default_execute)
+
+
+def run_planned(runs: list[SweepRun], out: Path, execute: Callable[[Config, Path, bool], dict]) -> dict[str, str]:
+    """Run each of ``runs`` into ``out / run.name``: skip finished ones, resume killed ones.
+
+    Parameters
+    ----------
+    runs : list of SweepRun
+        Planned runs (:func:`plan_sweep`), or a selection of them.
+    out : Path
+        The sweep folder (it exists).
+    execute : callable
+        ``execute(cfg, folder, resume)`` runs one experiment.
+
+    Returns
+    -------
+    dict of str to str
+        Run name -> ``skipped``, ``resumed``, ``ran`` or ``failed: reason``; a failure does not
+        stop the others.
+    """
     outcomes: dict[str, str] = {}
     for i, run in enumerate(runs, 1):
         folder = out / run.name
