@@ -100,10 +100,7 @@ def sweep(
     """Run a grid of experiments; re-running skips finished runs and resumes killed ones."""
     from fedpeft.sweep import run_sweep
 
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise FedPeftError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
+    seed_list = _seeds(seeds)
     logging.getLogger("fedpeft").setLevel(logging.INFO)
     stop_on_sigterm()
     outcomes = run_sweep(config, out, grid or [], set_ or [], seed_list)
@@ -111,6 +108,44 @@ def sweep(
     failed = [n for n, o in outcomes.items() if o.startswith("failed")]
     if failed:
         raise FedPeftError(f"{len(failed)} of {len(outcomes)} runs failed: {', '.join(failed)}; run the same command again to retry them")
+
+
+@app.command()
+def tune(
+    config: Annotated[Path, typer.Argument(help="Experiment config (TOML) to choose learning rates for.")],
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: the config's method.name).")] = None,
+    grid: Annotated[Optional[list[str]], typer.Option(
+        "--grid", "-g", help="Replace or add a candidate axis: section.key=v1,v2 (repeatable), e.g. federation.lr=1e-3,1e-2.")] = None,
+    set_: SetOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Tune folder (default: tune-<config stem>).")] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Proxy rounds (at most the config's federation.rounds).")] = 2,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds: one proxy run per seed and candidate.")] = "0",
+    validation_fraction: Annotated[float, typer.Option(help="Share of the train split held out to score on.")] = 0.2,
+    halving: Annotated[bool, typer.Option(help="Successive halving: the better half goes on after 1, 2, 4, ... rounds.")] = False,
+) -> None:
+    """Choose each method's federation.lr (and server_lr) on short proxy runs scored on validation
+    rows of the train split, and print the commands to run with them."""
+    from fedpeft.tune import grid_table, run_tune
+
+    logging.getLogger("fedpeft").setLevel(logging.INFO)
+    stop_on_sigterm()
+    out = out or Path(f"tune-{config.stem}")
+    method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    tuning = run_tune(config, out, method_list, grid or [], set_ or [], _seeds(seeds), rounds, validation_fraction, halving)
+    typer.echo(grid_table(tuning))
+    typer.echo("\n".join(tuning.commands()))
+    console.print(f"wrote {out / 'tune.json'}, tune.md and tune.png", markup=False, soft_wrap=True)
+    unchosen = sorted({c.method for c in tuning.candidates} - set(tuning.choices))
+    if unchosen:
+        raise FedPeftError(f"every candidate of {', '.join(unchosen)} failed (see {out / 'tune.md'}); run the same command again to retry them")
+
+
+def _seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` as ints."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise FedPeftError(f"--seeds {text!r}: expected comma-separated integers such as 0,1,2") from None
 
 
 @app.command()

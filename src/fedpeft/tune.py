@@ -1,0 +1,319 @@
+"""Choose each method's learning rates on a cheap proxy of the federated run (issue 12).
+
+Under label skew the best local learning rate, and even the ranking of methods, do not carry over
+from one dataset to another, so ``fedpeft tune CONFIG --methods lora,bias`` chooses them for
+CONFIG's own data and federation. The proxy is CONFIG itself (model, training rows, partition,
+clients per round, local training) run for few rounds (``rounds``, default 2, never more than
+CONFIG's) with ``data.validation_fraction``: each run evaluates on a seeded slice of the train
+split and never reads the test split (choosing on test would be tuning on test). A candidate's
+score is its validation macro-F1 after the proxy's last round, averaged over seeds; a tie goes to
+the lower validation loss.
+
+Each method's candidates are ``federation.lr`` from :data:`DEFAULT_LRS`, crossed with
+``federation.server_lr`` from :data:`DEFAULT_SERVER_LRS` when ``federation.server_optimizer`` is
+not fedavg. ``--grid key=v1,v2`` replaces the axis of that key, or adds an axis. With
+``halving`` (successive halving) every candidate runs 1 round, then the better half of each
+method's candidates continue to 2 rounds, then 4, and so on up to ``rounds``.
+
+Every proxy run is a sweep run folder under ``out`` (:mod:`fedpeft.sweep`). Running tune again
+skips finished candidates and resumes killed ones. A failed candidate is reported and the others
+go on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fedpeft.config import Config, load_config
+from fedpeft.errors import ConfigError
+from fedpeft.results import RunDir, write_text_atomic
+from fedpeft.sweep import SweepRun, default_execute, parse_grid, plan_sweep, run_planned
+
+LOW_LRS, ADAPTER_LRS, FULL_LRS = "1e-3,3e-3,1e-2,3e-2", "3e-4,1e-3,3e-3,1e-2", "1e-5,3e-5,1e-4,3e-4"
+DEFAULT_LRS = {"head": LOW_LRS, "bias": LOW_LRS, "prompt": LOW_LRS, "lora": ADAPTER_LRS,
+               "adapter": ADAPTER_LRS, "full": FULL_LRS}  # log-spaced, half a decade apart
+DEFAULT_SERVER_LRS = {"fedavgm": "0.3,1", "fedadagrad": "1e-3,1e-2,1e-1", "fedadam": "1e-3,1e-2,1e-1",
+                      "fedyogi": "1e-3,1e-2,1e-1"}  # around Flower's defaults (1, 0.1, 0.1, 0.01)
+METRICS = ("macro_f1", "accuracy", "loss", "mb")  # a candidate's, at the round it was scored
+
+
+@dataclass
+class Candidate:
+    """One grid point of one method: its proxy runs (one per seed) and their mean metrics."""
+
+    settings: list[tuple[str, str]]  # ("method.name", method) first, then the tuned keys
+    runs: list[str]  # run folder names under the tune folder
+    rounds: int = 0  # the proxy round it was last scored at (0: never)
+    metrics: dict[str, float] = field(default_factory=dict)  # METRICS, means over seeds
+    error: str | None = None  # why it could not be scored
+
+    @property
+    def method(self) -> str:
+        return self.settings[0][1]
+
+    @property
+    def lr(self) -> float:
+        return float(dict(self.settings)["federation.lr"])
+
+    def rank(self) -> tuple[float, float]:
+        """Sort key, best first: higher macro-F1, then lower loss."""
+        loss = self.metrics["loss"]
+        return -self.metrics["macro_f1"], loss if math.isfinite(loss) else math.inf
+
+
+@dataclass
+class Tuning:
+    """What :func:`run_tune` did: the proxy, every candidate, and the choice per method."""
+
+    config: str
+    sets: list[str]
+    seeds: list[int]
+    stages: list[int]  # proxy rounds after which candidates are scored (the last: the proxy's rounds)
+    validation_fraction: float
+    candidates: list[Candidate]
+    choices: dict[str, Candidate]  # method -> its best candidate after the last stage
+
+    def run_commands(self) -> list[str]:
+        """One ``fedpeft run`` line per chosen method."""
+        return [shlex.join(["fedpeft", "run", self.config, *_set_args([*self.sets, *(f"{k}={_short(v)}" for k, v in c.settings)])])
+                for c in self.choices.values()]
+
+    def commands(self) -> list[str]:
+        """What to run next: :meth:`run_commands`, then :meth:`sweep_command` (none without a choice)."""
+        sweep = self.sweep_command()
+        return [*self.run_commands(), *([sweep] if sweep else [])]
+
+    def sweep_command(self) -> str | None:
+        """One ``fedpeft sweep`` line running every chosen method (None: no choice)."""
+        if not self.choices:
+            return None
+        keys = "+".join(k for k, _ in next(iter(self.choices.values())).settings)
+        points = ",".join("+".join(_short(v) for _, v in c.settings) for c in self.choices.values())
+        seeds = ",".join(map(str, self.seeds))
+        out = f"runs/{Path(self.config).stem}-tuned"
+        return shlex.join(["fedpeft", "sweep", self.config, *_set_args(self.sets), "--grid", f"{keys}={points}",
+                           "--seeds", seeds, "--out", out])
+
+
+def method_grid(method: str, base: Config, grid: list[str]) -> list[str]:
+    """The sweep grid of ``method``'s candidates: its default lr (and server lr) axes, unless an
+    entry of ``grid`` gives that key, then ``grid``.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown method, ``method.name`` in ``grid`` (methods are chosen with
+        ``--methods``), or a method without a default lr grid when ``grid`` gives none.
+    """
+    from fedpeft.methods import method_names
+
+    if method not in method_names():
+        raise ConfigError(f"--methods: unknown method {method!r}; known methods: {', '.join(method_names())}")
+    given = {key for entry in grid for key, _ in parse_grid(entry)[0]}
+    if "method.name" in given:
+        raise ConfigError("--grid: give the methods with --methods, not method.name")
+    axes = {"federation.lr": DEFAULT_LRS.get(method)}
+    if base.federation.server_optimizer != "fedavg":
+        axes["federation.server_lr"] = DEFAULT_SERVER_LRS[base.federation.server_optimizer]
+    if axes["federation.lr"] is None and "federation.lr" not in given:
+        raise ConfigError(f"method {method!r} has no default learning rates: give --grid federation.lr=v1,v2,...")
+    return [f"method.name={method}", *(f"{k}={v}" for k, v in axes.items() if k not in given), *grid]
+
+
+def proxy_sets(validation_fraction: float, rounds: int) -> list[str]:
+    """The overrides that make a run a proxy run of ``rounds`` rounds."""
+    return [f"data.validation_fraction={validation_fraction}", f"federation.rounds={rounds}",
+            "federation.eval_every=1", "federation.checkpoint_every=1", "output.save_model=false"]
+
+
+def halving_stages(rounds: int, halving: bool) -> list[int]:
+    """``[rounds]``, or with ``halving`` 1, 2, 4, ... below ``rounds``, then ``rounds``."""
+    stages, stage = [], 1
+    while halving and stage < rounds:
+        stages.append(stage)
+        stage *= 2
+    return [*stages, rounds]
+
+
+def run_tune(
+    config: str | Path,
+    out: str | Path,
+    methods: list[str] | None = None,
+    grid: list[str] | None = None,
+    sets: list[str] | None = None,
+    seeds: list[int] | None = None,
+    rounds: int = 2,
+    validation_fraction: float = 0.2,
+    halving: bool = False,
+    execute: Callable[[Config, Path, bool], dict] = default_execute,
+) -> Tuning:
+    """Run every method's proxy candidates into ``out``, choose the best per method, and write
+    ``tune.json``, ``tune.md`` and ``tune.png`` there.
+
+    Parameters
+    ----------
+    config : str or Path
+        The experiment config (TOML) to tune for.
+    out : str or Path
+        The tune folder: one run folder per candidate and seed, and the outputs.
+    methods : list of str, optional
+        Methods to tune (default: the config's ``method.name``).
+    grid, sets : list of str, optional
+        ``--grid`` entries (replace or add axes: :func:`method_grid`) and ``--set`` overrides of
+        the experiment (repeated in the printed commands).
+    seeds : list of int, optional
+        One proxy run per seed and candidate (default ``[0]``).
+    rounds : int
+        Proxy rounds (at most the config's ``federation.rounds``).
+    validation_fraction : float
+        Share of the train split held out for scoring (``data.validation_fraction``).
+    halving : bool
+        Successive halving over :func:`halving_stages`.
+    execute : callable
+        ``execute(cfg, folder, resume)`` runs one experiment.
+
+    Returns
+    -------
+    Tuning
+        The candidates with their scores, and each method's choice (a method whose candidates
+        all failed has none).
+    """
+    sets, seeds, grid = sets or [], seeds or [0], grid or []
+    base = load_config(config, sets)
+    stages = halving_stages(min(rounds, base.federation.rounds), halving)
+    methods = methods or [base.method.name]
+    plans = {(m, r): plan_sweep(config, method_grid(m, base, grid), [*sets, *proxy_sets(validation_fraction, r)], seeds)
+             for m in methods for r in stages}  # every run is validated before the first starts
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    candidates, choices = [], {}
+    for method in methods:
+        alive = _candidates(plans[method, stages[0]])
+        candidates += alive
+        for stage in stages:
+            names = {name for c in alive for name in c.runs}
+            outcomes = run_planned([r for r in plans[method, stage] if r.name in names], out, execute)
+            for candidate in alive:
+                _score(candidate, out, outcomes, stage)
+            scored = sorted((c for c in alive if c.error is None), key=Candidate.rank)
+            alive = scored[:max(1, math.ceil(len(scored) / 2))]  # the better half goes on (halving)
+        if alive:
+            choices[method] = alive[0]
+    tuning = Tuning(str(config), sets, seeds, stages, validation_fraction, candidates, choices)
+    write_tuning(tuning, out)
+    return tuning
+
+
+def _candidates(runs: list[SweepRun]) -> list[Candidate]:
+    """The runs grouped by grid point, in plan order."""
+    by_point: dict[tuple, Candidate] = {}
+    for run in runs:
+        by_point.setdefault(tuple(run.settings), Candidate(run.settings, [])).runs.append(run.name)
+    return list(by_point.values())
+
+
+def _score(candidate: Candidate, out: Path, outcomes: dict[str, str], stage: int) -> None:
+    """Set ``candidate``'s metrics at round ``stage`` from its runs' rows, or its error."""
+    failed = [outcomes[name] for name in candidate.runs if outcomes[name].startswith("failed")]
+    rows = [_evaluated_row(out / name, stage) for name in candidate.runs]
+    if failed or None in rows:
+        candidate.error = failed[0].removeprefix("failed: ") if failed else f"no evaluated round {stage}"
+        return
+    values = {k: [r[k] for r in rows] for k in ("macro_f1", "accuracy", "loss")}
+    values["mb"] = [(r["cum_bytes_up"] + r["cum_bytes_down"]) / 1e6 for r in rows]
+    candidate.rounds, candidate.metrics = stage, {k: float(np.mean(v)) for k, v in values.items()}
+
+
+def _evaluated_row(folder: Path, stage: int) -> dict | None:
+    return next((r for r in RunDir(folder).read_metrics() if r["round"] == stage and r.get("macro_f1") is not None), None)
+
+
+def _short(value: str) -> str:
+    """A number in its short form (3e-3 -> 0.003), as the printed commands show it; other values as they are."""
+    try:
+        return format(float(value), "g")
+    except ValueError:
+        return value
+
+
+def _set_args(overrides: list[str]) -> list[str]:
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+def write_tuning(tuning: Tuning, out: Path) -> None:
+    """``tune.json`` (machine-readable), ``tune.md`` (table, choices, commands) and ``tune.png``."""
+    record = {
+        "config": tuning.config, "sets": tuning.sets, "seeds": tuning.seeds,
+        "proxy": {"rounds": tuning.stages[-1], "stages": tuning.stages, "validation_fraction": tuning.validation_fraction,
+                  "score": "validation macro-F1 after the last proxy round, mean over seeds; ties: lower validation loss"},
+        "candidates": [{"method": c.method, "settings": dict(c.settings[1:]), "runs": c.runs, "rounds": c.rounds,
+                        **c.metrics, "error": c.error} for c in tuning.candidates],
+        "choices": {m: dict(c.settings[1:]) for m, c in tuning.choices.items()},
+        "commands": {"run": tuning.run_commands(), "sweep": tuning.sweep_command()},
+    }
+    write_text_atomic(out / "tune.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out / "tune.md", tune_markdown(tuning))
+    plot_tuning(tuning, out / "tune.png")
+
+
+def grid_table(tuning: Tuning) -> str:
+    """Every candidate as a markdown row, by method then best first; the chosen ones in bold."""
+    lines = ["| method | candidate | val macro-F1 | val accuracy | val loss | MB up + down | scored at round | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in sorted(tuning.candidates, key=lambda c: (c.method, -c.rounds, c.rank() if c.metrics else (0, 0))):
+        cells = [f"{c.metrics[k]:.4g}" for k in METRICS] if c.metrics else ["-"] * 4
+        chosen = tuning.choices.get(c.method) is c
+        note = "**chosen**" if chosen else f"failed: {c.error}".replace("|", "\\|") if c.error else ""
+        point = ", ".join(f"{k}={v}" for k, v in c.settings[1:])
+        lines.append(f"| {c.method} | {point} | {' | '.join(cells)} | {c.rounds or '-'} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def tune_markdown(tuning: Tuning) -> str:
+    """The whole report: the proxy, :func:`grid_table`, the plot and the commands."""
+    halving = f" (successive halving after rounds {', '.join(map(str, tuning.stages[:-1]))})" if len(tuning.stages) > 1 else ""
+    commands = "\n".join(tuning.commands()) or "(no method has a choice)"
+    return (
+        f"# fedpeft tune: {tuning.config}\n\n"
+        f"Proxy: the config{' with ' + ' '.join(tuning.sets) if tuning.sets else ''} for {tuning.stages[-1]} rounds"
+        f"{halving}, evaluated on a held-out "
+        f"{tuning.validation_fraction:g} of the train split (data.validation_fraction; the test split is never read); "
+        f"seeds {', '.join(map(str, tuning.seeds))}. Score: validation macro-F1, mean over seeds.\n\n"
+        f"{grid_table(tuning)}\n![score against learning rate](tune.png)\n\n## Commands\n\n```bash\n{commands}\n```\n"
+    )
+
+
+def plot_tuning(tuning: Tuning, path: Path) -> None:
+    """Validation macro-F1 against ``federation.lr`` (log), one line per method and other settings;
+    hollow markers: candidates stopped early by halving; a star: the choice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[str, list[Candidate]] = {}
+    for c in sorted((c for c in tuning.candidates if c.metrics), key=lambda c: c.lr):
+        rest = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in c.settings[1:] if k != "federation.lr")
+        lines.setdefault(c.method + (f", {rest}" if rest else ""), []).append(c)
+    for label, group in lines.items():
+        (line,) = ax.plot([c.lr for c in group], [c.metrics["macro_f1"] for c in group], marker="o", label=label)
+        for c in group:
+            if c.rounds < tuning.stages[-1]:
+                ax.plot(c.lr, c.metrics["macro_f1"], marker="o", color="white", markeredgecolor=line.get_color())
+            if tuning.choices.get(c.method) is c:
+                ax.plot(c.lr, c.metrics["macro_f1"], marker="*", markersize=14, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("federation.lr (log)")
+    ax.set_ylabel(f"validation macro-F1 after round {tuning.stages[-1]}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
