@@ -88,8 +88,8 @@ def test_the_proxy_never_reads_the_test_split(tuned, poisoned, csv_data):  # noq
     # the validation slice comes off the end of the train shuffle: with room for it, a proxy run
     # trains on exactly the rows a normal run does
     files = {"train": str(csv_data / "train.csv"), "test": str(csv_data / "test.csv"), "max_train_samples": 90}
-    normal, proxy = (load_data(DataConfig(**files, validation_fraction=f), seed=3) for f in (None, 0.25))
-    assert proxy.train["text"] == normal.train["text"] and len(proxy.test) == 30
+    normal, proxy = (load_data(DataConfig(**files, validation_fraction=f), seed=3) for f in (None, 0.2))
+    assert proxy.train["text"] == normal.train["text"] and len(proxy.test) == 18  # 0.2 of the 90 rows
     assert proxy.fingerprint != normal.fingerprint  # the proxy's covers the train split alone
 
 

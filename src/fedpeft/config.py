@@ -68,7 +68,7 @@ class DataConfig:
     image_column: str | None = None  # default: "image" or "img" for image data
     max_train_samples: int | None = None  # seeded shuffle, then the first N rows
     max_test_samples: int | None = None  # seeded shuffle, then the first N rows
-    validation_fraction: float | None = None  # evaluate on this seeded share of the train split; test unread
+    validation_fraction: float | None = None  # evaluate on this seeded share of the train rows; test unread
     cache_dir: str | None = None  # tokenized-data cache; default ~/.cache/fedpeft
     fingerprint: str | None = None  # set by a run: hash of the data loaded; checked when set
 

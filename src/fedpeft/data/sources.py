@@ -108,11 +108,12 @@ def load_data(cfg: DataConfig, seed: int) -> ClassificationData:
     the loaded data must have that fingerprint.
 
     With ``cfg.validation_fraction`` (``fedpeft tune``'s proxy runs) the test split is never read:
-    the returned ``test`` is the validation slice, the last ``round(fraction * N)`` rows of the
-    same seeded shuffle of the N train rows, and training takes ``cfg.max_train_samples`` rows from
-    the rest. When N leaves room for both, those are exactly the rows a run without the fraction
-    trains on (the same clients, the same partition). The fingerprint then covers the train split
-    only.
+    the returned ``test`` is the validation slice, the last ``round(fraction * M)`` rows of the
+    same seeded shuffle of the train split, M being the rows a run without the fraction trains on
+    (``cfg.max_train_samples``, or all), and training takes ``cfg.max_train_samples`` rows from
+    the rest. When the split has room for both, those are exactly the rows a run without the
+    fraction trains on (the same clients, the same partition). The fingerprint then covers the
+    train split only.
 
     Raises
     ------
@@ -143,7 +144,7 @@ def load_data(cfg: DataConfig, seed: int) -> ClassificationData:
         )
     order = np.random.default_rng([seed, 0]).permutation(len(train_ds))
     if test_ds is None:
-        order, held_out = _hold_out(order, cfg.validation_fraction, train.where)
+        order, held_out = _hold_out(order, cfg.validation_fraction, cfg.max_train_samples, train.where)
         test_ds = train_ds.select(held_out)
         source += f", validated on {len(held_out)} held-out train rows (data.validation_fraction)"
     if cfg.max_test_samples is not None:
@@ -346,15 +347,17 @@ def _normalize(split: _Split, ids: np.ndarray, modality: Modality, cfg: DataConf
     return ds.add_column("label", ids.astype(np.int64), feature=datasets.Value("int64"))
 
 
-def _hold_out(order: np.ndarray, fraction: float, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """``order`` split into (rows to train on, the last ``round(fraction * len(order))`` rows, at least one).
+def _hold_out(order: np.ndarray, fraction: float, max_train: int | None, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """``order`` split into (rows to train on, the last ``round(fraction * M)`` rows, at least one),
+    M = ``min(max_train, len(order))`` (all rows if ``max_train`` is None).
 
     Raises
     ------
     DataError
         When the slice would take every row.
     """
-    n_held_out = max(1, round(fraction * len(order)))
+    used = len(order) if max_train is None else min(max_train, len(order))
+    n_held_out = max(1, round(fraction * used))
     if n_held_out >= len(order):
         raise DataError(
             f"{where}: data.validation_fraction = {fraction} holds out all {len(order)} train rows: give a smaller fraction"
