@@ -120,7 +120,7 @@ def tune(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Tune folder (default: tune-<config stem>).")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="Proxy rounds (at most the config's federation.rounds).")] = 2,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds: one proxy run per seed and candidate.")] = "0",
-    validation_fraction: Annotated[float, typer.Option(help="Share of the train split held out to score on.")] = 0.2,
+    validation_fraction: Annotated[float, typer.Option(help="Share of the rows a run trains on held out to score on (from the train split).")] = 0.2,
     halving: Annotated[bool, typer.Option(help="Successive halving: the better half goes on after 1, 2, 4, ... rounds.")] = False,
 ) -> None:
     """Choose each method's federation.lr (and server_lr) on short proxy runs scored on validation
