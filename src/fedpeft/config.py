@@ -199,6 +199,7 @@ class FederationConfig:
     label_skew: Literal["none", "fedlc", "fedrs"] = "none"  # loss from the client's own label counts
     fedlc_tau: float | None = None  # fedlc only: calibration strength tau > 0 (unset: 1.0)
     fedrs_alpha: float | None = None  # fedrs only: absent classes' logit scale in (0, 1] (unset: 0.5)
+    scaffold: bool = False  # SCAFFOLD control variates c, c_i (option II); doubles the bytes both ways
 
     def validate(self) -> None:
         _check(self.rounds >= 1, "federation.rounds", "must be >= 1")

@@ -17,7 +17,7 @@ from torch import nn
 
 from fedpeft.config import FederationConfig
 from fedpeft.data import EncodedSplit
-from fedpeft.federation import label_skew
+from fedpeft.federation import label_skew, scaffold
 from fedpeft.federation.costs import TrainingFlops
 from fedpeft.federation.strategy import ClientResult
 from fedpeft.methods.base import NamedArrays, get_state, set_state
@@ -45,6 +45,9 @@ class ClientTrainer:
         self.cfg = cfg
         self.seed = seed
         self.params = [p for p in model.parameters() if p.requires_grad]
+        exchanged = set(names)
+        # the name of each trainable parameter that is exchanged (SCAFFOLD corrects those), else None
+        self.param_names = [n if n in exchanged else None for n, p in model.named_parameters() if p.requires_grad]
         self.flops = TrainingFlops(model)  # exact FLOPs of a batch from its shape
 
     def num_steps(self, num_samples: int) -> int:
@@ -71,11 +74,24 @@ class ClientTrainer:
             )
         return torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
-    def fit(self, client: int, indices: np.ndarray, global_state: NamedArrays, rnd: int) -> ClientResult:
+    def fit(
+        self,
+        client: int,
+        indices: np.ndarray,
+        global_state: NamedArrays,
+        rnd: int,
+        controls: tuple[NamedArrays, NamedArrays] | None = None,
+    ) -> ClientResult:
         """Local training of ``client`` in round ``rnd``; returns its new exchanged state.
 
         ``train_loss`` is the mean data loss over the steps: the model's cross-entropy, or the
         ``federation.label_skew`` loss; FedProx's proximal term is not included.
+
+        ``controls = (c, c_i)`` trains with SCAFFOLD (Karimireddy et al. 2020,
+        https://arxiv.org/abs/1910.06378, option II): every step adds ``c - c_i`` to the gradient
+        of each exchanged parameter (before clipping and the optimizer step), and the result
+        carries ``control = delta_c_i = (x - y_i) / (K * lr) - c``; the caller keeps
+        ``c_i + delta_c_i`` as the client's new ``c_i`` (:func:`~fedpeft.federation.scaffold.advance`).
         """
         start = time.perf_counter()
         seed = client_seed(self.seed, rnd, client)
@@ -88,10 +104,11 @@ class ClientTrainer:
         # FedProx anchor: the trainable parameters as loaded from the global state
         anchor = [p.detach().clone() for p in self.params] if self.cfg.proximal_mu > 0 else None
         counts = self.client_class_counts(indices) if self.cfg.label_skew != "none" else None
+        correction = None if controls is None else self._correction(*controls)
         loss_sum, flops, samples = 0.0, 0, 0
         for batch_rows in self.batch_order(indices, steps, generator):
             batch = self.train.batch(batch_rows)
-            loss_sum += self._step(batch, optimizer, anchor, counts)
+            loss_sum += self._step(batch, optimizer, anchor, counts, correction)
             flops += self.flops(batch)
             samples += len(batch_rows)
         self.model.eval()
@@ -103,7 +120,16 @@ class ClientTrainer:
             "flops": float(flops),
             "compute_s": time.perf_counter() - start,
         }
-        return ClientResult(client, state, int(len(indices)), metrics)
+        control = {} if controls is None else scaffold.control_delta(controls[0], global_state, state, steps, self.cfg.lr)
+        return ClientResult(client, state, int(len(indices)), metrics, control)
+
+    def _correction(self, c: NamedArrays, c_i: NamedArrays) -> list[torch.Tensor | None]:
+        """SCAFFOLD's ``c - c_i`` as one tensor per trainable parameter (None: not exchanged)."""
+        diff = scaffold.correction(c, c_i)
+        return [
+            None if n is None else torch.from_numpy(np.asarray(diff[n])).to(p.dtype)
+            for n, p in zip(self.param_names, self.params)
+        ]
 
     def client_class_counts(self, indices: np.ndarray) -> torch.Tensor:
         """The client's number of training rows per class (label ids ``0..max``); used on the
@@ -117,9 +143,15 @@ class ClientTrainer:
         optimizer: torch.optim.Optimizer,
         anchor: list[torch.Tensor] | None = None,
         counts: torch.Tensor | None = None,
+        correction: list[torch.Tensor | None] | None = None,
     ) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss = self._backward(batch, anchor, counts)
+        if correction is not None:  # SCAFFOLD: g + c - c_i, clipped and stepped like any gradient
+            with torch.no_grad():
+                for p, d in zip(self.params, correction):
+                    if d is not None:
+                        p.grad = d.clone() if p.grad is None else p.grad.add_(d)
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         optimizer.step()
