@@ -3,7 +3,9 @@
 A checkpoint of round ``N`` is the folder ``DIR/checkpoint/round-0000N/``::
 
     global.safetensors   the global exchanged state after round N
-    server.safetensors   the strategy's state (the server optimizer's moments)
+    server.safetensors   the strategy's state (the server optimizer's moments, SCAFFOLD's c)
+    clients.safetensors  per-client state the server keeps (SCAFFOLD's c_i of the in-process
+                         runtime: ``<client>/<name>``); only when the runtime has any
     metrics.jsonl        the metric rows of rounds 1..N (metrics.jsonl is rebuilt from them)
     config.toml          the run's resolved config (config.toml is restored from it)
     state.json           round, the SHA-256 of each file above, and what resuming needs
@@ -35,6 +37,7 @@ NamedArrays = dict[str, np.ndarray]
 KEPT = 2  # checkpoints kept: the newest and the one before it
 FORMAT = 2  # state.json "format"; checkpoints of fedpeft 0.1 (a flat state.json) are format 1
 FILES = ("global.safetensors", "server.safetensors", "metrics.jsonl", "config.toml")
+CLIENTS_FILE = "clients.safetensors"  # written only for a runtime that keeps per-client state
 
 
 class CheckpointDamaged(FedPeftError):
@@ -52,6 +55,7 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. started_at
     server_state: NamedArrays | None = None  # the strategy's state_dict (None: a format-1 checkpoint)
     path: Path | None = None
+    client_state: NamedArrays | None = None  # e.g. every client's SCAFFOLD c_i (None: not kept)
 
 
 def write_checkpoint(root: Path, ckpt: Checkpoint) -> Path:
@@ -68,6 +72,8 @@ def write_checkpoint(root: Path, ckpt: Checkpoint) -> Path:
         "metrics.jsonl": "".join(json.dumps(r) + "\n" for r in ckpt.rows or []).encode(),
         "config.toml": (ckpt.config_text or "").encode(),
     }
+    if ckpt.client_state is not None:
+        contents[CLIENTS_FILE] = _safetensors(ckpt.client_state)
     for name, data in contents.items():
         _write_synced(tmp / name, data)
     meta = {"format": FORMAT, "round": ckpt.round, "sha256": {n: _sha256(d) for n, d in contents.items()}, **ckpt.extra}
@@ -93,10 +99,10 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     """Read and verify the checkpoint in ``folder``; :class:`CheckpointDamaged` names the bad file."""
     meta = _read_meta(folder / "state.json")
     hashes = meta.pop("sha256", None)
-    if meta.pop("format", None) != FORMAT or not isinstance(hashes, dict) or set(hashes) != set(FILES):
+    if meta.pop("format", None) != FORMAT or not isinstance(hashes, dict) or set(hashes) - {CLIENTS_FILE} != set(FILES):
         raise CheckpointDamaged(f"{folder / 'state.json'}: not a fedpeft checkpoint record")
     data = {}
-    for name in FILES:
+    for name in hashes:
         path = folder / name
         try:
             data[name] = path.read_bytes()
@@ -109,7 +115,9 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     if [r.get("round") for r in rows] != list(range(1, rnd + 1)):
         raise CheckpointDamaged(f"{folder / 'metrics.jsonl'}: does not hold rounds 1..{rnd}")
     state, server = (load_safetensors(data[f"{n}.safetensors"]) for n in ("global", "server"))
-    return Checkpoint(rnd, state, rows, data["config.toml"].decode(), meta, server_state=server, path=folder)
+    clients = load_safetensors(data[CLIENTS_FILE]) if CLIENTS_FILE in data else None
+    return Checkpoint(rnd, state, rows, data["config.toml"].decode(), meta, server_state=server, path=folder,
+                      client_state=clients)
 
 
 def read_legacy_checkpoint(root: Path) -> Checkpoint:

@@ -64,6 +64,7 @@ class Experiment:
     def static_summary(self) -> dict[str, Any]:
         trainable, total = param_counts(self.model)
         state = self.initial_state()
+        copies = 2 if self.cfg.federation.scaffold else 1  # SCAFFOLD: c down, delta_c_i up as well
         return {
             "method": self.cfg.method.name,
             "model": self.cfg.model.name,
@@ -79,10 +80,11 @@ class Experiment:
             "trainable_params": trainable,
             "total_params": total,
             "exchanged_params": int(sum(a.size for a in state.values())),
-            "bytes_per_client_update": message_bytes(state),
-            "bytes_per_client_download": message_bytes(state),
+            "bytes_per_client_update": copies * message_bytes(state),
+            "bytes_per_client_download": copies * message_bytes(state),
             "full_model_bytes_per_message": model_message_bytes(self.model),
-            "client_train_state_bytes": train_state_bytes(self.model, self.cfg.federation.optimizer),
+            "client_train_state_bytes": train_state_bytes(self.model, self.cfg.federation.optimizer,
+                                                          self.cfg.federation.scaffold),
         }
 
     def partition_report(self) -> dict[str, Any]:
@@ -210,7 +212,10 @@ def run_with_clients(
     run_dir.write_json(run_dir.summary, summarize(rows, static))
     try:
         if start <= cfg.federation.rounds:
-            state = run_rounds(exp, make_clients(exp), run_dir, state, rows, start, static, console)
+            clients = make_clients(exp)
+            if checkpoint is not None and cfg.federation.scaffold:
+                restore_client_controls(exp, clients, checkpoint, console)
+            state = run_rounds(exp, clients, run_dir, state, rows, start, static, console)
         summary = {**summarize(rows, static), "status": "finished", "ended_at": now_iso()}
         if cfg.output.save_model:
             from fedpeft.export import export_model
@@ -266,10 +271,35 @@ def _load_strategy_state(exp: Experiment, checkpoint: Checkpoint) -> None:
     try:
         exp.strategy.load_state_dict(checkpoint.server_state)
     except ValueError as exc:
+        fed = exp.cfg.federation
         raise FedPeftError(
-            f"{checkpoint.path}: its server optimizer state does not fit federation.server_optimizer = "
-            f"{exp.cfg.federation.server_optimizer!r}: {exc}"
+            f"{checkpoint.path}: its server state does not fit federation.server_optimizer = "
+            f"{fed.server_optimizer!r}, federation.scaffold = {str(fed.scaffold).lower()}: {exc}"
         ) from None
+
+
+def restore_client_controls(exp: Experiment, clients: "Clients", checkpoint: Checkpoint, console: Console) -> None:
+    """Give SCAFFOLD's client control variates back to a resumed run's clients, or restart them.
+
+    The in-process runtime keeps every ``c_i`` and its checkpoint holds them: they are restored
+    and the run continues bit-identically. A Flower runtime's ``c_i`` lived in its SuperNodes'
+    ``context.state``, which belongs to one Flower run: a resumed run is a new one, so every
+    ``c_i`` is 0 again. SCAFFOLD needs ``c`` to be the mean of the ``c_i`` (otherwise every
+    client's correction ``c - c_i`` drifts the same way), so the server's ``c`` restarts at 0
+    too, said here; the global state and the server optimizer continue from the checkpoint.
+    """
+    try:
+        restored = clients.load_client_state(checkpoint.client_state)
+    except ValueError as exc:
+        raise FedPeftError(f"{checkpoint.path}: its client control variates do not load: {exc}") from None
+    if not restored:
+        exp.strategy.scaffold.reset()
+        console.print(
+            f"[yellow]warning:[/] SCAFFOLD: the clients' control variates c_i lived on the SuperNodes of the "
+            f"interrupted Flower run and are gone (node state lasts one Flower run); every c_i and the "
+            f"server's c restart at 0 from round {checkpoint.round + 1}, so this run is not bit-identical "
+            "to an uninterrupted one", soft_wrap=True, highlight=False,
+        )
 
 
 def _legacy_rows(run_dir: RunDir, done: int) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ def round_row(
     eval_metrics: dict[str, float] | None,
     timings: dict[str, float],
     previous: dict[str, Any] | None,
+    control_down: NamedArrays | None = None,
 ) -> dict[str, Any]:
     """One ``metrics.jsonl`` row.
 
@@ -33,11 +34,13 @@ def round_row(
     validation). ``bytes_*`` are the exchanged payload (tensors + names) measured on what arrived;
     ``wire_bytes_*`` what the transport serialized (None for the in-process runtime).
     ``previous`` is the row before (for cumulative totals), or None for the first round.
+    ``control_down`` is SCAFFOLD's ``c``, sent with the state to every selected client (its
+    bytes count down like the state's; a client's ``delta_c_i`` is in ``delivery.bytes_up``).
     """
     results = delivery.results
     by_client = {r.client: r for r in results}
     up = delivery.bytes_up
-    down = message_bytes(state_down)
+    down = message_bytes(state_down) + message_bytes(control_down or {})
     wire_up, wire_down = delivery.wire_up, delivery.wire_down
     clients = []
     for cid in plan.selected:

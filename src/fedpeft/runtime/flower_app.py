@@ -13,6 +13,12 @@ Wire format
     (MetricRecord: ``num-examples``, ``train_loss``, ``steps``, ``samples_processed``, ``flops``,
     ``compute_s``). ``QUERY``: a node reports the ``partition-id`` / ``num-partitions`` of its node
     config, so the server knows which node holds which client's data.
+SCAFFOLD (``federation.scaffold``)
+    ``TRAIN`` also carries ``control`` (the server's ``c``, packed like ``arrays``), the reply
+    ``control`` (``delta_c_i``). The node keeps its ``c_i`` in ``context.state`` under
+    :data:`CLIENT_CONTROL_KEY` (an ArrayRecord), which Flower keeps for the node across the
+    messages of one run (a SuperNode's NodeState; the simulation engine's per-node context) and
+    not beyond: a resumed run, or a restarted SuperNode, starts its ``c_i`` at 0.
 Run config (deployment)
     ``fedpeft-config`` (TOML text), ``out`` (run folder on the ServerApp's machine), ``resume``.
 Backbone reuse
@@ -36,6 +42,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpeft.config import Config, RuntimeConfig
 from fedpeft.errors import FedPeftError
 from fedpeft.federation.costs import message_bytes
+from fedpeft.federation.scaffold import advance, zeros_like
 from fedpeft.federation.strategy import ClientResult, RoundPlan
 from fedpeft.methods.base import NamedArrays
 from fedpeft.runtime.flower_polling import fast_grid_pulls
@@ -49,6 +56,7 @@ CONFIG_KEY = "fedpeft-config"
 METRIC_KEYS = ("train_loss", "steps", "samples_processed", "flops", "compute_s")
 POLL_S = (0.05, 1.0)  # the ServerApp asks for replies after 0.05 s, backing off to every 1 s
 OVERSIZE_FACTOR = 1.5  # a reply larger than this x the global state's wire size is not decoded
+CLIENT_CONTROL_KEY = "fedpeft.scaffold.c_i"  # SCAFFOLD: the node's c_i in context.state
 
 
 def config_from_text(text: str) -> Config:
@@ -103,10 +111,22 @@ def train(msg: Message, context: Context) -> Message:
     exp = client_experiment(str(config[CONFIG_KEY]))
     if num != len(exp.parts):
         raise FedPeftError(f"node config num-partitions={num} but partition.num_clients={len(exp.parts)}")
-    state = record_to_state(msg.content["arrays"])
-    res = exp.trainer.fit(pid, exp.parts[pid], state, int(config["round"]))
+    state, rnd = record_to_state(msg.content["arrays"]), int(config["round"])
+    if not exp.cfg.federation.scaffold:
+        res = exp.trainer.fit(pid, exp.parts[pid], state, rnd)
+    else:
+        if "control" not in msg.content.array_records:
+            raise FedPeftError("federation.scaffold is on but the TRAIN message carries no 'control' record")
+        c = record_to_state(msg.content["control"])
+        kept = context.state.array_records.get(CLIENT_CONTROL_KEY)
+        c_i = zeros_like(state) if kept is None else record_to_state(kept)
+        res = exp.trainer.fit(pid, exp.parts[pid], state, rnd, controls=(c, c_i))
+        context.state[CLIENT_CONTROL_KEY] = state_to_record(advance(c_i, res.control))
     metrics = {"num-examples": res.num_samples, **{k: float(res.metrics[k]) for k in METRIC_KEYS if k in res.metrics}}
-    return Message(RecordDict({"arrays": state_to_record(res.state), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    content = {"arrays": state_to_record(res.state), "metrics": MetricRecord(metrics)}
+    if exp.cfg.federation.scaffold:
+        content["control"] = state_to_record(res.control)
+    return Message(RecordDict(content), reply_to=msg)
 
 
 # --------------------------------------------------------------------------------------- server
@@ -165,12 +185,24 @@ class FlowerClients:
                 )
             self.nodes[pid] = reply.metadata.src_node_id
 
-    def fit_round(self, plan: RoundPlan, state: NamedArrays, on_result: Callable[[ClientResult], None]) -> Delivery:
+    def client_state(self) -> NamedArrays | None:
+        """None: each SuperNode keeps its own client state (SCAFFOLD's ``c_i``) in ``context.state``."""
+        return None
+
+    def load_client_state(self, state: NamedArrays | None) -> bool:
+        """False: the client state of an earlier Flower run stayed on its nodes and is gone (a
+        resumed run is a new Flower run, whose nodes start with an empty ``context.state``)."""
+        return False
+
+    def fit_round(self, plan: RoundPlan, state: NamedArrays, on_result: Callable[[ClientResult], None],
+                  control: NamedArrays | None = None) -> Delivery:
         connected = set(self.grid.get_node_ids())
         if any(self.nodes.get(c) not in connected for c in plan.training):
             self.discover(self.runtime.connect_timeout)  # a restarted SuperNode has a new node id
             connected = set(self.grid.get_node_ids())
-        arrays = state_to_record(state)
+        records = {"arrays": state_to_record(state)}
+        if control is not None:  # SCAFFOLD: c travels with the state, packed the same way
+            records["control"] = state_to_record(control)
         delivery = Delivery(wire_up={}, wire_down={})
         msgs: dict[int, Message] = {}
         for cid in plan.training:
@@ -178,21 +210,21 @@ class FlowerClients:
                 delivery.failed[cid] = "its SuperNode is not connected"
                 continue
             config = ConfigRecord({"round": plan.round, "partition-id": cid, CONFIG_KEY: self.text})
-            content = RecordDict({"arrays": arrays, "config": config})
+            content = RecordDict({**records, "config": config})
             msgs[cid] = Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(plan.round))
             delivery.wire_down[cid] = wire_bytes(content)
-        limit = OVERSIZE_FACTOR * wire_bytes(RecordDict({"arrays": arrays})) + 64 * 1024
+        limit = OVERSIZE_FACTOR * wire_bytes(RecordDict(records)) + 64 * 1024
 
         def on_reply(cid: int, reply: Message) -> None:  # decode and fold in as each reply arrives
             if reply.has_error():
                 delivery.failed[cid] = f"client error: {reply.error.reason}"
                 return
             delivery.wire_up[cid] = size = wire_bytes(reply.content)
-            decoded = decode_reply(cid, reply.content, size, limit)
+            decoded = decode_reply(cid, reply.content, size, limit, control is not None)
             if isinstance(decoded, str):
                 delivery.rejected[cid] = decoded
                 return
-            delivery.bytes_up[cid] = message_bytes(decoded.state)
+            delivery.bytes_up[cid] = message_bytes(decoded.state) + message_bytes(decoded.control)
             on_result(decoded)
             delivery.results.append(decoded.without_state())
 
@@ -227,25 +259,32 @@ class FlowerClients:
         return replies
 
 
-def decode_reply(cid: int, content: RecordDict, size: int, limit: float) -> ClientResult | str:
+def decode_reply(cid: int, content: RecordDict, size: int, limit: float, with_control: bool = False) -> ClientResult | str:
     """A reply's content as a :class:`ClientResult`, or the reason it cannot be one.
 
     Oversized payloads are refused before decoding; names, shapes, dtypes and values are checked
-    afterwards by the strategy like any other update.
+    afterwards by the strategy like any other update. ``with_control``: SCAFFOLD is on, the
+    reply must carry ``control`` (``delta_c_i``) too.
     """
     if size > limit:
         return f"oversized payload: {size} bytes on the wire, limit {int(limit)}"
-    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-        return f"malformed reply: records {sorted(content.keys())}, expected 'arrays' and 'metrics'"
+    wanted = ("arrays", "control") if with_control else ("arrays",)
+    if any(k not in content.array_records for k in wanted) or "metrics" not in content.metric_records:
+        expected = ", ".join(repr(k) for k in (*wanted, "metrics"))
+        return f"malformed reply: records {sorted(content.keys())}, expected {expected}"
     metrics = content.metric_records["metrics"]
     num = metrics.get("num-examples")
     if not isinstance(num, int) or num <= 0:
         return f"malformed reply: num-examples={num!r}, expected a positive integer"
-    try:
-        state = record_to_state(content.array_records["arrays"])
-    except Exception as exc:  # noqa: BLE001 - a client's bytes can be anything
-        return f"malformed reply: arrays do not decode ({type(exc).__name__}: {exc})"
-    return ClientResult(cid, state, num, {k: float(metrics[k]) for k in METRIC_KEYS if k in metrics})
+    decoded = {}
+    for key in wanted:
+        try:
+            decoded[key] = record_to_state(content.array_records[key])
+        except Exception as exc:  # noqa: BLE001 - a client's bytes can be anything
+            what = "arrays" if key == "arrays" else "control variate arrays"
+            return f"malformed reply: {what} do not decode ({type(exc).__name__}: {exc})"
+    metric_values = {k: float(metrics[k]) for k in METRIC_KEYS if k in metrics}
+    return ClientResult(cid, decoded["arrays"], num, metric_values, decoded.get("control", {}))
 
 
 def make_server_app(config_text: str | None = None, out: str | None = None, resume: bool = False,

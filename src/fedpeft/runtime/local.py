@@ -2,7 +2,9 @@
 
 Fast and deterministic: one frozen backbone serves all clients, a client's state is only its
 exchanged part, and nothing is serialized. Costs are counted exactly as a transport would carry
-them (see :mod:`fedpeft.federation.costs`).
+them (see :mod:`fedpeft.federation.costs`). With SCAFFOLD the clients' control variates ``c_i``
+are kept here, one exchanged-size named state per client that has trained
+(:class:`~fedpeft.federation.scaffold.ClientControls`), and go into every checkpoint.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from fedpeft.errors import FedPeftError
 from fedpeft.federation.costs import message_bytes
+from fedpeft.federation.scaffold import ClientControls, advance
 from fedpeft.federation.strategy import ClientResult, RoundPlan
 from fedpeft.methods.base import NamedArrays
 from fedpeft.runtime.rounds import Delivery
@@ -24,12 +28,34 @@ class InProcessClients:
 
     def __init__(self, exp: "Experiment") -> None:
         self.exp = exp
+        self.controls: ClientControls | None = None  # SCAFFOLD's c_i, from the first round with c
 
-    def fit_round(self, plan: RoundPlan, state: NamedArrays, on_result: Callable[[ClientResult], None]) -> Delivery:
+    def fit_round(self, plan: RoundPlan, state: NamedArrays, on_result: Callable[[ClientResult], None],
+                  control: NamedArrays | None = None) -> Delivery:
         delivery = Delivery()
+        if control is not None and self.controls is None:
+            self.controls = ClientControls()
         for cid in plan.training:
-            res = self.exp.trainer.fit(cid, self.exp.parts[cid], state, plan.round)
-            delivery.bytes_up[cid] = message_bytes(res.state)
+            if control is None:
+                res = self.exp.trainer.fit(cid, self.exp.parts[cid], state, plan.round)
+            else:
+                c_i = self.controls.get(cid, state)
+                res = self.exp.trainer.fit(cid, self.exp.parts[cid], state, plan.round, controls=(control, c_i))
+                self.controls.set(cid, advance(c_i, res.control))
+            delivery.bytes_up[cid] = message_bytes(res.state) + message_bytes(res.control)
             on_result(res)  # folded into the round's aggregate here; the state is not kept
             delivery.results.append(res.without_state())
         return delivery
+
+    def client_state(self) -> NamedArrays | None:
+        """Every client's ``c_i`` (``<client>/<name>``) for a checkpoint; None without SCAFFOLD."""
+        return None if self.controls is None else self.controls.state_dict()
+
+    def load_client_state(self, state: NamedArrays | None) -> bool:
+        """Restore the ``c_i`` of a checkpoint (:meth:`client_state`); always True: they live here."""
+        if state is None:
+            raise FedPeftError("the checkpoint holds no client control variates (clients.safetensors) "
+                               "although federation.scaffold is on")
+        self.controls = ClientControls()
+        self.controls.load_state_dict(state)
+        return True

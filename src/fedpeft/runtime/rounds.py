@@ -44,10 +44,21 @@ class Clients(Protocol):
     """A runtime's way to reach clients: train the planned ones from ``state``.
 
     ``fit_round`` hands every decoded result to ``on_result`` as soon as it arrives (the round
-    folds it into the aggregate there) and keeps only ``result.without_state()`` in the delivery.
+    folds it into the aggregate there) and keeps only ``result.without_state()`` in the delivery;
+    ``control`` (SCAFFOLD's ``c``, None without it) travels with ``state``.
+
+    Per-client state (SCAFFOLD's ``c_i``) lives wherever the runtime's clients live:
+    ``client_state`` returns what the server's checkpoint must hold (None: the clients keep it
+    themselves), ``load_client_state`` restores it on resume and returns False when the runtime
+    cannot (its clients' own state did not survive the interruption).
     """
 
-    def fit_round(self, plan: RoundPlan, state: NamedArrays, on_result: Callable[[ClientResult], None]) -> Delivery: ...
+    def fit_round(self, plan: RoundPlan, state: NamedArrays, on_result: Callable[[ClientResult], None],
+                  control: NamedArrays | None = None) -> Delivery: ...
+
+    def client_state(self) -> NamedArrays | None: ...
+
+    def load_client_state(self, state: NamedArrays | None) -> bool: ...
 
 
 def run_rounds(
@@ -85,7 +96,8 @@ def run_rounds(
     def checkpoint(rnd: int, state: NamedArrays) -> None:
         extra = {"started_at": static.get("started_at")}
         run_dir.save_checkpoint(Checkpoint(rnd, state, rows[:rnd], exp.cfg.to_toml(), extra,
-                                           server_state=exp.strategy.state_dict()))
+                                           server_state=exp.strategy.state_dict(),
+                                           client_state=clients.client_state()))
 
     tracker = RoundTracker(run_dir, exp.cfg.output.tensorboard)
     with progress if show else nullcontext(), tracker:
@@ -104,7 +116,7 @@ def run_rounds(
                     if log_clients is not None:
                         log_clients.finished(plan, res.client)
 
-                delivery = clients.fit_round(plan, state, on_result)
+                delivery = clients.fit_round(plan, state, on_result, aggregation.control)
                 compute_s = sum(r.metrics.get("compute_s", 0.0) for r in delivery.results)
                 outcome = aggregation.finish(delivery.rejected)
                 eval_metrics, eval_s = None, 0.0
@@ -113,7 +125,8 @@ def run_rounds(
                     eval_metrics = exp.evaluate(outcome.state)
                     eval_s = time.perf_counter() - t_eval
                 timings = {"wall_s": time.perf_counter() - t0, "client_compute_s": compute_s, "eval_s": eval_s}
-                row = round_row(plan, delivery, outcome, state, eval_metrics, timings, rows[-1] if rows else None)
+                row = round_row(plan, delivery, outcome, state, eval_metrics, timings, rows[-1] if rows else None,
+                                aggregation.control)
                 rows.append(row)
                 run_dir.append_metrics(row)
                 tracker.log(row)
