@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import load_file as load_safetensors_file
 from safetensors.numpy import save as save_safetensors
+from safetensors.numpy import save_file as save_safetensors_file
 
 from fedpeft.errors import FedPeftError
 
@@ -72,11 +74,16 @@ def write_checkpoint(root: Path, ckpt: Checkpoint) -> Path:
         "metrics.jsonl": "".join(json.dumps(r) + "\n" for r in ckpt.rows or []).encode(),
         "config.toml": (ckpt.config_text or "").encode(),
     }
-    if ckpt.client_state is not None:
-        contents[CLIENTS_FILE] = _safetensors(ckpt.client_state)
     for name, data in contents.items():
         _write_synced(tmp / name, data)
-    meta = {"format": FORMAT, "round": ckpt.round, "sha256": {n: _sha256(d) for n, d in contents.items()}, **ckpt.extra}
+    hashes = {n: _sha256(d) for n, d in contents.items()}
+    if ckpt.client_state is not None:  # one state per client: streamed to disk, never a second copy in memory
+        path = tmp / CLIENTS_FILE
+        save_safetensors_file({k: np.require(v, requirements="C") for k, v in ckpt.client_state.items()}, path)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        hashes[CLIENTS_FILE] = _file_sha256(path)
+    meta = {"format": FORMAT, "round": ckpt.round, "sha256": hashes, **ckpt.extra}
     _write_synced(tmp / "state.json", (json.dumps(meta, indent=2) + "\n").encode())
     if final.exists():  # the same round again (recomputed after a damaged checkpoint)
         shutil.rmtree(final)
@@ -105,17 +112,21 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     for name in hashes:
         path = folder / name
         try:
-            data[name] = path.read_bytes()
+            if name == CLIENTS_FILE:  # possibly large: hashed from disk, loaded from the file below
+                digest = _file_sha256(path)
+            else:
+                data[name] = path.read_bytes()
+                digest = _sha256(data[name])
         except OSError:
             raise CheckpointDamaged(f"{path}: missing") from None
-        if _sha256(data[name]) != hashes[name]:
+        if digest != hashes[name]:
             raise CheckpointDamaged(f"{path}: damaged (its content does not match the hash recorded when it was written)")
     rnd = meta.pop("round")
     rows = [json.loads(line) for line in data["metrics.jsonl"].decode().splitlines() if line.strip()]
     if [r.get("round") for r in rows] != list(range(1, rnd + 1)):
         raise CheckpointDamaged(f"{folder / 'metrics.jsonl'}: does not hold rounds 1..{rnd}")
     state, server = (load_safetensors(data[f"{n}.safetensors"]) for n in ("global", "server"))
-    clients = load_safetensors(data[CLIENTS_FILE]) if CLIENTS_FILE in data else None
+    clients = load_safetensors_file(folder / CLIENTS_FILE) if CLIENTS_FILE in hashes else None
     return Checkpoint(rnd, state, rows, data["config.toml"].decode(), meta, server_state=server, path=folder,
                       client_state=clients)
 
@@ -177,3 +188,8 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -151,5 +151,5 @@ class ClientControls:
             cid, sep, name = key.partition("/")
             if not sep or not cid.isdigit():
                 raise ValueError(f"client control variates: unexpected key {key!r} (expected <client>/<name>)")
-            by_client.setdefault(int(cid), {})[name] = np.array(value)
+            by_client.setdefault(int(cid), {})[name] = np.asarray(value)  # c_i are never changed in place
         self._by_client = by_client
