@@ -7,6 +7,9 @@
    Evaluation is excluded from both.
 2. Memory: peak RSS of whole ``fedpeft run`` processes with 10, 100 and 1,000 simulated LoRA
    clients (sst2 rows), which should stay flat: a client's state is only its exchanged part.
+3. SCAFFOLD's client control variates: 1,000 LoRA clients that all train once (one round of
+   1,000 clients, one step each), with and without ``federation.scaffold``: peak RSS and the
+   checkpoint's size, which grow by one exchanged state per client (``c_i``).
 
 Usage: ``python benchmarks/overhead.py [--data-dir ../shared/data] [--repeats 2]``
 """
@@ -71,15 +74,17 @@ def plain_loop_throughput(cfg: Config) -> float:
     return samples / (time.perf_counter() - start)
 
 
-def memory_with_clients(data_dir: str, num_clients: int) -> dict:
+def memory_with_clients(data_dir: str, num_clients: int, *overrides: str) -> dict:
+    """The summary of one ``fedpeft run`` of overhead_memory.toml, plus ``checkpoint_bytes``."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [
             sys.executable, "-m", "fedpeft.cli", "run", str(Path(__file__).with_name("overhead_memory.toml")),
             "--out", out, "--set", f"data.data_dir={json.dumps(data_dir)}",
-            "--set", f"partition.num_clients={num_clients}",
+            "--set", f"partition.num_clients={num_clients}", *(a for o in overrides for a in ("--set", o)),
         ]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
-        return json.loads((Path(out) / "summary.json").read_text())
+        checkpoint = sum(f.stat().st_size for f in (Path(out) / "checkpoint").rglob("*") if f.is_file())
+        return {**json.loads((Path(out) / "summary.json").read_text()), "checkpoint_bytes": checkpoint}
 
 
 def main() -> None:
@@ -108,6 +113,15 @@ def main() -> None:
     for n in (10, 100, 1000):
         s = memory_with_clients(args.data_dir, n)
         print(f"| {n} | {s['peak_rss_mb']:.0f} | {s['client_train_state_bytes'] / 2**20:.2f} | {s['bytes_per_client_update'] / 1024:.1f} |")
+
+    print("\n## SCAFFOLD: 1,000 LoRA clients, each trained once (sst2, MiniLM)\n")
+    print("| federation.scaffold | peak RSS MB | checkpoint MB |")
+    print("|---|---|---|")
+    every_client_once = ("federation.rounds=1", "federation.clients_per_round=1000", "federation.local_steps=1",
+                         "runtime.threads=1")
+    for scaffold in ("false", "true"):
+        s = memory_with_clients(args.data_dir, 1000, *every_client_once, f"federation.scaffold={scaffold}")
+        print(f"| {scaffold} | {s['peak_rss_mb']:.0f} | {s['checkpoint_bytes'] / 1e6:.0f} |")
 
 
 if __name__ == "__main__":
