@@ -11,11 +11,17 @@ installed fedpeft has ``federation.scaffold``), lora with ``freeze_a`` (FFA-LoRA
 when ``method.aggregation`` exists), and full FedAvg on the same rounds as the reference. Each
 variant's local lr comes from ``--lrs tune.json`` (``fedpeft tune`` output: its ``chosen``
 mapping of method -> lr), else from :data:`LEARNING_RATES` (chosen for benchmarks/methods.py).
+With ``--tune`` each dataset's local learning rates come from ``fedpeft tune`` run on that
+dataset's own config first (``OUT/tune/<dataset>``: 2 proxy rounds, validation rows of the train
+split, never the test split); the chosen lr of a method is used by all its variants (FedAdam's
+``server_lr`` stays 1e-2).
 
 Usage::
 
-    python benchmarks/skew.py [--data-dir ../shared/data] [--out runs/bench-skew] [--lrs DIR/tune.json]
-    python benchmarks/skew.py --datasets ag_news_imbalanced --only lora-fedavg,lora-fedlc
+    python benchmarks/skew.py --tune [--data-dir ../shared/data] [--out runs/bench-skew]
+    python benchmarks/skew.py --lrs DIR/tune.json --datasets ag_news_imbalanced --only lora-fedavg,lora-fedlc
+
+Runs go variant by variant, each on every dataset, so a partial benchmark compares datasets.
 
 Every run is a normal run folder under ``OUT/<dataset>/<variant>``: re-running skips finished
 runs and resumes killed ones (kill it and start it again at will); ``OUT/<dataset>/report.md``
@@ -37,6 +43,7 @@ from fedpeft.experiment import run_experiment
 from fedpeft.methods.lora import LoraOptions
 from fedpeft.report import markdown_table, write_report
 from fedpeft.sweep import clear_unfinished, run_status
+from fedpeft.tune import run_tune
 
 LEARNING_RATES = {"full": 3e-4, "bias": 1e-2, "adapter": 3e-3, "lora": 3e-3}
 CORRECTIONS = {  # variant suffix -> federation keys
@@ -95,13 +102,31 @@ def config(args: argparse.Namespace, dataset: str, method: str, options: dict, f
     })
 
 
+def chosen_lrs(tune_json: Path) -> dict[str, float]:
+    """``method -> federation.lr`` from a ``fedpeft tune`` output."""
+    return {m: float(c["federation.lr"]) for m, c in json.loads(tune_json.read_text())["choices"].items()}
+
+
+def tuned_lrs(args: argparse.Namespace, dataset: str, methods: list[str]) -> dict[str, float]:
+    """Run (or finish) ``fedpeft tune`` for ``methods`` on ``dataset``'s config; their chosen lrs."""
+    folder = args.out / "tune" / dataset  # outside OUT/<dataset>, whose report lists the benchmark runs only
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = config(args, dataset, methods[0], {}, {}, LEARNING_RATES[methods[0]])
+    cfg.save(folder / "config.toml")
+    tuning = run_tune(folder / "config.toml", folder / "runs", methods=methods, rounds=2)
+    (folder / "tune.json").write_text((folder / "runs" / "tune.json").read_text())
+    print(f"{dataset} tuned: " + ", ".join(f"{m} {c.lr:g}" for m, c in tuning.choices.items()), flush=True)
+    return chosen_lrs(folder / "tune.json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench-skew"))
     parser.add_argument("--datasets", default="banking77,ag_news_imbalanced")
     parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
-    parser.add_argument("--lrs", type=Path, help="a fedpeft tune.json whose 'chosen' maps method -> lr")
+    parser.add_argument("--lrs", type=Path, help="a fedpeft tune.json: its chosen lr per method, for every dataset")
+    parser.add_argument("--tune", action="store_true", help="run fedpeft tune on each dataset first and use its lrs")
     parser.add_argument("--rows", type=int, default=1600)
     parser.add_argument("--test-rows", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=8)
@@ -109,19 +134,23 @@ def main() -> None:
     parser.add_argument("--minority", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    lrs = dict(LEARNING_RATES)
-    if args.lrs:
-        lrs.update(json.loads(args.lrs.read_text())["chosen"])
     chosen = variants()
     wanted = [v for v in args.only.split(",") if v] or list(chosen)
     unknown = sorted(set(wanted) - set(chosen))
     if unknown:
         raise SystemExit(f"unknown or unsupported variants {unknown}; available: {', '.join(chosen)}")
-    for dataset in args.datasets.split(","):
-        for name in wanted:
+    datasets = args.datasets.split(",")
+    lrs = {d: dict(LEARNING_RATES) for d in datasets}
+    for dataset in datasets:
+        if args.lrs:
+            lrs[dataset].update(chosen_lrs(args.lrs))
+        if args.tune:
+            lrs[dataset].update(tuned_lrs(args, dataset, sorted({chosen[v][0] for v in wanted})))
+    for name in wanted:
+        for dataset in datasets:
             method, options, fed = chosen[name]
             folder = args.out / dataset / name
-            cfg = config(args, dataset, method, options, fed, lrs[method])
+            cfg = config(args, dataset, method, options, fed, lrs[dataset][method])
             status = run_status(folder, cfg.federation.rounds)
             if status == "finished":
                 continue
@@ -131,6 +160,7 @@ def main() -> None:
             print(f"{dataset} {name}: acc {summary['final_accuracy']:.4f} f1 {summary['final_macro_f1']:.4f} "
                   f"classes {summary['predicted_classes']} up {summary['total_bytes_up'] / 1e6:.1f} MB "
                   f"{summary['wall_s']:.0f} s", flush=True)
+    for dataset in datasets:
         report = write_report(args.out / dataset)
         print(f"\n## {dataset}\n\n{markdown_table(report.rows)}")
 
