@@ -37,8 +37,9 @@ from fedpeft.methods.prompt import add_visual_prompt
 CASES = [
     ("full", "tiny-bert"), ("head", "tiny-bert"), ("bias", "tiny-bert"), ("adapter", "tiny-bert"),
     ("lora", "tiny-bert"), ("prompt", "tiny-bert"), ("lora", "tiny-gpt2"), ("prompt", "tiny-gpt2"),
-    ("prompt", "tiny-vit"),
+    ("prompt", "tiny-vit"), ("lora-fedex", "tiny-bert"), ("lora-fedex", "tiny-gpt2"),
 ]
+METHODS = {"lora-fedex": {"name": "lora", "aggregation": "fedex"}}  # case name -> method table
 NEEDS_FEDPEFT = {("adapter", "tiny-bert"), ("prompt", "tiny-vit")}  # fedpeft's own modules
 WORDS = {
     "sports": "goal match team score ball league coach",
@@ -88,7 +89,7 @@ def make_cfg(data_dir: Path, method: str, model: str) -> Config:
         "model": {"name": model, "max_length": MAX_LENGTH},
         "data": {"train": str(train), "test": str(test)},
         "partition": {"scheme": "iid", "num_clients": 2},
-        "method": {"name": method},
+        "method": METHODS.get(method, {"name": method}),
         "federation": {"rounds": 2, "clients_per_round": 2, "local_steps": 2, "batch_size": 8, "lr": 1e-2},
         "runtime": {"seed": 0, "progress": False},
     })
@@ -145,6 +146,8 @@ def load_exported(folder: Path):
     base = folder / facts["base_model"] if facts["base_model_kind"] == "included" else facts["base_model"]
     config = AutoConfig.from_pretrained(folder)
     auto = AutoModelForImageClassification if facts["modality"] == "image" else AutoModelForSequenceClassification
+    if facts["merged"]:  # FedEx-LoRA: the whole model, base weights changed by the federation
+        return config, auto.from_pretrained(folder).eval()
     model = auto.from_pretrained(base, config=config)
     if (folder / "adapter_config.json").is_file():
         return config, PeftModel.from_pretrained(model, folder).eval()
@@ -211,7 +214,7 @@ def test_card_reports_the_run(exported):
     assert f"| rounds | {s['rounds_completed']} |" in card
     assert f"{s['total_bytes_up']:,} / {s['total_bytes_down']:,}" in card
     assert f"| trainable parameters | {s['trainable_params']:,} |" in card
-    assert f"`{exported.method}` on {exported.family}" in card
+    assert f"`{exported.method.split('-')[0]}` on {exported.family}" in card
     assert ("loading needs fedpeft" in card) == ((exported.method, exported.family) in NEEDS_FEDPEFT)
 
 
@@ -219,7 +222,8 @@ def test_folder_is_portable_and_holds_its_base(exported):
     facts = json.loads((exported.folder / "fedpeft.json").read_text())
     assert facts["base_model"] == "base" and facts["base_model_kind"] == "included"
     assert facts["label_names"] == exported.label_names
-    assert (exported.folder / "base" / "config.json").is_file()
+    assert facts["merged"] == (exported.method == "lora-fedex")
+    assert (exported.folder / "base" / "config.json").is_file() != facts["merged"]  # merged: the folder is the model
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in exported.folder.rglob("*") if p.is_file())  # shareable
     adapter_config = exported.folder / "adapter_config.json"
     if adapter_config.is_file():

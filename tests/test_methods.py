@@ -197,7 +197,7 @@ def test_options_become_config_keys():
     table = {"name": "lora", "r": 4, "target_modules": ["query"]}
     cfg = Config.from_dict({"data": {"name": "x"}, "method": table})
     assert cfg.method.options.r == 4 and cfg.method.options.target_modules == ["query"]
-    assert cfg.to_dict()["method"] == {**table, "alpha": 16, "dropout": 0.0, "freeze_a": False}
+    assert cfg.to_dict()["method"] == {**table, "alpha": 16, "dropout": 0.0, "freeze_a": False, "aggregation": "fedavg"}
 
 
 def test_lora_unknown_targets_are_a_config_error(tiny):

@@ -345,6 +345,15 @@ class Config:
                 f"give at most {per_round}"
             )
 
+        if getattr(self.method.options, "aggregation", "fedavg") == "fedex":
+            if fed.server_optimizer != "fedavg" or fed.server_lr not in (None, 1.0):
+                raise ConfigError(
+                    'method.aggregation = "fedex" folds the residual of plain FedAvg into the base weights; '
+                    f"federation.server_optimizer = {fed.server_optimizer!r}"
+                    f"{'' if fed.server_lr is None else f' with server_lr = {fed.server_lr}'} would move A and B "
+                    'by another step: use server_optimizer = "fedavg" (server_lr 1) or aggregation = "fedavg"'
+                )
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):

@@ -55,7 +55,10 @@ class Experiment:
     processor: Any = None  # the tokenizer (text) or image processor (image) the data was encoded with
 
     def initial_state(self) -> dict[str, np.ndarray]:
-        return get_state(self.model, self.names)
+        """The global state before round 1: the exchanged part (with FedEx-LoRA also the adapted
+        layers' base weights, which the server corrects and clients only receive)."""
+        fedex = self.strategy.fedex
+        return get_state(self.model, self.names + (fedex.base_names if fedex else []))
 
     def evaluate(self, state: dict[str, np.ndarray]) -> dict[str, float]:
         set_state(self.model, state)
@@ -63,7 +66,7 @@ class Experiment:
 
     def static_summary(self) -> dict[str, Any]:
         trainable, total = param_counts(self.model)
-        state = self.initial_state()
+        state = get_state(self.model, self.names)  # what a client sends
         copies = 2 if self.cfg.federation.scaffold else 1  # SCAFFOLD: c down, delta_c_i up as well
         return {
             "method": self.cfg.method.name,
@@ -152,7 +155,7 @@ def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
     test = encode(test_rows, loaded.processor, data.modality, cfg.model.max_length, cfg.data.cache_dir)
     parts = partition(train.labels.numpy(), cfg.partition, seed)
     trainer = ClientTrainer(model, names, train, cfg.federation, seed)
-    strategy = FedAvgStrategy(cfg.federation, len(parts), seed)
+    strategy = FedAvgStrategy(cfg.federation, len(parts), seed, method.residual_fold(model))
     return Experiment(cfg, data, loaded.info, method, model, names, train, test, parts, trainer, strategy, loaded.processor)
 
 

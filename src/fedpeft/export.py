@@ -95,10 +95,11 @@ def export_model(exp: Experiment, state: NamedArrays, directory: str | Path, sum
     base = base_model_reference(exp.cfg.model.name)
     _save_config(_transformers_model(exp.model), exp.data.label_names, directory)
     _save_processor(exp, directory)
-    if base.kind == "included":
+    if base.kind == "included" and not _is_merged(directory):
         _save_tiny_base(exp, directory / INCLUDED_BASE)
     _set_adapter_base(directory, base.reference)
-    (directory / "fedpeft.json").write_text(json.dumps(_facts(exp, base), indent=2) + "\n")
+    facts = {**_facts(exp, base), "merged": _is_merged(directory)}
+    (directory / "fedpeft.json").write_text(json.dumps(facts, indent=2) + "\n")
     (directory / "README.md").write_text(_model_card(exp, base, summary, directory))
     for path in directory.rglob("*"):  # safetensors writes its files 0600: others could not read them
         if path.is_file():
@@ -158,10 +159,15 @@ def _set_adapter_base(directory: Path, reference: str) -> None:
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _is_merged(directory: Path) -> bool:
+    """True for a whole ``transformers`` model folder (FedEx-LoRA merges its changed base weights)."""
+    return (directory / "model.safetensors").is_file() and not (directory / "adapter_config.json").is_file()
+
+
 def _model_card(exp: Experiment, base: BaseModelRef, summary: dict[str, Any], directory: Path) -> str:
     """The README.md of an export: what was trained, how well, at what cost, and how to load it."""
     is_peft = (directory / "adapter_config.json").is_file()
-    rebuild = None if is_peft else exp.method.rebuild_code(exp.model)
+    rebuild = None if is_peft or _is_merged(directory) else exp.method.rebuild_code(exp.model)
     front = [
         "---", f"library_name: {'peft' if is_peft else 'transformers'}",
         *([f"base_model: {base.reference}"] if base.kind == "hub" else []),
@@ -175,7 +181,11 @@ def _model_card(exp: Experiment, base: BaseModelRef, summary: dict[str, Any], di
     if rebuild:
         notes += [f"`{exp.method.name}` adds fedpeft's own modules to the model, so loading needs fedpeft "
                   "installed (its torch-only helper below rebuilds them), not only transformers.", ""]
-    code = ["```python", _load_code(exp, base, is_peft, rebuild), "```", "",
+    if _is_merged(directory):
+        notes += ["The adapter is merged: this folder is the whole model (the federation changed the base "
+                  "weights of the adapted layers too), loaded with plain `transformers`.", ""]
+    load = _merged_load_code(exp) if _is_merged(directory) else _load_code(exp, base, is_peft, rebuild)
+    code = ["```python", load, "```", "",
             "```python", _predict_code(exp), "```", ""]
     title = f"# `{exp.method.name}` on {exp.cfg.model.name}: federated fine-tuning with fedpeft"
     return "\n".join([*front, title, "", *_results_table(exp, base, summary), "", "## How to load", "",
@@ -236,6 +246,19 @@ def _load_code(exp: Experiment, base: BaseModelRef, is_peft: bool, rebuild: str 
             "assert not unexpected  # missing: the frozen pre-trained parameters",
         ]
     return "\n".join(lines + ["model.eval()"])
+
+
+def _merged_load_code(exp: Experiment) -> str:
+    """Python that loads a merged export (:func:`_is_merged`) with plain ``transformers``."""
+    text = exp.info.modality == "text"
+    auto, processor = ("AutoModelForSequenceClassification", "AutoTokenizer") if text else (
+        "AutoModelForImageClassification", "AutoImageProcessor")
+    return "\n".join([
+        f"from transformers import AutoConfig, {processor}, {auto}", "",
+        'model_dir = "model"  # this folder', "config = AutoConfig.from_pretrained(model_dir)",
+        f"{'tokenizer' if text else 'processor'} = {processor}.from_pretrained(model_dir)",
+        f"model = {auto}.from_pretrained(model_dir).eval()",
+    ])
 
 
 def _predict_code(exp: Experiment) -> str:

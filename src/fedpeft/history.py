@@ -26,6 +26,7 @@ def round_row(
     timings: dict[str, float],
     previous: dict[str, Any] | None,
     control_down: NamedArrays | None = None,
+    down_bytes: dict[int, int] | None = None,
 ) -> dict[str, Any]:
     """One ``metrics.jsonl`` row.
 
@@ -36,16 +37,19 @@ def round_row(
     ``previous`` is the row before (for cumulative totals), or None for the first round.
     ``control_down`` is SCAFFOLD's ``c``, sent with the state to every selected client (its
     bytes count down like the state's; a client's ``delta_c_i`` is in ``delivery.bytes_up``).
+    ``down_bytes`` (client -> bytes) replaces that count where clients download different
+    payloads (FedEx-LoRA: the base-weight residuals each one has not received yet).
     """
     results = delivery.results
     by_client = {r.client: r for r in results}
     up = delivery.bytes_up
     down = message_bytes(state_down) + message_bytes(control_down or {})
+    down_of = down_bytes or {cid: down for cid in plan.selected}
     wire_up, wire_down = delivery.wire_up, delivery.wire_down
     clients = []
     for cid in plan.selected:
         res = by_client.get(cid)
-        entry: dict[str, Any] = {"id": cid, "bytes_down": down, "bytes_up": up.get(cid, 0)}
+        entry: dict[str, Any] = {"id": cid, "bytes_down": down_of[cid], "bytes_up": up.get(cid, 0)}
         if wire_down is not None:
             entry["wire_bytes_down"] = wire_down.get(cid, 0)
             entry["wire_bytes_up"] = (wire_up or {}).get(cid, 0)
@@ -68,7 +72,7 @@ def round_row(
     )
     reported = len(results) + len(set(delivery.rejected) - set(by_client))
     bytes_up_total = sum(up.values())
-    bytes_down_total = down * len(plan.selected)
+    bytes_down_total = sum(down_of[cid] for cid in plan.selected)
     prev = previous or {}
     ev = eval_metrics or {}
     wire = None if wire_down is None else (sum((wire_up or {}).values()), sum(wire_down.values()))

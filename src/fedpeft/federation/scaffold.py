@@ -53,7 +53,8 @@ def control_delta(
     c
         The server's control variate sent with ``x``.
     x, y
-        The global state the client started from and its state after ``steps`` local steps.
+        The global state the client started from and its state after ``steps`` local steps
+        (``delta_c_i`` has ``y``'s names: a global state may also hold what clients only receive).
     steps, lr
         ``K`` and the local learning rate ``eta_l``. ``(x - y) / (K * eta_l)`` is the mean
         corrected gradient only for plain SGD (no momentum, no weight decay); with other local
@@ -62,7 +63,7 @@ def control_delta(
     scale = 1.0 / (steps * lr)
     return {
         name: ((np.asarray(x[name], np.float64) - y[name]) * scale - c[name]).astype(x[name].dtype)
-        for name in x
+        for name in y
     }
 
 

@@ -7,6 +7,8 @@ back their :class:`ClientResult` objects. Client instability follows FedPEFT's s
 probability ``dropout``; the round aggregates the survivors, folding each result in as it arrives.
 With ``federation.scaffold`` the server also keeps SCAFFOLD's control variate ``c``
 (:mod:`fedpeft.federation.scaffold`), sent down with the state and moved by the clients' reports.
+With FedEx-LoRA (:mod:`fedpeft.federation.fedex`) the global state also holds the adapted layers'
+corrected base weights, which clients receive but never send.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ import numpy as np
 from fedpeft.config import FederationConfig
 from fedpeft.errors import UpdateRejected
 from fedpeft.federation.aggregate import NamedArrays, RunningFedAvg, validate_update
+from fedpeft.federation.costs import message_bytes
+from fedpeft.federation.fedex import FedExLoRA, FedExRound
 from fedpeft.federation.scaffold import PREFIX as SCAFFOLD_PREFIX
 from fedpeft.federation.scaffold import ServerControl
+
+FEDEX_ACCEPTED = "fedex/accepted"  # strategy state: clients aggregated per round (FedEx download bytes)
 from fedpeft.federation.server_opt import ServerOptimizer
 
 log = logging.getLogger(__name__)
@@ -71,25 +77,49 @@ class FedAvgStrategy:
     checkpoint (:meth:`state_dict`).
     """
 
-    def __init__(self, cfg: FederationConfig, num_clients: int, seed: int) -> None:
+    def __init__(self, cfg: FederationConfig, num_clients: int, seed: int, fedex: FedExLoRA | None = None) -> None:
         self.cfg = cfg
         self.num_clients = num_clients
         self.seed = seed
         self.server_opt = cfg.build_server_optimizer()  # its moments are checkpointed (state_dict)
         self.scaffold = ServerControl(num_clients) if cfg.scaffold else None  # c, checkpointed too
+        self.fedex = fedex
+        self.fedex_accepted: list[int] = []  # FedEx: clients aggregated in rounds 1.., checkpointed too
 
     def state_dict(self) -> NamedArrays:
-        """What the strategy carries from round to round: the server optimizer's state and, with
-        SCAFFOLD, ``c`` (``scaffold_c/<name>``)."""
-        return {**self.server_opt.state_dict(), **(self.scaffold.state_dict() if self.scaffold else {})}
+        """What the strategy carries from round to round: the server optimizer's state, with
+        SCAFFOLD ``c`` (``scaffold_c/<name>``), with FedEx-LoRA the clients aggregated per round."""
+        fedex = {FEDEX_ACCEPTED: np.asarray(self.fedex_accepted, np.int64)} if self.fedex else {}
+        return {**self.server_opt.state_dict(), **(self.scaffold.state_dict() if self.scaffold else {}), **fedex}
 
     def load_state_dict(self, state: NamedArrays) -> None:
+        state = dict(state)
+        accepted = state.pop(FEDEX_ACCEPTED, None)
+        if (accepted is None) != (self.fedex is None):
+            raise ValueError("it was written with another method.aggregation (FedEx-LoRA state "
+                             f"{'missing' if accepted is None else 'present'})")
+        self.fedex_accepted = [] if accepted is None else [int(k) for k in accepted]
         control = {k: v for k, v in state.items() if k.startswith(SCAFFOLD_PREFIX)}
         if control and self.scaffold is None:
             raise ValueError("it holds SCAFFOLD's control variate, but federation.scaffold is off")
         self.server_opt.load_state_dict({k: v for k, v in state.items() if k not in control})
         if self.scaffold is not None:
             self.scaffold.load_state_dict(control)
+
+    def download_bytes(self, plan: RoundPlan, state: NamedArrays, control: NamedArrays | None) -> dict[int, int]:
+        """Payload bytes each selected client of ``plan`` downloads: the state (and SCAFFOLD's
+        ``c``); with FedEx-LoRA the exchanged part plus the base-weight residuals that client has
+        not received (:meth:`~fedpeft.federation.fedex.FedExLoRA.download_bytes`)."""
+        if self.fedex is None:
+            down = message_bytes(state) + message_bytes(control or {})
+            return {cid: down for cid in plan.selected}
+        shared = message_bytes(self.fedex.upload_view(state)) + message_bytes(control or {})
+        last = {}  # client -> the last round before plan.round it was selected in
+        for rnd in range(1, plan.round):
+            last.update({cid: rnd for cid in self.plan_round(rnd).selected})
+        history = self.fedex_accepted[: plan.round - 1]  # history[r - 1]: clients aggregated in round r
+        # a client last selected in round t0 holds the base weights after round t0 - 1: it needs rounds t0..
+        return {cid: shared + self.fedex.download_bytes(state, history[last.get(cid, 1) - 1 :]) for cid in plan.selected}
 
     def clients_per_round(self) -> int:
         count = self.cfg.clients_per_round_count(self.num_clients)  # Config.from_dict checks it fits
@@ -119,7 +149,8 @@ class FedAvgStrategy:
 
     def start_round(self, rnd: int, global_state: NamedArrays) -> "RoundAggregation":
         """An aggregation that folds results in as they arrive (see :class:`RoundAggregation`)."""
-        return RoundAggregation(rnd, global_state, self.cfg.min_clients, self.server_opt, self.scaffold)
+        return RoundAggregation(rnd, global_state, self.cfg.min_clients, self.server_opt, self.scaffold,
+                                self.fedex, self.fedex_accepted)
 
 
 class RoundAggregation:
@@ -137,14 +168,22 @@ class RoundAggregation:
     :attr:`control` is the ``c`` sent with the state this round; every result must carry a
     ``delta_c_i`` of the global state's form, checked like the state (a bad one rejects the
     whole result), and an aggregated round moves ``c`` by the accepted ones, unweighted.
+
+    With ``fedex`` (FedEx-LoRA) results carry the global state's names without the base weights;
+    an aggregated round folds the residual of its averages into them, and appends the number of
+    clients it aggregated (0 when it did not) to ``fedex_accepted``.
     """
 
     def __init__(self, rnd: int, global_state: NamedArrays, min_clients: int,
-                 server_opt: ServerOptimizer | None = None, scaffold: ServerControl | None = None) -> None:
+                 server_opt: ServerOptimizer | None = None, scaffold: ServerControl | None = None,
+                 fedex: FedExLoRA | None = None, fedex_accepted: list[int] | None = None) -> None:
         self.round, self.global_state, self.min_clients = rnd, global_state, min_clients
         self.server_opt = server_opt or ServerOptimizer()  # plain FedAvg
         self.scaffold = scaffold
-        self.control = scaffold.current(global_state) if scaffold else None  # c, sent down
+        self.fedex, self.fedex_accepted = fedex, fedex_accepted if fedex_accepted is not None else []
+        self.fedex_round: FedExRound | None = fedex.start_round() if fedex else None
+        self.reference = fedex.upload_view(global_state) if fedex else global_state  # what a result carries
+        self.control = scaffold.current(self.reference) if scaffold else None  # c, sent down
         self.running = RunningFedAvg()
         self.deltas = RunningFedAvg()  # SCAFFOLD: delta_c_i, each with weight 1
         self.accepted: list[int] = []
@@ -153,12 +192,12 @@ class RoundAggregation:
     def add(self, res: ClientResult) -> bool:
         """Validate and fold in one result; True if it was accepted."""
         try:
-            validate_update(res.state, self.global_state)
+            validate_update(res.state, self.reference)
             if res.num_samples <= 0:
                 raise UpdateRejected(f"num_samples must be positive, got {res.num_samples}")
             if self.scaffold is not None:
                 try:
-                    validate_update(res.control, self.global_state)
+                    validate_update(res.control, self.reference)
                 except UpdateRejected as exc:
                     raise UpdateRejected(f"control variate delta_c: {exc}") from None
         except UpdateRejected as exc:
@@ -166,6 +205,8 @@ class RoundAggregation:
             log.warning("round %d: rejected the update of client %d: %s", self.round, res.client, exc)
             return False
         self.running.add(res.state, res.num_samples)
+        if self.fedex_round is not None:
+            self.fedex_round.add(res.state, res.num_samples)
         if self.scaffold is not None:
             self.deltas.add(res.control, 1.0)
         self.accepted.append(res.client)
@@ -182,8 +223,19 @@ class RoundAggregation:
                 f"{self.min_clients}; the global state is unchanged"
             )
             log.warning(message)
+            self._record_fedex(0)
             return RoundOutcome(self.global_state, False, list(self.accepted), rejected, message)
-        state = self.server_opt.step(self.global_state, self.running.result())
+        average = self.running.result()
+        state = self.server_opt.step(self.reference, average)
+        if self.fedex_round is not None:  # fedavg, server_lr 1 (Config checks): state == average
+            state = {**state, **self.fedex_round.fold(self.global_state, average)}
+            state = {name: state[name] for name in self.global_state}
+            self._record_fedex(len(self.accepted))
         if self.scaffold is not None:
             self.scaffold.step(self.deltas)
         return RoundOutcome(state, True, list(self.accepted), rejected)
+
+    def _record_fedex(self, count: int) -> None:
+        if self.fedex is not None:
+            del self.fedex_accepted[self.round - 1 :]  # a round recomputed after a damaged checkpoint
+            self.fedex_accepted.append(count)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -52,6 +52,12 @@ class Method:
     def exchanged_names(self, model: nn.Module) -> list[str]:
         """Names of the parameters sent between clients and server (default: the trainable ones)."""
         return trainable_names(model)
+
+    def residual_fold(self, model: nn.Module) -> Any:
+        """A server-side fold that changes frozen weights after aggregation (FedEx-LoRA's
+        :class:`~fedpeft.federation.fedex.FedExLoRA`), or None (the default): the global state is
+        then exactly the exchanged part."""
+        return None
 
     def save_pretrained(self, model: nn.Module, directory: Path, state: NamedArrays) -> None:
         """Write the trainable part so that plain ``transformers``/``peft`` can load it.

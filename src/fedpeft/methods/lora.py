@@ -19,6 +19,7 @@ folder)`` loads it into a plain ``transformers`` model with the same number of l
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from pathlib import Path
 from torch import nn
 
 from fedpeft.errors import ConfigError
+from fedpeft.federation.fedex import AdaptedLayer, FedExLoRA
 from fedpeft.methods.base import NamedArrays, Method, set_state, trainable_names
 from fedpeft.methods.registry import register
 from fedpeft.models import ModelInfo
@@ -36,6 +38,7 @@ from fedpeft.models import ModelInfo
 # value projections, as in the LoRA paper, under the names transformers uses for them.
 FALLBACK_TARGETS = (["query", "value"], ["q_proj", "v_proj"])
 PEFT_HEAD_NAMES = ("classifier", "score")  # peft adds these itself for SEQ_CLS
+AGGREGATIONS = ("fedavg", "fedex")
 
 
 @dataclass
@@ -58,6 +61,13 @@ class LoraOptions:
         stays at its initialisation, which every client and the server draw alike from
         ``runtime.seed``; only ``lora_B`` (and the head) trains and is sent. The average of the
         clients' ``B_i A`` is then exactly ``mean(B_i) A``, and the upload is about half.
+    aggregation : str
+        ``"fedavg"``: average ``A`` and ``B`` separately (not the average of the products
+        ``B_i A_i``). ``"fedex"``: FedEx-LoRA (Singhal et al., ACL 2025,
+        https://arxiv.org/abs/2410.09432): the same averages, plus the residual
+        ``mean(B_i A_i) - mean(B) mean(A)`` folded into every client's frozen base weight, so the
+        aggregate is exact (:mod:`fedpeft.federation.fedex`); the download grows by the residual's
+        low-rank factors. Needs ``federation.server_optimizer = "fedavg"`` with ``server_lr`` 1.
     """
 
     r: int = 8
@@ -65,6 +75,7 @@ class LoraOptions:
     dropout: float = 0.0
     target_modules: list[str] | None = None
     freeze_a: bool = False
+    aggregation: str = "fedavg"
 
     def validate(self) -> None:
         if self.r < 1:
@@ -75,6 +86,13 @@ class LoraOptions:
             raise ConfigError(f"method.dropout: must be in [0, 1), got {self.dropout}")
         if self.target_modules is not None and not self.target_modules:
             raise ConfigError("method.target_modules: must not be empty (omit it for the default)")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"method.aggregation: unknown {self.aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+        if self.aggregation == "fedex" and self.freeze_a:
+            raise ConfigError(
+                'method.aggregation = "fedex" with method.freeze_a = true: with A frozen the average is '
+                "already exact (the residual is 0); use one of them"
+            )
 
 
 def default_target_modules(model: nn.Module, family: str) -> list[str]:
@@ -178,8 +196,33 @@ class Lora(Method):
                     param.requires_grad_(False)
         return peft_model
 
+    def residual_fold(self, model: nn.Module) -> FedExLoRA | None:
+        """FedEx-LoRA's server side over every adapted layer of ``model`` (None for ``fedavg``)."""
+        if self.options.aggregation != "fedex":
+            return None
+        from peft.tuners.lora import LoraLayer
+
+        layers = [
+            AdaptedLayer(f"{name}.base_layer.weight", f"{name}.lora_A.default.weight", f"{name}.lora_B.default.weight",
+                         float(module.scaling["default"]), bool(module.fan_in_fan_out))
+            for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) and "default" in module.lora_A
+        ]
+        return FedExLoRA(layers, self.options.r)
+
     def save_pretrained(self, model: nn.Module, directory: Path, state: NamedArrays) -> None:
-        """Load ``state`` into ``model``, then write a peft adapter folder (``PeftModel.from_pretrained``)."""
+        """Load ``state`` into ``model``, then write a peft adapter folder (``PeftModel.from_pretrained``).
+
+        With FedEx-LoRA the base weights differ from the pre-trained ones, so the adapter is merged
+        into a copy of the model and the folder is a plain ``transformers`` model instead.
+        """
+        if self.options.aggregation == "fedex":
+            set_state(model, state)
+            directory.mkdir(parents=True, exist_ok=True)
+            with quiet_peft():
+                merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(str(directory))
+            return
         save_peft_folder(model, directory, state)
 
 

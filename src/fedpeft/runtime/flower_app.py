@@ -119,7 +119,7 @@ def train(msg: Message, context: Context) -> Message:
             raise FedPeftError("federation.scaffold is on but the TRAIN message carries no 'control' record")
         c = record_to_state(msg.content["control"])
         kept = context.state.array_records.get(CLIENT_CONTROL_KEY)
-        c_i = zeros_like(state) if kept is None else record_to_state(kept)
+        c_i = zeros_like(c) if kept is None else record_to_state(kept)
         res = exp.trainer.fit(pid, exp.parts[pid], state, rnd, controls=(c, c_i))
         context.state[CLIENT_CONTROL_KEY] = state_to_record(advance(c_i, res.control))
     metrics = {"num-examples": res.num_samples, **{k: float(res.metrics[k]) for k in METRIC_KEYS if k in res.metrics}}

@@ -39,7 +39,7 @@ class InProcessClients:
             if control is None:
                 res = self.exp.trainer.fit(cid, self.exp.parts[cid], state, plan.round)
             else:
-                c_i = self.controls.get(cid, state)
+                c_i = self.controls.get(cid, control)  # zeros in c's names at first
                 res = self.exp.trainer.fit(cid, self.exp.parts[cid], state, plan.round, controls=(control, c_i))
                 self.controls.set(cid, advance(c_i, res.control))
             delivery.bytes_up[cid] = message_bytes(res.state) + message_bytes(res.control)
