@@ -145,3 +145,36 @@ def test_grids_and_stages(poisoned, tmp_path):
         method_grid("lora", base, ["method.name=head"])
     assert [halving_stages(r, True) for r in (1, 2, 5)] == [[1], [1, 2], [1, 2, 4, 5]]
     assert halving_stages(5, False) == [5]
+
+
+def test_a_best_lr_on_the_edge_of_the_default_grid_extends_the_grid_there(poisoned, tmp_path, monkeypatch):
+    """lora's default grid cut to two points: the better one is an edge, so tune tries half a decade
+    beyond it, and again while the new point keeps winning, at most MAX_EXTENSIONS times; the
+    choice is the best scored candidate of all."""
+    from fedpeft import tune
+
+    monkeypatch.setitem(tune.DEFAULT_LRS, "lora", "3e-4,1e-3")
+    config = write_config(poisoned, tmp_path / "base.toml")
+    execute = Counting()
+    tuning = run_tune(config, tmp_path / "out", ["lora"], rounds=2, execute=execute)
+    first, second, *extra = tuning.candidates
+    assert (first.lr, second.lr) == (3e-4, 1e-3) and 1 <= len(extra) <= tune.MAX_EXTENSIONS
+    edge = min((first, second), key=tune.Candidate.rank)
+    walk = [edge.settings[1][1]]
+    for _ in extra:
+        walk.append(tune.next_lr(walk[-1], up=edge is second))
+    assert [c.settings[1][1] for c in extra] == walk[1:]
+    for before, after in zip([edge, *extra], extra[:-1]):  # a step out follows only a win
+        assert after.rank() < before.rank()
+    best = min(tuning.candidates, key=tune.Candidate.rank)
+    assert tuning.choices["lora"] is best
+    record = json.loads((tmp_path / "out" / "tune.json").read_text())
+    assert [c["settings"]["federation.lr"] for c in record["candidates"]] == ["3e-4", "1e-3", *walk[1:]]
+    assert len(execute.calls) == 2 + len(extra)
+
+
+def test_next_lr_walks_the_half_decade_grid():
+    from fedpeft.tune import next_lr
+
+    assert [next_lr(v, True) for v in ("1e-2", "3e-2", "3e-4")] == ["3e-2", "1e-1", "1e-3"]
+    assert [next_lr(v, False) for v in ("1e-2", "3e-2", "1e-5")] == ["3e-3", "1e-2", "3e-6"]

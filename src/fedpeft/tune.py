@@ -15,6 +15,11 @@ not fedavg. ``--grid key=v1,v2`` replaces the axis of that key, or adds an axis.
 ``halving`` (successive halving) every candidate runs 1 round, then the better half of each
 method's candidates continue to 2 rounds, then 4, and so on up to ``rounds``.
 
+When a method's best ``federation.lr`` lies on the edge of its default grid, the grid is extended
+there by half a decade (:func:`next_lr`), at most :data:`MAX_EXTENSIONS` times per method: the
+new candidate runs the full proxy and is chosen if it scores better (a user ``--grid`` of
+``federation.lr`` is taken as given and never extended).
+
 Every proxy run is a sweep run folder under ``out`` (:mod:`fedpeft.sweep`). Running tune again
 skips finished candidates and resumes killed ones. A failed candidate is reported and the others
 go on.
@@ -41,6 +46,7 @@ DEFAULT_LRS = {"head": LOW_LRS, "bias": LOW_LRS, "prompt": LOW_LRS, "lora": ADAP
                "adapter": ADAPTER_LRS, "full": FULL_LRS}  # log-spaced, half a decade apart
 DEFAULT_SERVER_LRS = {"fedavgm": "0.3,1", "fedadagrad": "1e-3,1e-2,1e-1", "fedadam": "1e-3,1e-2,1e-1",
                       "fedyogi": "1e-3,1e-2,1e-1"}  # around Flower's defaults (1, 0.1, 0.1, 0.01)
+MAX_EXTENSIONS = 2  # half-decade steps past an edge of a method's default lr grid
 METRICS = ("macro_f1", "accuracy", "loss", "mb")  # a candidate's, at the round it was scored
 
 
@@ -206,9 +212,43 @@ def run_tune(
             alive = scored[:max(1, math.ceil(len(scored) / 2))]  # the better half goes on (halving)
         if alive:
             choices[method] = alive[0]
+        if method in choices and not any(k == "federation.lr" for e in grid for k, _ in parse_grid(e)[0]):
+            extra = _extend_past_edges(config, method, choices[method], candidates, out, execute,
+                                       [*sets, *proxy_sets(validation_fraction, stages[-1])], seeds, stages[-1])
+            candidates += extra
+            choices[method] = min([choices[method], *(c for c in extra if c.error is None)], key=Candidate.rank)
     tuning = Tuning(str(config), sets, seeds, stages, validation_fraction, candidates, choices)
     write_tuning(tuning, out)
     return tuning
+
+
+def next_lr(value: str, up: bool) -> str:
+    """Half a decade from ``value`` on the 1-3-10 grid: ``1e-2 -> 3e-2 -> 1e-1`` (``up``), or down."""
+    exponent = math.floor(math.log10(float(value)) + 1e-9)
+    three = float(value) / 10**exponent > 2  # a 3e-k point
+    if up:
+        return f"1e{exponent + 1}" if three else f"3e{exponent}"
+    return f"1e{exponent}" if three else f"3e{exponent - 1}"
+
+
+def _extend_past_edges(config, method: str, chosen: "Candidate", candidates: list["Candidate"], out: Path,
+                       execute, sets: list[str], seeds: list[int], stage: int) -> list["Candidate"]:
+    """While ``method``'s best lr is its highest (lowest) tried, try the next half-decade out."""
+    extra: list[Candidate] = []
+    for _ in range(MAX_EXTENSIONS):
+        tried = sorted({c.lr for c in [*candidates, *extra] if c.method == method})
+        if len(tried) < 2 or chosen.lr not in (tried[0], tried[-1]):
+            break
+        settings = dict(chosen.settings)
+        settings["federation.lr"] = next_lr(settings["federation.lr"], up=chosen.lr == tried[-1])
+        plan = plan_sweep(config, [f"{k}={v}" for k, v in settings.items()], sets, seeds)
+        (candidate,) = _candidates(plan)
+        _score(candidate, out, run_planned(plan, out, execute), stage)
+        extra.append(candidate)
+        if candidate.error is not None or candidate.rank() >= chosen.rank():
+            break
+        chosen = candidate
+    return extra
 
 
 def _candidates(runs: list[SweepRun]) -> list[Candidate]:
