@@ -23,6 +23,12 @@ Usage::
 
 Runs go variant by variant, each on every dataset, so a partial benchmark compares datasets.
 
+Does the tune proxy rank like the full runs? ``--rank-check bias`` (after ``--tune``) runs the full
+benchmark config of that method's plain FedAvg at every lr tune tried (``OUT/rank/<dataset>``)
+and prints, per dataset, the Spearman correlation between the proxy's validation macro-F1 and the
+full runs' test macro-F1 over those lrs, and over the methods (each method's chosen proxy score
+against its ``<method>-fedavg`` run).
+
 Every run is a normal run folder under ``OUT/<dataset>/<variant>``: re-running skips finished
 runs and resumes killed ones (kill it and start it again at will); ``OUT/<dataset>/report.md``
 (``fedpeft report``) is rewritten at the end with accuracy, macro-F1, classes predicted, MB and
@@ -122,6 +128,51 @@ def tuned_lrs(args: argparse.Namespace, dataset: str, methods: list[str]) -> dic
     return chosen_lrs(folder / "tune.json")
 
 
+def run_one(cfg: Config, folder: Path) -> dict:
+    """Run, resume or skip (finished) one benchmark run folder; its summary."""
+    status = run_status(folder, cfg.federation.rounds)
+    if status == "finished":
+        return json.loads((folder / "summary.json").read_text())
+    if status == "new":
+        clear_unfinished(folder)  # e.g. a run that failed before its first round
+    return run_experiment(cfg, out=folder, resume=status == "partial")
+
+
+def frame_markdown(frame: pd.DataFrame) -> str:
+    """A small DataFrame as a markdown table (numbers to 4 significant digits)."""
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)]
+    return "\n".join(["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns),
+                      *("| " + " | ".join(r) + " |" for r in cells)])
+
+
+def rank_check(args: argparse.Namespace, dataset: str, method: str) -> str:
+    """The full runs of ``method`` at every lr tune tried on ``dataset``; markdown with the
+    proxy's and the full runs' macro-F1 and their Spearman correlations (over lrs, over methods)."""
+    record = json.loads((args.out / "tune" / dataset / "tune.json").read_text())
+    rows = []
+    for cand in (c for c in record["candidates"] if c["method"] == method and c["error"] is None):
+        lr = float(cand["settings"]["federation.lr"])
+        cfg = config(args, dataset, method, {}, {}, lr)
+        summary = run_one(cfg, args.out / "rank" / dataset / f"{method}-lr{lr:g}")
+        rows.append({"lr": lr, "proxy_f1": cand["macro_f1"], "full_f1": summary["final_macro_f1"],
+                     "full_acc": summary["final_accuracy"]})
+    by_lr = pd.DataFrame(rows).sort_values("lr")
+    methods = []
+    for m, choice in record["choices"].items():
+        summary = args.out / dataset / f"{m}-fedavg" / "summary.json"
+        proxy = [c["macro_f1"] for c in record["candidates"] if c["method"] == m and c["settings"] == choice]
+        if summary.is_file() and proxy:
+            methods.append({"method": m, "proxy_f1": proxy[0], "full_f1": json.loads(summary.read_text())["final_macro_f1"]})
+    by_method = pd.DataFrame(methods)
+    lines = [f"### {dataset}: proxy (2 rounds, validation rows) against full runs ({args.rounds} rounds, test)", "",
+             f"{method} over lrs: Spearman {by_lr.proxy_f1.corr(by_lr.full_f1, method='spearman'):.2f}", "",
+             frame_markdown(by_lr), ""]
+    if len(by_method) > 1:
+        lines += [f"methods at their chosen lr: Spearman {by_method.proxy_f1.corr(by_method.full_f1, method='spearman'):.2f}",
+                  "", frame_markdown(by_method), ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
@@ -136,6 +187,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--minority", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rank-check", default="", help="a method: full runs at every lr tune tried (see above)")
     args = parser.parse_args()
     chosen = variants()
     wanted = [v for v in args.only.split(",") if v] or list(chosen)
@@ -149,17 +201,18 @@ def main() -> None:
             lrs[dataset].update(chosen_lrs(args.lrs))
         if args.tune:
             lrs[dataset].update(tuned_lrs(args, dataset, sorted({chosen[v][0] for v in wanted})))
+    if args.rank_check:
+        for dataset in datasets:
+            print(rank_check(args, dataset, args.rank_check), flush=True)
+        return
     for name in wanted:
         for dataset in datasets:
             method, options, fed = chosen[name]
             folder = args.out / dataset / name
             cfg = config(args, dataset, method, options, fed, lrs[dataset][method])
-            status = run_status(folder, cfg.federation.rounds)
-            if status == "finished":
+            if run_status(folder, cfg.federation.rounds) == "finished":
                 continue
-            if status == "new":
-                clear_unfinished(folder)  # e.g. a run that failed before its first round
-            summary = run_experiment(cfg, out=folder, resume=status == "partial")
+            summary = run_one(cfg, folder)
             print(f"{dataset} {name}: acc {summary['final_accuracy']:.4f} f1 {summary['final_macro_f1']:.4f} "
                   f"classes {summary['predicted_classes']} up {summary['total_bytes_up'] / 1e6:.1f} MB "
                   f"{summary['wall_s']:.0f} s", flush=True)
