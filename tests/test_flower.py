@@ -245,8 +245,12 @@ def test_loopback_deployment_matches_the_in_process_runtime(csv_data, local_run,
         bad = parity_cfg(csv_data, kind="flower", superlink=dep.superlink, insecure=True, connect_timeout=60)
         bad.partition.num_clients = 3  # the nodes hold 2 partitions: the ServerApp fails at discovery
         (tmp_path / "bad.toml").write_text(bad.to_toml())
+        # SCAFFOLD (each node's c_i in its context.state across messages) with FedEx-LoRA (the
+        # corrected base weights in the TRAIN message) on the same deployment
+        fx = fedex_scaffold_cfg(csv_data, kind="flower", superlink=dep.superlink, insecure=True, connect_timeout=60)
+        (tmp_path / "fx.toml").write_text(fx.to_toml())
         # run, a run whose ServerApp fails, then again on the same long-lived server and client workers
-        for out, toml in (("run", "run.toml"), ("bad", "bad.toml"), ("again", "run.toml")):
+        for out, toml in (("run", "run.toml"), ("bad", "bad.toml"), ("again", "run.toml"), ("fx", "fx.toml")):
             cli = [sys.executable, "-m", "fedpeft.cli", "run", str(tmp_path / toml), "--out", str(tmp_path / out)]
             done = subprocess.run(cli, capture_output=True, text=True, timeout=600)
             output = done.stdout + done.stderr
@@ -260,6 +264,15 @@ def test_loopback_deployment_matches_the_in_process_runtime(csv_data, local_run,
         assert summary["runtime"] == "flower" and summary["clients_failed_total"] == 0
         assert_same_run(local_run, tmp_path / out)
         assert (tmp_path / out / "model").is_dir()
+    run_experiment(fedex_scaffold_cfg(csv_data), out=tmp_path / "fx-local")
+    assert_same_run(tmp_path / "fx-local", tmp_path / "fx")
+
+
+def fedex_scaffold_cfg(csv_data, **runtime):  # noqa: F811
+    return make_cfg(csv_data, partition={"num_clients": 2}, runtime={"threads": 1, **runtime},
+                    method={"name": "lora", "r": 4, "aggregation": "fedex"},
+                    federation={"rounds": 2, "clients_per_round": 2, "optimizer": "sgd", "momentum": 0.0,
+                                "lr": 0.05, "scaffold": True})
 
 
 def test_a_supernode_killed_mid_run_fails_its_rounds_and_the_run_goes_on(csv_data, tmp_path):  # noqa: F811
