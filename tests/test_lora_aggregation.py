@@ -187,7 +187,8 @@ def test_fedex_run_resumes_exactly_and_exports_a_merged_model_with_its_logits(cs
     initial = exp.initial_state()
     assert any(not np.array_equal(a[n], initial[n]) for n in exp.strategy.fedex.base_names)
     per_client = [c for r in rows[0][1:] for c in r["clients"]]
-    assert all(c["bytes_down"] > full["bytes_per_client_update"] for c in per_client)
+    assert all(full["bytes_per_client_update"] < c["bytes_down"] <= full["bytes_per_client_download"] for c in per_client)
+    assert full["bytes_per_client_download"] == sum(v.nbytes + len(k.encode()) for k, v in initial.items())
     # export: a plain transformers model (merged), no peft needed, with fedpeft's logits
     folder = tmp_path / "full" / "model"
     assert not (folder / "adapter_config.json").exists() and (folder / "model.safetensors").is_file()
