@@ -447,3 +447,44 @@ def test_the_server_grid_retries_uploading_replies_fast_and_wraps_once(monkeypat
     fast_grid_pulls()  # a second run in the same server worker
     assert isinstance(http_grid.pull_objects, functools.partial) and http_grid.pull_objects.func is original
     assert http_grid.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5}
+
+
+def test_a_node_reads_its_data_from_its_node_config_and_the_fingerprint_proves_it(csv_data, tmp_path):  # noqa: F811
+    """The server's config names the server's data paths (absolute, e.g. after a resume); a
+    SuperNode whose copy lives elsewhere gives data-train/data-test (or data-dir) in its node
+    config, and a copy that is not the same data is named, never trained on."""
+    import shutil
+
+    from flwr.app import Context
+
+    from fedpeft.errors import DataError, FedPeftError
+    from fedpeft.runtime.flower_app import CONFIG_KEY, train
+
+    moved = tmp_path / "server-data"
+    shutil.copytree(csv_data, moved)
+    cfg = build_experiment(make_cfg(moved, partition={"num_clients": 2}, runtime={"threads": 1})).cfg  # resolved
+    text = cfg.to_toml()
+    state = build_experiment(cfg).initial_state()
+    shutil.rmtree(moved)  # the server's paths do not exist on this node
+    FakeGrid(1, None)  # sets the task identity a Flower process has
+
+    def send(node_config):
+        context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 2, **node_config},
+                          state=RecordDict(), run_config={})
+        config = ConfigRecord({"round": 1, "partition-id": 1, CONFIG_KEY: text})
+        msg = Message(RecordDict({"arrays": state_to_record(state), "config": config}), dst_node_id=7,
+                      message_type=MessageType.TRAIN)
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+        return train(msg, context)
+
+    with pytest.raises(FedPeftError, match="server-data"):
+        send({})
+    local = {"data-train": str(csv_data / "train.csv"), "data-test": str(csv_data / "test.csv")}
+    reply = send(local)
+    assert set(record_to_state(reply.content["arrays"])) == set(state)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "train.csv").write_text((csv_data / "train.csv").read_text().replace("goal", "gaol"))
+    shutil.copy(csv_data / "test.csv", other / "test.csv")
+    with pytest.raises(DataError, match="fingerprint"):
+        send({"data-train": str(other / "train.csv"), "data-test": str(other / "test.csv")})

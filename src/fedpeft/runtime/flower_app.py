@@ -32,7 +32,8 @@ from __future__ import annotations
 import hashlib
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -73,15 +74,28 @@ client_app = ClientApp()
 _CLIENT_EXPERIMENTS: dict[str, "Experiment"] = {}
 
 
-def client_experiment(text: str) -> "Experiment":
-    """Build (once per config, per process) the experiment a client trains with."""
+NODE_DATA_KEYS = {"data-dir": "data_dir", "data-train": "train", "data-test": "test"}  # node config -> [data]
+
+
+def client_experiment(text: str, node_config: Mapping[str, object] | None = None) -> "Experiment":
+    """Build (once per config, per process) the experiment a client trains with.
+
+    The config's data paths are the server's. A SuperNode whose copy of the data lives elsewhere
+    says where in its node config (``data-dir``, ``data-train``, ``data-test``: see
+    :data:`NODE_DATA_KEYS`); ``data.fingerprint`` then proves it is the same data, or the build
+    fails naming what differs.
+    """
     from fedpeft.experiment import build_experiment
 
-    key = hashlib.sha256(text.encode()).hexdigest()
-    if key not in _CLIENT_EXPERIMENTS:
+    local = {key: str(node_config[name]) for name, key in NODE_DATA_KEYS.items() if node_config and name in node_config}
+    cache_key = hashlib.sha256((text + repr(sorted(local.items()))).encode()).hexdigest()
+    if cache_key not in _CLIENT_EXPERIMENTS:
         _CLIENT_EXPERIMENTS.clear()  # one backbone per process
-        _CLIENT_EXPERIMENTS[key] = build_experiment(config_from_text(text), with_test=False)
-    return _CLIENT_EXPERIMENTS[key]
+        cfg = config_from_text(text)
+        if local:
+            cfg = replace(cfg, data=replace(cfg.data, **local))
+        _CLIENT_EXPERIMENTS[cache_key] = build_experiment(cfg, with_test=False)
+    return _CLIENT_EXPERIMENTS[cache_key]
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -97,7 +111,7 @@ def report_partition(msg: Message, context: Context) -> Message:
     first training round costs what every round costs."""
     pid, num = node_partition(context)
     if "config" in msg.content.config_records:
-        client_experiment(str(msg.content.config_records["config"][CONFIG_KEY]))
+        client_experiment(str(msg.content.config_records["config"][CONFIG_KEY]), context.node_config)
     return Message(RecordDict({"node": ConfigRecord({"partition-id": pid, "num-partitions": num})}), reply_to=msg)
 
 
@@ -108,7 +122,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     if int(config["partition-id"]) != pid:
         raise FedPeftError(f"asked to train partition {config['partition-id']} but this node holds {pid}")
-    exp = client_experiment(str(config[CONFIG_KEY]))
+    exp = client_experiment(str(config[CONFIG_KEY]), context.node_config)
     if num != len(exp.parts):
         raise FedPeftError(f"node config num-partitions={num} but partition.num_clients={len(exp.parts)}")
     state, rnd = record_to_state(msg.content["arrays"]), int(config["round"])
