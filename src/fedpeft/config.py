@@ -286,6 +286,44 @@ class RuntimeConfig:
         _check(self.threads is None or self.threads >= 1, "runtime.threads", "must be >= 1")
 
 
+ATTACK_KINDS = ("none", "scale", "sign_flip", "gaussian", "label_flip")
+DEFAULT_ATTACK_SCALE = {"scale": 1000.0, "sign_flip": 1.0, "gaussian": 1.0}  # label_flip takes none
+
+
+@dataclass
+class AttackConfig:
+    """Simulated malicious clients, so that robustness can be measured (:mod:`fedpeft.federation.attacks`).
+
+    A seeded ``fraction`` of the clients attack whenever they train: ``scale`` sends
+    ``global + scale * delta``, ``sign_flip`` ``global - scale * delta``, ``gaussian``
+    ``global + N(0, scale^2)`` noise instead of its update, ``label_flip`` trains honestly on its
+    rows with every label ``y`` turned into ``C - 1 - y``.
+    """
+
+    kind: Literal["none", "scale", "sign_flip", "gaussian", "label_flip"] = "none"
+    fraction: float = 0.0  # share of partition.num_clients that is malicious (rounded; at least 1 when > 0)
+    scale: float | None = None  # default: 1000 (scale), 1 (sign_flip), 1 (gaussian: the noise's std)
+
+    def validate(self) -> None:
+        _check(self.kind in ATTACK_KINDS, "attack.kind", f"must be one of {', '.join(ATTACK_KINDS)}")
+        _check(0.0 <= self.fraction < 1.0, "attack.fraction", "must be in [0, 1)")
+        if self.kind == "none":
+            _check(self.fraction == 0 and self.scale is None, "attack.kind",
+                   'is "none": attack.fraction and attack.scale would do nothing; set attack.kind')
+            return
+        _check(self.fraction > 0, "attack.fraction", f'must be > 0 for attack.kind = "{self.kind}"')
+        if self.kind == "label_flip":
+            _check(self.scale is None, "attack.scale", 'label_flip takes no scale')
+        _check(self.scale is None or (math.isfinite(self.scale) and self.scale > 0), "attack.scale", "must be > 0")
+
+    def attack_scale(self) -> float:
+        """``scale``, or the kind's default (:data:`DEFAULT_ATTACK_SCALE`)."""
+        return self.scale if self.scale is not None else DEFAULT_ATTACK_SCALE.get(self.kind, 0.0)
+
+    def num_malicious(self, num_clients: int) -> int:
+        return 0 if self.kind == "none" else max(1, round(self.fraction * num_clients))
+
+
 @dataclass
 class OutputConfig:
     """Where results go. ``fedpeft run --out DIR`` overrides ``dir``."""
@@ -306,6 +344,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":

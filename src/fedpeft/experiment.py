@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -23,6 +23,7 @@ from fedpeft.data import (
 from fedpeft.checkpoint import Checkpoint
 from fedpeft.errors import ConfigError, FedPeftError, RunInterrupted, UpdateRejected
 from fedpeft.federation.aggregate import validate_update
+from fedpeft.federation.attacks import AttackingTrainer, malicious_clients
 from fedpeft.federation.client import ClientTrainer, evaluate
 from fedpeft.federation.costs import message_bytes, model_message_bytes, param_counts, train_state_bytes
 from fedpeft.federation.strategy import FedAvgStrategy
@@ -53,6 +54,7 @@ class Experiment:
     trainer: ClientTrainer
     strategy: FedAvgStrategy
     processor: Any = None  # the tokenizer (text) or image processor (image) the data was encoded with
+    attackers: list[int] = field(default_factory=list)  # [attack]: the malicious clients' ids
 
     def initial_state(self) -> dict[str, np.ndarray]:
         """The global state before round 1: the exchanged part (with FedEx-LoRA also the adapted
@@ -156,8 +158,12 @@ def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
     test = encode(test_rows, loaded.processor, data.modality, cfg.model.max_length, cfg.data.cache_dir)
     parts = partition(train.labels.numpy(), cfg.partition, seed)
     trainer = ClientTrainer(model, names, train, cfg.federation, seed)
+    attackers = malicious_clients(cfg.attack, len(parts), seed)
+    if attackers:  # the same wrapper wherever clients train: in process and on every Flower node
+        trainer = AttackingTrainer(trainer, cfg.attack, attackers, data.num_labels, seed)
     strategy = FedAvgStrategy(cfg.federation, len(parts), seed, method.residual_fold(model))
-    return Experiment(cfg, data, loaded.info, method, model, names, train, test, parts, trainer, strategy, loaded.processor)
+    return Experiment(cfg, data, loaded.info, method, model, names, train, test, parts, trainer, strategy,
+                      loaded.processor, attackers)
 
 
 def run_with_clients(

@@ -27,6 +27,7 @@ def round_row(
     previous: dict[str, Any] | None,
     control_down: NamedArrays | None = None,
     down_bytes: dict[int, int] | None = None,
+    attackers: list[int] | None = None,
 ) -> dict[str, Any]:
     """One ``metrics.jsonl`` row.
 
@@ -39,6 +40,8 @@ def round_row(
     bytes count down like the state's; a client's ``delta_c_i`` is in ``delivery.bytes_up``).
     ``down_bytes`` (client -> bytes) replaces that count where clients download different
     payloads (FedEx-LoRA: the base-weight residuals each one has not received yet).
+    ``attackers`` are the malicious clients (``[attack]``); ``clients_attacking`` lists those that
+    trained this round.
     """
     results = delivery.results
     by_client = {r.client: r for r in results}
@@ -89,6 +92,7 @@ def round_row(
         "clients_dropped": len(plan.dropped),
         "clients_failed": len(delivery.failed),
         "clients_rejected": len(outcome.rejected),
+        "clients_attacking": sorted(set(attackers or ()) & set(plan.training)),
         "bytes_up": bytes_up_total,
         "bytes_down": bytes_down_total,
         "cum_bytes_up": prev.get("cum_bytes_up", 0) + bytes_up_total,
