@@ -200,6 +200,11 @@ class FederationConfig:
     fedlc_tau: float | None = None  # fedlc only: calibration strength tau > 0 (unset: 1.0)
     fedrs_alpha: float | None = None  # fedrs only: absent classes' logit scale in (0, 1] (unset: 0.5)
     scaffold: bool = False  # SCAFFOLD control variates c, c_i (option II); doubles the bytes both ways
+    # robust aggregation over client deltas (issue 13; fedpeft.federation.robust)
+    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan"] = "mean"
+    trim_fraction: float | None = None  # trimmed_mean only: share cut at each end per coordinate (unset: 0.2, Flower's beta)
+    byzantine: int | None = None  # krum, multikrum, bulyan: malicious clients per round f the rule tolerates (unset: 0)
+    max_update_norm: float | None = None  # norm bounding: every client delta clipped to this L2 norm first
 
     def validate(self) -> None:
         _check(self.rounds >= 1, "federation.rounds", "must be >= 1")
@@ -221,6 +226,27 @@ class FederationConfig:
         _check(self.checkpoint_every >= 1, "federation.checkpoint_every", "must be >= 1")
         self.build_server_optimizer()  # its options' names and ranges
         self._validate_client_corrections()
+        self._validate_aggregator()
+
+    def _validate_aggregator(self) -> None:
+        """Robust aggregation (issue 13): options of the chosen rule only, in range; SCAFFOLD's
+        control variates are averaged over every client, so they do not combine with a rule."""
+        _check(self.trim_fraction is None or self.aggregator == "trimmed_mean", "federation.trim_fraction",
+               f'is only used with federation.aggregator = "trimmed_mean" (it is "{self.aggregator}")')
+        _check(self.byzantine is None or self.aggregator in ("krum", "multikrum", "bulyan"), "federation.byzantine",
+               f'is only used with federation.aggregator = "krum", "multikrum" or "bulyan" (it is "{self.aggregator}")')
+        _check(self.trim_fraction is None or 0 <= self.trim_fraction < 0.5, "federation.trim_fraction", "must be in [0, 0.5)")
+        _check(self.byzantine is None or self.byzantine >= 0, "federation.byzantine", "must be >= 0")
+        _check(self.max_update_norm is None or (math.isfinite(self.max_update_norm) and self.max_update_norm > 0),
+               "federation.max_update_norm", "must be > 0 (unset: no norm bounding)")
+        _check(not (self.scaffold and self.aggregator != "mean"), "federation.aggregator",
+               f'"{self.aggregator}" with federation.scaffold: SCAFFOLD moves c by the mean of every client\'s '
+               "delta_c_i, attackers included; use aggregator = \"mean\" (with max_update_norm) or scaffold = false")
+
+    def rule_options(self) -> dict[str, float | int]:
+        """``trim_fraction`` and ``byzantine`` with their defaults (0.2 and 0, as Flower's)."""
+        return {"trim_fraction": 0.2 if self.trim_fraction is None else self.trim_fraction,
+                "byzantine": 0 if self.byzantine is None else self.byzantine}
 
     def _validate_client_corrections(self) -> None:
         """FedProx and the label-skew losses (issue 12): ranges, and no option of a loss not chosen."""
@@ -384,6 +410,19 @@ class Config:
                 f"give at most {per_round}"
             )
 
+        if fed.aggregator != "mean":
+            from fedpeft.federation.robust import check_rule
+
+            try:
+                check_rule(fed.aggregator, per_round, **fed.rule_options())
+            except ValueError as exc:
+                raise ConfigError(
+                    f"federation.aggregator = {fed.aggregator!r} with {per_round} clients per round "
+                    f"(federation.clients_per_round = {cpr}): {exc}"
+                ) from None
+            if getattr(self.method.options, "aggregation", "fedavg") == "fedex":
+                raise ConfigError(f'method.aggregation = "fedex" needs federation.aggregator = "mean" (it is '
+                                  f'"{fed.aggregator}"): its residual is that of the plain average')
         if getattr(self.method.options, "aggregation", "fedavg") == "fedex":
             if fed.server_optimizer != "fedavg" or fed.server_lr not in (None, 1.0):
                 raise ConfigError(

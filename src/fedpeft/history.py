@@ -64,6 +64,7 @@ def round_row(
             entry["status"] = "dropped"
         else:
             entry["status"] = "ok"
+        entry.update(outcome.client_info.get(cid, {}))  # update_norm, aggregation (accepted clients)
         if res is not None:
             entry["samples"] = res.num_samples
             entry.update({k: res.metrics[k] for k in ("train_loss", "steps", "samples_processed", "flops", "compute_s") if k in res.metrics})
@@ -93,6 +94,9 @@ def round_row(
         "clients_failed": len(delivery.failed),
         "clients_rejected": len(outcome.rejected),
         "clients_attacking": sorted(set(attackers or ()) & set(plan.training)),
+        "clients_clipped": sum(i["aggregation"] == "clipped" for i in outcome.client_info.values()),
+        "clients_excluded": sum(i["aggregation"] == "excluded" for i in outcome.client_info.values()),
+        "aggregation_buffer_bytes": outcome.buffer_bytes,
         "bytes_up": bytes_up_total,
         "bytes_down": bytes_down_total,
         "cum_bytes_up": prev.get("cum_bytes_up", 0) + bytes_up_total,
@@ -140,6 +144,10 @@ def summarize(rows: list[dict[str, Any]], static: dict[str, Any]) -> dict[str, A
         "total_wire_bytes_up": _total_or_none(rows, "wire_bytes_up"),
         "total_wire_bytes_down": _total_or_none(rows, "wire_bytes_down"),
         "rounds_without_aggregation": [r["round"] for r in rows if not r["aggregated"]],
+        # robust aggregation / attacks (rows of older runs lack these keys)
+        "clients_clipped_total": sum(r.get("clients_clipped", 0) for r in rows),
+        "clients_excluded_total": sum(r.get("clients_excluded", 0) for r in rows),
+        "aggregation_buffer_bytes_max": max((r.get("aggregation_buffer_bytes", 0) for r in rows), default=0),
         "wall_s": sum(r["wall_s"] for r in rows),
         "client_compute_s": sum(r["client_compute_s"] for r in rows),
         "eval_s": sum(r["eval_s"] for r in rows),

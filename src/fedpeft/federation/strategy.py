@@ -65,6 +65,38 @@ class RoundOutcome:
     accepted: list[int]
     rejected: dict[int, str]  # client id -> reason
     message: str = ""
+    # accepted client id -> {"update_norm": L2 norm of its delta, "aggregation": kept | clipped | excluded}
+    client_info: dict[int, dict] = field(default_factory=dict)
+    buffer_bytes: int = 0  # the round's deltas a rule other than "mean" held at once (0 for "mean")
+
+
+def squared_distance(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 16) -> float:
+    """``||a - b||^2`` accumulated in float64, ``chunk`` elements at a time (no full-size copies)."""
+    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    total = 0.0
+    for start in range(0, a.size, chunk):
+        d = a[start:start + chunk].astype(np.float64) - b[start:start + chunk]
+        total += float(np.dot(d, d))
+    return total
+
+
+@dataclass(frozen=True)
+class AggregationRule:
+    """How a round combines the accepted updates (:mod:`fedpeft.federation.robust`)."""
+
+    aggregator: str = "mean"
+    trim_fraction: float = 0.2
+    byzantine: int = 0
+    max_update_norm: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: FederationConfig) -> "AggregationRule":
+        return cls(cfg.aggregator, max_update_norm=cfg.max_update_norm, **cfg.rule_options())
+
+    @property
+    def holds_updates(self) -> bool:
+        """True when the rule needs every update of the round at once (all but ``mean``)."""
+        return self.aggregator != "mean"
 
 
 class FedAvgStrategy:
@@ -85,6 +117,7 @@ class FedAvgStrategy:
         self.scaffold = ServerControl(num_clients) if cfg.scaffold else None  # c, checkpointed too
         self.fedex = fedex
         self.fedex_accepted: list[int] = []  # FedEx: clients aggregated in rounds 1.., checkpointed too
+        self.rule = AggregationRule.from_config(cfg)
 
     def state_dict(self) -> NamedArrays:
         """What the strategy carries from round to round: the server optimizer's state, with
@@ -150,7 +183,7 @@ class FedAvgStrategy:
     def start_round(self, rnd: int, global_state: NamedArrays) -> "RoundAggregation":
         """An aggregation that folds results in as they arrive (see :class:`RoundAggregation`)."""
         return RoundAggregation(rnd, global_state, self.cfg.min_clients, self.server_opt, self.scaffold,
-                                self.fedex, self.fedex_accepted)
+                                self.fedex, self.fedex_accepted, self.rule)
 
 
 class RoundAggregation:
@@ -172,11 +205,18 @@ class RoundAggregation:
     With ``fedex`` (FedEx-LoRA) results carry the global state's names without the base weights;
     an aggregated round folds the residual of its averages into them, and appends the number of
     clients it aggregated (0 when it did not) to ``fedex_accepted``.
+
+    ``rule`` (:class:`AggregationRule`): every accepted update's delta ``state - global`` has its
+    L2 norm recorded and, with ``max_update_norm``, is clipped to it before anything else; ``mean``
+    folds it into the running sum, every other rule holds the round's deltas (float32 copies) and
+    combines them in :meth:`finish` (:func:`~fedpeft.federation.robust.robust_aggregate`); a
+    round with fewer updates than the rule needs is not aggregated and says so.
     """
 
     def __init__(self, rnd: int, global_state: NamedArrays, min_clients: int,
                  server_opt: ServerOptimizer | None = None, scaffold: ServerControl | None = None,
-                 fedex: FedExLoRA | None = None, fedex_accepted: list[int] | None = None) -> None:
+                 fedex: FedExLoRA | None = None, fedex_accepted: list[int] | None = None,
+                 rule: AggregationRule | None = None) -> None:
         self.round, self.global_state, self.min_clients = rnd, global_state, min_clients
         self.server_opt = server_opt or ServerOptimizer()  # plain FedAvg
         self.scaffold = scaffold
@@ -188,6 +228,9 @@ class RoundAggregation:
         self.deltas = RunningFedAvg()  # SCAFFOLD: delta_c_i, each with weight 1
         self.accepted: list[int] = []
         self.rejected: dict[int, str] = {}
+        self.rule = rule or AggregationRule()
+        self.info: dict[int, dict] = {}  # accepted client -> update_norm, aggregation
+        self.held: list[tuple[NamedArrays, float]] = []  # rules but mean: (delta, weight) per accepted client
 
     def add(self, res: ClientResult) -> bool:
         """Validate and fold in one result; True if it was accepted."""
@@ -204,9 +247,14 @@ class RoundAggregation:
             self.rejected[res.client] = str(exc)
             log.warning("round %d: rejected the update of client %d: %s", self.round, res.client, exc)
             return False
-        self.running.add(res.state, res.num_samples)
+        state = self._bounded(res)
+        if self.rule.holds_updates:
+            self.held.append(({k: (state[k].astype(np.float64) - self.reference[k]).astype(np.float32) for k in state},
+                              float(res.num_samples)))
+        else:
+            self.running.add(state, res.num_samples)
         if self.fedex_round is not None:
-            self.fedex_round.add(res.state, res.num_samples)
+            self.fedex_round.add(state, res.num_samples)
         if self.scaffold is not None:
             self.deltas.add(res.control, 1.0)
         self.accepted.append(res.client)
@@ -225,7 +273,17 @@ class RoundAggregation:
             log.warning(message)
             self._record_fedex(0)
             return RoundOutcome(self.global_state, False, list(self.accepted), rejected, message)
-        average = self.running.result()
+        if self.rule.holds_updates:
+            try:
+                average = self._robust_average()
+            except ValueError as exc:
+                message = (f"round {self.round}: {self.rule.aggregator} cannot combine {len(self.held)} update(s): "
+                           f"{exc}; the global state is unchanged")
+                log.warning(message)
+                return RoundOutcome(self.global_state, False, list(self.accepted), rejected, message, self.info,
+                                    self._held_bytes())
+        else:
+            average = self.running.result()
         state = self.server_opt.step(self.reference, average)
         if self.fedex_round is not None:  # fedavg, server_lr 1 (Config checks): state == average
             state = {**state, **self.fedex_round.fold(self.global_state, average)}
@@ -233,7 +291,35 @@ class RoundAggregation:
             self._record_fedex(len(self.accepted))
         if self.scaffold is not None:
             self.scaffold.step(self.deltas)
-        return RoundOutcome(state, True, list(self.accepted), rejected)
+        return RoundOutcome(state, True, list(self.accepted), rejected, "", self.info, self._held_bytes())
+
+    def _bounded(self, res: ClientResult) -> NamedArrays:
+        """``res.state``, its delta clipped to ``max_update_norm``; records the delta's L2 norm."""
+        ref = self.reference
+        norm = float(np.sqrt(sum(squared_distance(v, ref[k]) for k, v in res.state.items())))
+        limit = self.rule.max_update_norm
+        clipped = limit is not None and norm > limit
+        self.info[res.client] = {"update_norm": norm, "aggregation": "clipped" if clipped else "kept"}
+        if not clipped:
+            return res.state
+        factor = limit / norm  # global + factor * delta: the delta scaled to norm `limit`
+        return {k: (ref[k] + factor * (np.asarray(v, np.float64) - ref[k])).astype(v.dtype) for k, v in res.state.items()}
+
+    def _robust_average(self) -> NamedArrays:
+        """The held deltas combined by the rule, added to the global state; marks the excluded."""
+        from fedpeft.federation.robust import check_rule, robust_aggregate
+
+        rule = self.rule
+        check_rule(rule.aggregator, len(self.held), rule.trim_fraction, rule.byzantine)
+        delta, statuses = robust_aggregate(rule.aggregator, [d for d, _ in self.held], [w for _, w in self.held],
+                                           trim_fraction=rule.trim_fraction, byzantine=rule.byzantine)
+        for client, status in zip(self.accepted, statuses):
+            if status == "excluded":
+                self.info[client]["aggregation"] = "excluded"
+        return {k: (np.asarray(self.reference[k], np.float64) + delta[k]).astype(self.reference[k].dtype) for k in delta}
+
+    def _held_bytes(self) -> int:
+        return sum(int(a.nbytes) for d, _ in self.held for a in d.values())
 
     def _record_fedex(self, count: int) -> None:
         if self.fedex is not None:
