@@ -27,6 +27,15 @@ def _private_cache(tmp_path_factory):
         os.environ["FEDPEFT_CACHE"] = old
 
 
+@pytest.fixture
+def flower_identity(monkeypatch):
+    """Flower builds instruction messages only inside a task; give this process one for the test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: extra threads only add overhead. One torch thread for the module that asks

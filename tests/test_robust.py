@@ -199,15 +199,6 @@ class _Grid:
         return list(range(101, 101 + self.k))
 
 
-@pytest.fixture
-def flower_identity(monkeypatch):
-    """Flower builds instruction messages only inside a task; give this process one for the test."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
-
-
 def _flower_aggregate(strategy, global_state, states, weights):
     """Flower's aggregate of the clients' *states* (parameters), as its ServerApp would get them."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict

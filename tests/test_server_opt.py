@@ -64,15 +64,6 @@ class _Grid:
         return [101, 102, 103]
 
 
-@pytest.fixture
-def flower_identity(monkeypatch):
-    """Flower builds instruction messages only inside a task; give this process one for the test."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
-
-
 def _flower_round(strategy, rnd, global_state, clients):
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
