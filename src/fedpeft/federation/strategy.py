@@ -272,7 +272,7 @@ class RoundAggregation:
             )
             log.warning(message)
             self._record_fedex(0)
-            return RoundOutcome(self.global_state, False, list(self.accepted), rejected, message)
+            return RoundOutcome(self.global_state, False, list(self.accepted), rejected, message, self.info)
         if self.rule.holds_updates:
             try:
                 average = self._robust_average()
@@ -280,6 +280,7 @@ class RoundAggregation:
                 message = (f"round {self.round}: {self.rule.aggregator} cannot combine {len(self.held)} update(s): "
                            f"{exc}; the global state is unchanged")
                 log.warning(message)
+                self._record_fedex(0)
                 return RoundOutcome(self.global_state, False, list(self.accepted), rejected, message, self.info,
                                     self._held_bytes())
         else:
