@@ -173,6 +173,29 @@ def rank_check(args: argparse.Namespace, dataset: str, method: str) -> str:
     return "\n".join(lines)
 
 
+def comparison_table(out: Path, dataset: str, names: list[str]) -> str:
+    """Markdown: every finished variant of ``dataset`` against full FedAvg (accuracy and macro-F1
+    differences in points, total MB up + down, full's bytes over the variant's, wall time)."""
+    done = {}
+    for name in names:
+        path = out / dataset / name / "summary.json"
+        if path.is_file() and json.loads(path.read_text()).get("status") == "finished":
+            done[name] = json.loads(path.read_text())
+    full = done.get("full-fedavg")
+    lines = ["| variant | accuracy | macro-F1 | vs full (points) | classes | MB up + down | full / variant bytes | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, s in done.items():
+        mb = (s["total_bytes_up"] + s["total_bytes_down"]) / 1e6
+        versus = ratio = "-"
+        if full is not None and name != "full-fedavg":
+            versus = (f"{100 * (s['final_accuracy'] - full['final_accuracy']):+.1f} / "
+                      f"{100 * (s['final_macro_f1'] - full['final_macro_f1']):+.1f}")
+            ratio = f"{(full['total_bytes_up'] + full['total_bytes_down']) / 1e6 / mb:.0f}x"
+        lines.append(f"| {name} | {s['final_accuracy']:.3f} | {s['final_macro_f1']:.3f} | {versus} | "
+                     f"{s['predicted_classes']}/{s['num_labels']} | {mb:,.1f} | {ratio} | {s['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
@@ -188,6 +211,7 @@ def main() -> None:
     parser.add_argument("--minority", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rank-check", default="", help="a method: full runs at every lr tune tried (see above)")
+    parser.add_argument("--table", action="store_true", help="only print the finished variants against full FedAvg")
     args = parser.parse_args()
     chosen = variants()
     wanted = [v for v in args.only.split(",") if v] or list(chosen)
@@ -195,6 +219,10 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown or unsupported variants {unknown}; available: {', '.join(chosen)}")
     datasets = args.datasets.split(",")
+    if args.table:
+        for dataset in datasets:
+            print(f"\n## {dataset}\n\n{comparison_table(args.out, dataset, wanted)}")
+        return
     lrs = {d: dict(LEARNING_RATES) for d in datasets}
     for dataset in datasets:
         if args.lrs:
@@ -218,7 +246,7 @@ def main() -> None:
                   f"{summary['wall_s']:.0f} s", flush=True)
     for dataset in datasets:
         report = write_report(args.out / dataset)
-        print(f"\n## {dataset}\n\n{markdown_table(report.rows)}")
+        print(f"\n## {dataset}\n\n{markdown_table(report.rows)}\n\n{comparison_table(args.out, dataset, wanted)}")
 
 
 if __name__ == "__main__":
