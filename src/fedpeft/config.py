@@ -410,6 +410,7 @@ class Config:
                 f"give at most {per_round}"
             )
 
+        fedex = getattr(self.method.options, "aggregation", "fedavg") == "fedex"
         if fed.aggregator != "mean":
             from fedpeft.federation.robust import check_rule
 
@@ -420,10 +421,10 @@ class Config:
                     f"federation.aggregator = {fed.aggregator!r} with {per_round} clients per round "
                     f"(federation.clients_per_round = {cpr}): {exc}"
                 ) from None
-            if getattr(self.method.options, "aggregation", "fedavg") == "fedex":
+            if fedex:
                 raise ConfigError(f'method.aggregation = "fedex" needs federation.aggregator = "mean" (it is '
                                   f'"{fed.aggregator}"): its residual is that of the plain average')
-        if getattr(self.method.options, "aggregation", "fedavg") == "fedex":
+        if fedex:
             if fed.server_optimizer != "fedavg" or fed.server_lr not in (None, 1.0):
                 raise ConfigError(
                     'method.aggregation = "fedex" folds the residual of plain FedAvg into the base weights; '

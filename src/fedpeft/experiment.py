@@ -86,8 +86,8 @@ class Experiment:
             "total_params": total,
             "exchanged_params": int(sum(a.size for a in state.values())),
             "bytes_per_client_update": copies * message_bytes(state),
-            # FedEx-LoRA: at most, with the dense corrected base weights (a round's rows have each client's)
-            "bytes_per_client_download": copies * message_bytes(state) + message_bytes(self.initial_state()) - message_bytes(state),
+            # the global state (FedEx-LoRA: at most, with the dense base weights; rows have each client's) + c
+            "bytes_per_client_download": message_bytes(self.initial_state()) + (copies - 1) * message_bytes(state),
             "full_model_bytes_per_message": model_message_bytes(self.model),
             "client_train_state_bytes": train_state_bytes(self.model, self.cfg.federation.optimizer,
                                                           self.cfg.federation.scaffold),

@@ -95,12 +95,13 @@ def export_model(exp: Experiment, state: NamedArrays, directory: str | Path, sum
     base = base_model_reference(exp.cfg.model.name)
     _save_config(_transformers_model(exp.model), exp.data.label_names, directory)
     _save_processor(exp, directory)
-    if base.kind == "included" and not _is_merged(directory):
+    merged = _is_merged(directory)
+    if base.kind == "included" and not merged:
         _save_tiny_base(exp, directory / INCLUDED_BASE)
     _set_adapter_base(directory, base.reference)
-    facts = {**_facts(exp, base), "merged": _is_merged(directory)}
+    facts = {**_facts(exp, base), "merged": merged}
     (directory / "fedpeft.json").write_text(json.dumps(facts, indent=2) + "\n")
-    (directory / "README.md").write_text(_model_card(exp, base, summary, directory))
+    (directory / "README.md").write_text(_model_card(exp, base, summary, directory, merged))
     for path in directory.rglob("*"):  # safetensors writes its files 0600: others could not read them
         if path.is_file():
             path.chmod(0o644)
@@ -164,10 +165,10 @@ def _is_merged(directory: Path) -> bool:
     return (directory / "model.safetensors").is_file() and not (directory / "adapter_config.json").is_file()
 
 
-def _model_card(exp: Experiment, base: BaseModelRef, summary: dict[str, Any], directory: Path) -> str:
+def _model_card(exp: Experiment, base: BaseModelRef, summary: dict[str, Any], directory: Path, merged: bool) -> str:
     """The README.md of an export: what was trained, how well, at what cost, and how to load it."""
     is_peft = (directory / "adapter_config.json").is_file()
-    rebuild = None if is_peft or _is_merged(directory) else exp.method.rebuild_code(exp.model)
+    rebuild = None if is_peft or merged else exp.method.rebuild_code(exp.model)
     front = [
         "---", f"library_name: {'peft' if is_peft else 'transformers'}",
         *([f"base_model: {base.reference}"] if base.kind == "hub" else []),
@@ -181,10 +182,10 @@ def _model_card(exp: Experiment, base: BaseModelRef, summary: dict[str, Any], di
     if rebuild:
         notes += [f"`{exp.method.name}` adds fedpeft's own modules to the model, so loading needs fedpeft "
                   "installed (its torch-only helper below rebuilds them), not only transformers.", ""]
-    if _is_merged(directory):
+    if merged:
         notes += ["The adapter is merged: this folder is the whole model (the federation changed the base "
                   "weights of the adapted layers too), loaded with plain `transformers`.", ""]
-    load = _merged_load_code(exp) if _is_merged(directory) else _load_code(exp, base, is_peft, rebuild)
+    load = _merged_load_code(exp) if merged else _load_code(exp, base, is_peft, rebuild)
     code = ["```python", load, "```", "",
             "```python", _predict_code(exp), "```", ""]
     title = f"# `{exp.method.name}` on {exp.cfg.model.name}: federated fine-tuning with fedpeft"

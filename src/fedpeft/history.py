@@ -46,13 +46,14 @@ def round_row(
     results = delivery.results
     by_client = {r.client: r for r in results}
     up = delivery.bytes_up
-    down = message_bytes(state_down) + message_bytes(control_down or {})
-    down_of = down_bytes or {cid: down for cid in plan.selected}
+    if down_bytes is None:  # every selected client downloads the same state (and c)
+        down = message_bytes(state_down) + message_bytes(control_down or {})
+        down_bytes = {cid: down for cid in plan.selected}
     wire_up, wire_down = delivery.wire_up, delivery.wire_down
     clients = []
     for cid in plan.selected:
         res = by_client.get(cid)
-        entry: dict[str, Any] = {"id": cid, "bytes_down": down_of[cid], "bytes_up": up.get(cid, 0)}
+        entry: dict[str, Any] = {"id": cid, "bytes_down": down_bytes[cid], "bytes_up": up.get(cid, 0)}
         if wire_down is not None:
             entry["wire_bytes_down"] = wire_down.get(cid, 0)
             entry["wire_bytes_up"] = (wire_up or {}).get(cid, 0)
@@ -76,7 +77,7 @@ def round_row(
     )
     reported = len(results) + len(set(delivery.rejected) - set(by_client))
     bytes_up_total = sum(up.values())
-    bytes_down_total = sum(down_of[cid] for cid in plan.selected)
+    bytes_down_total = sum(down_bytes[cid] for cid in plan.selected)
     prev = previous or {}
     ev = eval_metrics or {}
     wire = None if wire_down is None else (sum((wire_up or {}).values()), sum(wire_down.values()))

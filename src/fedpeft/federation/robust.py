@@ -73,6 +73,17 @@ def update_norms(deltas: Deltas) -> np.ndarray:
     return np.array([np.sqrt(sum(float(np.vdot(v, v)) for v in map(_f64, d.values()))) for d in deltas])
 
 
+def squared_distance(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 16) -> float:
+    """``||a - b||^2`` accumulated in float64, ``chunk`` elements at a time: no full-size float64
+    copy, so a round can take every update's norm on arrival (the round's hot path)."""
+    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    total = 0.0
+    for start in range(0, a.size, chunk):
+        d = a[start:start + chunk].astype(np.float64) - b[start:start + chunk]
+        total += float(np.dot(d, d))
+    return total
+
+
 def clip_to_norm(delta: Mapping[str, np.ndarray], max_norm: float) -> tuple[NamedArrays, bool]:
     """Scale the whole delta by ``min(1, max_norm / |delta|)``: norm bounding (Sun et al. 2019,
     "Can you really backdoor federated learning?", https://arxiv.org/abs/1911.07963), Flower's

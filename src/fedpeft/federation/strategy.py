@@ -23,13 +23,14 @@ from fedpeft.errors import UpdateRejected
 from fedpeft.federation.aggregate import NamedArrays, RunningFedAvg, validate_update
 from fedpeft.federation.costs import message_bytes
 from fedpeft.federation.fedex import FedExLoRA, FedExRound
+from fedpeft.federation.robust import check_rule, robust_aggregate, squared_distance
 from fedpeft.federation.scaffold import PREFIX as SCAFFOLD_PREFIX
 from fedpeft.federation.scaffold import ServerControl
-
-FEDEX_ACCEPTED = "fedex/accepted"  # strategy state: clients aggregated per round (FedEx download bytes)
 from fedpeft.federation.server_opt import ServerOptimizer
 
 log = logging.getLogger(__name__)
+
+FEDEX_ACCEPTED = "fedex/accepted"  # strategy state: clients aggregated per round (FedEx download bytes)
 
 
 @dataclass
@@ -68,16 +69,6 @@ class RoundOutcome:
     # accepted client id -> {"update_norm": L2 norm of its delta, "aggregation": kept | clipped | excluded}
     client_info: dict[int, dict] = field(default_factory=dict)
     buffer_bytes: int = 0  # the round's deltas a rule other than "mean" held at once (0 for "mean")
-
-
-def squared_distance(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 16) -> float:
-    """``||a - b||^2`` accumulated in float64, ``chunk`` elements at a time (no full-size copies)."""
-    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
-    total = 0.0
-    for start in range(0, a.size, chunk):
-        d = a[start:start + chunk].astype(np.float64) - b[start:start + chunk]
-        total += float(np.dot(d, d))
-    return total
 
 
 @dataclass(frozen=True)
@@ -270,19 +261,13 @@ class RoundAggregation:
                 f"round {self.round}: {len(self.accepted)} client(s) reported, fewer than min_clients="
                 f"{self.min_clients}; the global state is unchanged"
             )
-            log.warning(message)
-            self._record_fedex(0)
-            return RoundOutcome(self.global_state, False, list(self.accepted), rejected, message, self.info)
+            return self._unchanged(rejected, message)
         if self.rule.holds_updates:
             try:
                 average = self._robust_average()
             except ValueError as exc:
-                message = (f"round {self.round}: {self.rule.aggregator} cannot combine {len(self.held)} update(s): "
-                           f"{exc}; the global state is unchanged")
-                log.warning(message)
-                self._record_fedex(0)
-                return RoundOutcome(self.global_state, False, list(self.accepted), rejected, message, self.info,
-                                    self._held_bytes())
+                return self._unchanged(rejected, f"round {self.round}: {self.rule.aggregator} cannot combine "
+                                                 f"{len(self.held)} update(s): {exc}; the global state is unchanged")
         else:
             average = self.running.result()
         state = self.server_opt.step(self.reference, average)
@@ -293,6 +278,13 @@ class RoundAggregation:
         if self.scaffold is not None:
             self.scaffold.step(self.deltas)
         return RoundOutcome(state, True, list(self.accepted), rejected, "", self.info, self._held_bytes())
+
+    def _unchanged(self, rejected: dict[int, str], message: str) -> RoundOutcome:
+        """The outcome of a round that is not aggregated: the global state as it was, and why."""
+        log.warning(message)
+        self._record_fedex(0)
+        return RoundOutcome(self.global_state, False, list(self.accepted), rejected, message, self.info,
+                            self._held_bytes())
 
     def _bounded(self, res: ClientResult) -> NamedArrays:
         """``res.state``, its delta clipped to ``max_update_norm``; records the delta's L2 norm."""
@@ -308,8 +300,6 @@ class RoundAggregation:
 
     def _robust_average(self) -> NamedArrays:
         """The held deltas combined by the rule, added to the global state; marks the excluded."""
-        from fedpeft.federation.robust import check_rule, robust_aggregate
-
         rule = self.rule
         check_rule(rule.aggregator, len(self.held), rule.trim_fraction, rule.byzantine)
         delta, statuses = robust_aggregate(rule.aggregator, [d for d, _ in self.held], [w for _, w in self.held],
