@@ -138,3 +138,25 @@ def test_an_attacked_run_records_who_attacked_and_what_the_rule_did_in_every_run
     sim_rows = [json.loads(line) for line in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()]
     assert [r["clients_attacking"] for r in sim_rows] == [r["clients_attacking"] for r in rows]
     assert [[c.get("aggregation") for c in r["clients"]] for r in sim_rows] == [[c.get("aggregation") for c in r["clients"]] for r in rows]
+
+
+def test_round_rows_and_the_summary_count_clipped_and_excluded_clients():
+    from fedpeft.federation.strategy import RoundPlan
+    from fedpeft.history import round_row, summarize
+    from fedpeft.runtime.rounds import Delivery
+
+    g, _, attacked = round_inputs()
+    plan = RoundPlan(1, list(range(8)), [])
+    delivery = Delivery(results=[r.without_state() for r in attacked])
+    timings = {"wall_s": 1.0, "client_compute_s": 1.0}
+    clipped = aggregate(g, attacked, max_update_norm=0.1)
+    row = round_row(plan, delivery, clipped, g, None, timings, None)
+    expected = [i for i in range(8) if clipped.client_info[i]["aggregation"] == "clipped"]
+    assert expected and row["clients_clipped"] == len(expected) and row["clients_excluded"] == 0
+    assert [c["id"] for c in row["clients"] if c["aggregation"] == "clipped"] == expected
+    assert all(c["update_norm"] == clipped.client_info[c["id"]]["update_norm"] for c in row["clients"])
+    krum = round_row(plan, delivery, aggregate(g, attacked, aggregator="krum", byzantine=1), g, None, timings, row)
+    assert krum["clients_excluded"] == 7 and krum["aggregation_buffer_bytes"] > 0
+    summary = summarize([row, krum], {})
+    assert summary["clients_clipped_total"] == len(expected) and summary["clients_excluded_total"] == 7
+    assert summary["aggregation_buffer_bytes_max"] == krum["aggregation_buffer_bytes"]
