@@ -199,7 +199,7 @@ class FederationConfig:
     label_skew: Literal["none", "fedlc", "fedrs"] = "none"  # loss from the client's own label counts
     fedlc_tau: float | None = None  # fedlc only: calibration strength tau > 0 (unset: 1.0)
     fedrs_alpha: float | None = None  # fedrs only: absent classes' logit scale in (0, 1] (unset: 0.5)
-    scaffold: bool = False  # SCAFFOLD control variates c, c_i (option II); doubles the bytes both ways
+    scaffold: bool = False  # SCAFFOLD control variates c, c_i (c_i: mean local gradient); doubles the bytes both ways
     # robust aggregation over client deltas (issue 13; fedpeft.federation.robust)
     aggregator: Literal["mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan"] = "mean"
     trim_fraction: float | None = None  # trimmed_mean only: share cut at each end per coordinate (unset: 0.2, Flower's beta)

@@ -88,10 +88,12 @@ class ClientTrainer:
         ``federation.label_skew`` loss; FedProx's proximal term is not included.
 
         ``controls = (c, c_i)`` trains with SCAFFOLD (Karimireddy et al. 2020,
-        https://arxiv.org/abs/1910.06378, option II): every step adds ``c - c_i`` to the gradient
-        of each exchanged parameter (before clipping and the optimizer step), and the result
-        carries ``control = delta_c_i = (x - y_i) / (K * lr) - c``; the caller keeps
-        ``c_i + delta_c_i`` as the client's new ``c_i`` (:func:`~fedpeft.federation.scaffold.advance`).
+        https://arxiv.org/abs/1910.06378): every step adds ``c - c_i`` to the gradient of each
+        exchanged parameter (before clipping and the optimizer step), and the result carries
+        ``control = delta_c_i = mean_k g_k - c_i``, the mean uncorrected gradient of the steps
+        less ``c_i`` (option II's value for plain SGD, a gradient for any optimizer:
+        :mod:`fedpeft.federation.scaffold`); the caller keeps ``c_i + delta_c_i`` as the
+        client's new ``c_i`` (:func:`~fedpeft.federation.scaffold.advance`).
         """
         start = time.perf_counter()
         seed = client_seed(self.seed, rnd, client)
@@ -105,10 +107,12 @@ class ClientTrainer:
         anchor = [p.detach().clone() for p in self.params] if self.cfg.proximal_mu > 0 else None
         counts = self.client_class_counts(indices) if self.cfg.label_skew != "none" else None
         correction = None if controls is None else self._correction(*controls)
+        # SCAFFOLD: the sum of each corrected parameter's uncorrected gradients over the steps
+        grad_sum = None if correction is None else [None if d is None else torch.zeros_like(d) for d in correction]
         loss_sum, flops, samples = 0.0, 0, 0
         for batch_rows in self.batch_order(indices, steps, generator):
             batch = self.train.batch(batch_rows)
-            loss_sum += self._step(batch, optimizer, anchor, counts, correction)
+            loss_sum += self._step(batch, optimizer, anchor, counts, correction, grad_sum)
             flops += self.flops(batch)
             samples += len(batch_rows)
         self.model.eval()
@@ -120,7 +124,7 @@ class ClientTrainer:
             "flops": float(flops),
             "compute_s": time.perf_counter() - start,
         }
-        control = {} if controls is None else scaffold.control_delta(controls[0], global_state, state, steps, self.cfg.lr)
+        control = {} if controls is None else scaffold.control_delta(controls[1], self._mean(grad_sum, steps), state)
         return ClientResult(client, state, int(len(indices)), metrics, control)
 
     def _correction(self, c: NamedArrays, c_i: NamedArrays) -> list[torch.Tensor | None]:
@@ -130,6 +134,10 @@ class ClientTrainer:
             None if n is None else torch.from_numpy(np.asarray(diff[n])).to(p.dtype)
             for n, p in zip(self.param_names, self.params)
         ]
+
+    def _mean(self, sums: list[torch.Tensor | None], steps: int) -> NamedArrays:
+        """``sums / steps`` by exchanged name (float64), for the parameters SCAFFOLD corrects."""
+        return {n: s.double().numpy() / steps for n, s in zip(self.param_names, sums) if s is not None}
 
     def client_class_counts(self, indices: np.ndarray) -> torch.Tensor:
         """The client's number of training rows per class (label ids ``0..max``); used on the
@@ -144,13 +152,16 @@ class ClientTrainer:
         anchor: list[torch.Tensor] | None = None,
         counts: torch.Tensor | None = None,
         correction: list[torch.Tensor | None] | None = None,
+        grad_sum: list[torch.Tensor | None] | None = None,
     ) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss = self._backward(batch, anchor, counts)
         if correction is not None:  # SCAFFOLD: g + c - c_i, clipped and stepped like any gradient
             with torch.no_grad():
-                for p, d in zip(self.params, correction):
+                for p, d, total in zip(self.params, correction, grad_sum):
                     if d is not None:
+                        if p.grad is not None:
+                            total.add_(p.grad)
                         p.grad = d.clone() if p.grad is None else p.grad.add_(d)
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)

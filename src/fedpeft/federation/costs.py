@@ -153,9 +153,10 @@ def reset_peak_rss() -> bool:
 
 def train_state_bytes(model: nn.Module, optimizer: str = "adamw", scaffold: bool = False) -> int:
     """Bytes a client holds for its trainable part: params + grads (+ 2 moments for AdamW), and
-    with SCAFFOLD 3 more copies: ``c``, ``c_i`` and the correction ``c - c_i`` (the exchanged part
-    is the trainable one for every method)."""
-    copies = (4 if optimizer == "adamw" else 3) + (3 if scaffold else 0)  # sgd: params, grads, momentum
+    with SCAFFOLD 4 more copies: ``c``, ``c_i``, the correction ``c - c_i`` and the running sum of
+    the gradients that gives the new ``c_i`` (the exchanged part is the trainable one for every
+    method)."""
+    copies = (4 if optimizer == "adamw" else 3) + (4 if scaffold else 0)  # sgd: params, grads, momentum
     return copies * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 

@@ -1,25 +1,30 @@
 """SCAFFOLD's control variates over the exchanged part (Karimireddy et al. 2020,
-https://arxiv.org/abs/1910.06378, Algorithm 1 with option II).
+https://arxiv.org/abs/1910.06378, Algorithm 1; option II measured from the gradients).
 
 Every control variate is a named state with the exchanged state's names, shapes and dtypes.
 The server keeps ``c``, client ``i`` keeps ``c_i``; both start at 0. In round ``r`` the server
-sends ``(x, c)`` to the selected clients ``S``; client ``i`` takes ``K`` local steps of size
-``eta_l`` from ``y_i = x`` along the corrected gradient ``g_i(y_i) + c - c_i``, then reports
+sends ``(x, c)`` to the selected clients ``S``; client ``i`` takes ``K`` local steps from
+``y_i = x`` along the corrected gradient ``g_i(y_i) + c - c_i``, then reports
 
     delta_y_i = y_i - x                                 (sent as its new state y_i)
-    delta_c_i = c_i+ - c_i = (x - y_i) / (K * eta_l) - c
+    delta_c_i = c_i+ - c_i,  c_i+ = mean_k g_i(y_i^k)   (the mean uncorrected local gradient)
     c_i      <- c_i + delta_c_i                         (kept by the client)
 
 and the server, besides the usual FedAvg of the states, moves
 
     c <- c + |S| / N * mean_{i in S} delta_c_i          (an unweighted mean over S)
 
-``S`` is the round's accepted clients and ``N`` the number of clients. ``c_i+ = c_i +
-delta_c_i`` (rather than the paper's ``c_i - c + (x - y_i) / (K * eta_l)``, equal in exact
-arithmetic) makes the client keep exactly what the server adds up, so ``c`` stays the mean of
-every client's ``c_i`` up to float rounding. The functions here are pure; where ``c_i`` lives is
-the runtime's business (:class:`ClientControls` in process, the SuperNode's ``context.state``
-in Flower).
+``S`` is the round's accepted clients and ``N`` the number of clients. For the paper's plain
+SGD (no momentum, clipping or weight decay) ``c_i+`` is option II's
+``c_i - c + (x - y_i) / (K * eta_l)`` exactly: that displacement is the mean corrected gradient
+``mean_k g_i + c - c_i``. Measured from the gradients rather than from the displacement it stays
+a gradient estimate under any local optimizer: with AdamW ``(x - y_i) / (K * eta_l)`` is about
+the sign of the mean step (size ~1 per coordinate, not the gradient's), and on banking77 the
+option II form made LoRA + AdamW collapse to chance from round 2 (docs/methods.md).
+``c_i + delta_c_i`` makes the client keep exactly what the server adds up, so ``c`` stays the
+mean of every client's ``c_i`` up to float rounding. The functions here are pure; where ``c_i``
+lives is the runtime's business (:class:`ClientControls` in process, the SuperNode's
+``context.state`` in Flower).
 """
 
 from __future__ import annotations
@@ -44,27 +49,27 @@ def correction(c: Mapping[str, np.ndarray], c_i: Mapping[str, np.ndarray]) -> Na
 
 
 def control_delta(
-    c: Mapping[str, np.ndarray], x: Mapping[str, np.ndarray], y: Mapping[str, np.ndarray], steps: int, lr: float
+    c_i: Mapping[str, np.ndarray], mean_gradient: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray]
 ) -> NamedArrays:
-    """Option II: ``delta_c_i = (x - y_i) / (K * eta_l) - c`` (float64, then ``x``'s dtypes).
+    """``delta_c_i = mean_k g_i - c_i``: the step that makes ``c_i`` the mean local gradient.
 
     Parameters
     ----------
-    c
-        The server's control variate sent with ``x``.
-    x, y
-        The global state the client started from and its state after ``steps`` local steps
-        (``delta_c_i`` has ``y``'s names: a global state may also hold what clients only receive).
-    steps, lr
-        ``K`` and the local learning rate ``eta_l``. ``(x - y) / (K * eta_l)`` is the mean
-        corrected gradient only for plain SGD (no momentum, no weight decay); with other local
-        optimizers it is a rescaled estimate (see docs/methods.md).
+    c_i
+        The client's control variate it trained with.
+    mean_gradient
+        The mean over the ``K`` local steps of each exchanged trainable parameter's gradient of
+        the local objective (data loss, plus FedProx's term), before SCAFFOLD's correction and
+        clipping; a name it lacks (an exchanged entry that is not trained) counts as 0.
+    like
+        The client's new state: ``delta_c_i`` has its names and dtypes (a global state may also
+        hold what clients only receive).
     """
-    scale = 1.0 / (steps * lr)
-    return {
-        name: ((np.asarray(x[name], np.float64) - y[name]) * scale - c[name]).astype(x[name].dtype)
-        for name in y
-    }
+    out: NamedArrays = {}
+    for name, value in like.items():
+        g = np.asarray(mean_gradient[name], np.float64) if name in mean_gradient else 0.0
+        out[name] = np.asarray(g - np.asarray(c_i[name], np.float64), dtype=value.dtype).reshape(value.shape)
+    return out
 
 
 def advance(c_i: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> NamedArrays:
