@@ -13,8 +13,9 @@ variant's local lr comes from ``--lrs tune.json`` (``fedpeft tune`` output: its 
 mapping of method -> lr), else from :data:`LEARNING_RATES` (chosen for benchmarks/methods.py).
 With ``--tune`` each dataset's local learning rates come from ``fedpeft tune`` run on that
 dataset's own config first (``OUT/tune/<dataset>``: 2 proxy rounds, validation rows of the train
-split, never the test split); the chosen lr of a method is used by all its variants (FedAdam's
-``server_lr`` stays 1e-2).
+split, never the test split); the chosen lr of a method is used by all its variants, and FedAdam's
+``server_lr`` is tuned the same way at that local lr (``OUT/tune/<dataset>-fedadam/<method>``,
+candidates :data:`SERVER_LRS`; without ``--tune`` it is 1e-2).
 
 Usage::
 
@@ -54,11 +55,12 @@ from fedpeft.tune import run_tune
 LEARNING_RATES = {"full": 3e-4, "bias": 1e-2, "adapter": 3e-3, "lora": 3e-3}
 CORRECTIONS = {  # variant suffix -> federation keys
     "fedavg": {},
-    "fedadam": {"server_optimizer": "fedadam", "server_lr": 1e-2},
+    "fedadam": {"server_optimizer": "fedadam", "server_lr": 1e-2},  # server_lr: tuned with --tune
     "fedprox": {"proximal_mu": 0.01},
     "fedlc": {"label_skew": "fedlc"},
     "scaffold": {"scaffold": True},
 }
+SERVER_LRS = "1e-2,3e-2,1e-1"  # FedAdam's server_lr candidates (Flower's default 0.1 the largest)
 MINORITY = ("Business", "Sci/Tech")
 FIRST = ("full-fedavg", "lora-fedavg", "bias-fedavg", "adapter-fedavg", "lora-fedlc", "bias-fedlc", "adapter-fedlc",
          "lora-fedex", "lora-freeze_a", "lora-scaffold", "bias-scaffold")  # run order: a partial run still answers
@@ -126,6 +128,19 @@ def tuned_lrs(args: argparse.Namespace, dataset: str, methods: list[str]) -> dic
     (folder / "tune.json").write_text((folder / "runs" / "tune.json").read_text())
     print(f"{dataset} tuned: " + ", ".join(f"{m} {c.lr:g}" for m, c in tuning.choices.items()), flush=True)
     return chosen_lrs(folder / "tune.json")
+
+
+def tuned_server_lr(args: argparse.Namespace, dataset: str, method: str, options: dict, fed: dict, lr: float) -> float:
+    """``fedpeft tune`` of ``federation.server_lr`` (:data:`SERVER_LRS`) for ``method`` with the
+    server optimizer of ``fed``, at the local ``lr`` tuned for plain FedAvg; the chosen value."""
+    folder = args.out / "tune" / f"{dataset}-{fed['server_optimizer']}" / method
+    folder.mkdir(parents=True, exist_ok=True)
+    config(args, dataset, method, options, fed, lr).save(folder / "config.toml")
+    tuning = run_tune(folder / "config.toml", folder / "runs", methods=[method], rounds=2,
+                      grid=[f"federation.lr={lr:g}", f"federation.server_lr={SERVER_LRS}"])
+    server_lr = float(dict(tuning.choices[method].settings)["federation.server_lr"])
+    print(f"{dataset} {method} {fed['server_optimizer']}: server_lr {server_lr:g} (local lr {lr:g})", flush=True)
+    return server_lr
 
 
 def run_one(cfg: Config, folder: Path) -> dict:
@@ -237,6 +252,8 @@ def main() -> None:
         for dataset in datasets:
             method, options, fed = chosen[name]
             folder = args.out / dataset / name
+            if args.tune and "server_optimizer" in fed and run_status(folder, args.rounds) != "finished":
+                fed = {**fed, "server_lr": tuned_server_lr(args, dataset, method, options, fed, lrs[dataset][method])}
             cfg = config(args, dataset, method, options, fed, lrs[dataset][method])
             if run_status(folder, cfg.federation.rounds) == "finished":
                 continue
