@@ -162,6 +162,50 @@ def _prepare_tokenizer(tokenizer: Any, model: nn.Module, info: ModelInfo) -> Non
         tokenizer.padding_side = "left"
 
 
+BLOCK_LISTS = ("layer", "h", "layers", "block", "blocks")  # last name of a block ModuleList
+
+
+@dataclass
+class Blocks:
+    """A model's stack of transformer blocks, bottom (next to the embeddings) first.
+
+    ``prefix`` is the ModuleList's qualified name in the module it was found in (with a peft
+    wrapper, e.g. ``base_model.model.bert.encoder.layer``); block ``i``'s parameters are named
+    ``f"{prefix}.{i}."...``.
+    """
+
+    prefix: str
+    modules: nn.ModuleList
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def index_of(self, param_name: str) -> int | None:
+        """The block a parameter name belongs to, or None (embeddings, final norm, head...)."""
+        if not param_name.startswith(self.prefix + "."):
+            return None
+        head = param_name[len(self.prefix) + 1 :].split(".", 1)[0]
+        return int(head) if head.isdigit() else None
+
+
+def transformer_blocks(model: nn.Module, num_layers: int) -> Blocks:
+    """The one ``nn.ModuleList`` of ``num_layers`` blocks in ``model`` (BERT/ViT ``encoder.layer``,
+    GPT-2 ``transformer.h``, LLaMA ``model.layers``...).
+
+    Raises
+    ------
+    ConfigError
+        When no such list, or more than one, is found.
+    """
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == num_layers and name.rsplit(".", 1)[-1] in BLOCK_LISTS]
+    if len(found) != 1:
+        names = ", ".join(n for n, _ in found) or "none"
+        raise ConfigError(f"model: expected one list of {num_layers} transformer blocks in {type(model).__name__}, "
+                          f"found {names}")
+    return Blocks(*found[0])
+
+
 def _model_info(model: nn.Module) -> ModelInfo:
     config = model.config
     family = config.model_type
