@@ -50,7 +50,7 @@ def config(args: argparse.Namespace, fed: dict, attack: dict) -> Config:
         "partition": {"scheme": "iid", "num_clients": 8},
         "method": {"name": args.method},
         "federation": {"rounds": args.rounds, "clients_per_round": 8, "local_epochs": 1.0, "batch_size": 16,
-                       "lr": LEARNING_RATES[args.method], **fed},
+                       "lr": LEARNING_RATES[args.method], "eval_every": args.eval_every, **fed},
         "runtime": {"seed": args.seed, "progress": False},
         "attack": attack,
         "output": {"save_model": False},
@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--test-rows", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=1, help="test-set evaluation every N rounds (the table "
+                        "uses the final round's, which evaluation does not change)")
     args = parser.parse_args()
     rules = [r for r in args.rules.split(",") if r]
     summaries: dict[tuple[str, str], dict] = {}
