@@ -164,11 +164,15 @@ def rank_check(args: argparse.Namespace, dataset: str, method: str) -> str:
     """The full runs of ``method`` at every lr tune tried on ``dataset``; markdown with the
     proxy's and the full runs' macro-F1 and their Spearman correlations (over lrs, over methods)."""
     record = json.loads((args.out / "tune" / dataset / "tune.json").read_text())
+    chosen_lr = float(record["choices"][method]["federation.lr"])
     rows = []
     for cand in (c for c in record["candidates"] if c["method"] == method and c["error"] is None):
         lr = float(cand["settings"]["federation.lr"])
         cfg = config(args, dataset, method, {}, {}, lr)
-        summary = run_one(cfg, args.out / "rank" / dataset / f"{method}-lr{lr:g}")
+        folder = args.out / dataset / f"{method}-fedavg"  # the benchmark's own run at the chosen lr
+        if lr != chosen_lr or run_status(folder, cfg.federation.rounds) != "finished":
+            folder = args.out / "rank" / dataset / f"{method}-lr{lr:g}"
+        summary = run_one(cfg, folder)
         rows.append({"lr": lr, "proxy_f1": cand["macro_f1"], "full_f1": summary["final_macro_f1"],
                      "full_acc": summary["final_accuracy"]})
     by_lr = pd.DataFrame(rows).sort_values("lr")
@@ -243,7 +247,8 @@ def main() -> None:
         if args.lrs:
             lrs[dataset].update(chosen_lrs(args.lrs))
         if args.tune:
-            lrs[dataset].update(tuned_lrs(args, dataset, sorted({chosen[v][0] for v in wanted})))
+            # every method, not only --only's: tune.json keeps all choices (finished candidates are skipped)
+            lrs[dataset].update(tuned_lrs(args, dataset, sorted({m for m, _, _ in chosen.values()})))
     if args.rank_check:
         for dataset in datasets:
             print(rank_check(args, dataset, args.rank_check), flush=True)
