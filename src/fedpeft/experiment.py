@@ -56,6 +56,12 @@ class Experiment:
     processor: Any = None  # the tokenizer (text) or image processor (image) the data was encoded with
     attackers: list[int] = field(default_factory=list)  # [attack]: the malicious clients' ids
 
+    @property
+    def assignment(self) -> Any:
+        """The names each client trains and sends (:class:`~fedpeft.federation.assignment.Assignment`,
+        from ``Method.assignment``), or None: every client trains every exchanged name."""
+        return self.strategy.assignment
+
     def initial_state(self) -> dict[str, np.ndarray]:
         """The global state before round 1: the exchanged part (with FedEx-LoRA also the adapted
         layers' base weights, which the server corrects and clients only receive)."""
@@ -85,6 +91,8 @@ class Experiment:
             "trainable_params": trainable,
             "total_params": total,
             "exchanged_params": int(sum(a.size for a in state.values())),
+            # a client that trains every exchanged name; with an assignment (layers, heterogeneous k)
+            # the largest update: the rows have each client's, the summary their mean
             "bytes_per_client_update": copies * message_bytes(state),
             # the global state (FedEx-LoRA: at most, with the dense base weights; rows have each client's) + c
             "bytes_per_client_download": message_bytes(self.initial_state()) + (copies - 1) * message_bytes(state),
@@ -161,7 +169,10 @@ def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
     attackers = malicious_clients(cfg.attack, len(parts), seed)
     if attackers:  # the same wrapper wherever clients train: in process and on every Flower node
         trainer = AttackingTrainer(trainer, cfg.attack, attackers, data.num_labels, seed)
-    strategy = FedAvgStrategy(cfg.federation, len(parts), seed, method.residual_fold(model))
+    assignment = method.assignment(model, len(parts))  # client -> its names (None: every client, every name)
+    if assignment is not None:
+        assignment.check(names)
+    strategy = FedAvgStrategy(cfg.federation, len(parts), seed, method.residual_fold(model), assignment)
     return Experiment(cfg, data, loaded.info, method, model, names, train, test, parts, trainer, strategy,
                       loaded.processor, attackers)
 

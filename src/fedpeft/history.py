@@ -28,6 +28,7 @@ def round_row(
     control_down: NamedArrays | None = None,
     down_bytes: dict[int, int] | None = None,
     attackers: list[int] | None = None,
+    labels: dict[int, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One ``metrics.jsonl`` row.
 
@@ -41,7 +42,8 @@ def round_row(
     ``down_bytes`` (client -> bytes) replaces that count where clients download different
     payloads (FedEx-LoRA: the base-weight residuals each one has not received yet).
     ``attackers`` are the malicious clients (``[attack]``); ``clients_attacking`` lists those that
-    trained this round.
+    trained this round. ``labels`` (client -> fields) adds what a per-client assignment chose to
+    each selected client's entry (``layers``: ``k``, the blocks it trains).
     """
     results = delivery.results
     by_client = {r.client: r for r in results}
@@ -53,7 +55,8 @@ def round_row(
     clients = []
     for cid in plan.selected:
         res = by_client.get(cid)
-        entry: dict[str, Any] = {"id": cid, "bytes_down": down_bytes[cid], "bytes_up": up.get(cid, 0)}
+        entry: dict[str, Any] = {"id": cid, **(labels or {}).get(cid, {}), "bytes_down": down_bytes[cid],
+                                 "bytes_up": up.get(cid, 0)}
         if wire_down is not None:
             entry["wire_bytes_down"] = wire_down.get(cid, 0)
             entry["wire_bytes_up"] = (wire_up or {}).get(cid, 0)
@@ -120,6 +123,7 @@ def summarize(rows: list[dict[str, Any]], static: dict[str, Any]) -> dict[str, A
     evaluated = [r for r in rows if r.get("accuracy") is not None]
     last = evaluated[-1] if evaluated else {}
     client_rounds = sum(r["clients_reported"] for r in rows)
+    updates = [c["bytes_up"] for r in rows for c in r["clients"] if c.get("bytes_up")]
     n = max(1, len(rows))
     summary = {
         **static,
@@ -132,6 +136,9 @@ def summarize(rows: list[dict[str, Any]], static: dict[str, Any]) -> dict[str, A
         "total_bytes_up": sum(r["bytes_up"] for r in rows),
         "total_bytes_down": sum(r["bytes_down"] for r in rows),
         "mb_up_per_round": sum(r["bytes_up"] for r in rows) / n / 1e6,
+        # the mean payload of the updates received; bytes_per_client_update is the largest possible
+        # (a client assigned every exchanged name): they differ only with per-client assignments
+        "bytes_per_client_update_mean": sum(updates) / len(updates) if updates else None,
         "mb_down_per_round": sum(r["bytes_down"] for r in rows) / n / 1e6,
         "client_flops_total": sum(r["client_flops"] for r in rows),
         "client_flops_per_update": sum(r["client_flops"] for r in rows) / max(1, client_rounds),

@@ -49,10 +49,18 @@ class RunningFedAvg:
     https://arxiv.org/abs/2412.04650): the server keeps one float64 running sum, never the list of
     client states, so its memory does not grow with the number of clients, and the aggregate of
     whoever has reported so far is available at any time.
+
+    ``partial=True`` lets results carry different subsets of the names (clients assigned part of
+    the exchanged state, :mod:`fedpeft.federation.assignment`): each name is then averaged over
+    the results that carried it, ``sum_{k carries n} w_k x_k / sum_{k carries n} w_k``, and
+    ``result()`` holds only the names some result carried. When every result carries every name
+    this is the same sums in the same order, so bit-identical to ``partial=False``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, partial: bool = False) -> None:
+        self.partial = partial
         self._sums: dict[str, np.ndarray] = {}  # name -> sum_k w_k * x_k (float64)
+        self._weights: dict[str, float] = {}  # name -> sum of the weights of the results carrying it
         self._dtypes: dict[str, np.dtype] = {}
         self.weight = 0.0  # sum_k w_k
         self.count = 0  # results folded in
@@ -62,37 +70,55 @@ class RunningFedAvg:
         w = float(weight)
         if not np.isfinite(w) or w <= 0:
             raise ValueError(f"fedavg weights must be positive and finite, got {weight!r}")
-        if self.count and state.keys() != self._sums.keys():
+        if self.count and not self.partial and state.keys() != self._sums.keys():
             raise ValueError("fedavg: the named arrays do not all have the same names")
         arrays = {name: np.asarray(value) for name, value in state.items()}
         for name, value in arrays.items():
-            if self.count and value.shape != self._sums[name].shape:
+            if name in self._sums and value.shape != self._sums[name].shape:
                 raise ValueError(f"fedavg: {name} has shape {value.shape}, expected {self._sums[name].shape}")
         for name, value in arrays.items():
-            if not self.count:
+            if name not in self._sums:
                 self._sums[name] = np.zeros(value.shape, dtype=np.float64)
                 self._dtypes[name] = value.dtype
+                self._weights[name] = 0.0
             self._sums[name] += w * value.astype(np.float64, copy=False)
+            self._weights[name] += w
         self.weight += w
         self.count += 1
 
     def result(self) -> NamedArrays:
-        """The weighted average so far, in each input array's dtype."""
+        """The weighted average so far, in each input array's dtype (per name over the results
+        that carried it)."""
         if not self.count:
             raise ValueError("fedavg needs at least one (named_arrays, weight) pair")
-        return {name: (acc / self.weight).astype(self._dtypes[name], copy=False) for name, acc in self._sums.items()}
+        return {name: (acc / self._weights[name]).astype(self._dtypes[name], copy=False)
+                for name, acc in self._sums.items()}
 
 
 def validate_update(
     update: Mapping[str, np.ndarray],
     reference: Mapping[str, np.ndarray],
     max_bytes: int | None = None,
+    assigned: Iterable[str] | None = None,
 ) -> None:
     """Raise :class:`UpdateRejected` unless ``update`` matches ``reference`` exactly in form.
 
     Checks, in order: the same names (missing and unexpected ones are listed), each array's
-    shape and dtype, finite values only, and (optionally) the total payload size.
+    shape and dtype, finite values only, and (optionally) the total payload size. With
+    ``assigned`` (the names the client was assigned, a subset of ``reference``'s) the update must
+    carry exactly those: a missing one or any other name (``unassigned``, even if ``reference``
+    has it) is rejected by name.
     """
+    if assigned is not None:
+        assigned = set(assigned)
+        unknown = sorted(assigned - set(reference))
+        if unknown:
+            raise ValueError(f"validate_update: assigned names not in the reference: {_few(unknown)}")
+        unassigned = sorted(n for n in update if n in reference and n not in assigned)
+        if unassigned:
+            raise UpdateRejected(f"wrong parameter names: unassigned {_few(unassigned)} "
+                                 f"(this client was assigned {len(assigned)} of {len(reference)} names)")
+        reference = {n: ref for n, ref in reference.items() if n in assigned}
     missing = sorted(set(reference) - set(update))
     unexpected = sorted(set(update) - set(reference))
     if missing or unexpected:

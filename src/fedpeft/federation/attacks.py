@@ -74,16 +74,17 @@ class AttackingTrainer:
         return getattr(self.trainer, name)
 
     def fit(self, client: int, indices: np.ndarray, global_state: NamedArrays, rnd: int,
-            controls: tuple[NamedArrays, NamedArrays] | None = None) -> ClientResult:
+            controls: tuple[NamedArrays, NamedArrays] | None = None,
+            names: list[str] | tuple[str, ...] | None = None) -> ClientResult:
         if client not in self.malicious:
-            return self.trainer.fit(client, indices, global_state, rnd, controls)
+            return self.trainer.fit(client, indices, global_state, rnd, controls, names)
         if self.flipped is not None:
             honest = self.trainer.train
             self.trainer.train = self.flipped
             try:
-                return self.trainer.fit(client, indices, global_state, rnd, controls)
+                return self.trainer.fit(client, indices, global_state, rnd, controls, names)
             finally:
                 self.trainer.train = honest
-        res = self.trainer.fit(client, indices, global_state, rnd, controls)
+        res = self.trainer.fit(client, indices, global_state, rnd, controls, names)
         rng = np.random.default_rng([self.seed, rnd, client, 0xA77])
         return replace(res, state=poison(self.attack.kind, self.attack.attack_scale(), global_state, res.state, rng))

@@ -44,11 +44,23 @@ class ClientTrainer:
         self.train = train
         self.cfg = cfg
         self.seed = seed
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        exchanged = set(names)
+        self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # as prepared
+        self._flops: dict[frozenset[str] | None, TrainingFlops] = {}  # per assigned set: backward differs
+        self._use(None)
+
+    def _use(self, assigned: frozenset[str] | None) -> None:
+        """Train the prepared trainable parameters, less the exchanged ones not in ``assigned``
+        (None: all of them): ``requires_grad`` off for those, so no autograd graph is built
+        through them, nor through anything below them that nothing trainable needs."""
+        exchanged = set(self.names)
+        for n, p in self.trainable:
+            p.requires_grad_(assigned is None or n in assigned or n not in exchanged)
+        self.params = [p for _, p in self.trainable if p.requires_grad]
         # the name of each trainable parameter that is exchanged (SCAFFOLD corrects those), else None
-        self.param_names = [n if n in exchanged else None for n, p in model.named_parameters() if p.requires_grad]
-        self.flops = TrainingFlops(model)  # exact FLOPs of a batch from its shape
+        self.param_names = [n if n in exchanged else None for n, p in self.trainable if p.requires_grad]
+        if assigned not in self._flops:
+            self._flops[assigned] = TrainingFlops(self.model)  # measured lazily, with this requires_grad
+        self.flops = self._flops[assigned]  # exact FLOPs of a batch from its shape
 
     def num_steps(self, num_samples: int) -> int:
         if self.cfg.local_steps is not None:
@@ -81,8 +93,14 @@ class ClientTrainer:
         global_state: NamedArrays,
         rnd: int,
         controls: tuple[NamedArrays, NamedArrays] | None = None,
+        names: list[str] | tuple[str, ...] | None = None,
     ) -> ClientResult:
         """Local training of ``client`` in round ``rnd``; returns its new exchanged state.
+
+        ``names`` (the client's assignment, :mod:`fedpeft.federation.assignment`; None: every
+        exchanged name): only those exchanged parameters train, and only they are returned. The
+        others stay frozen for this client (``requires_grad`` off, restored afterwards), so blocks
+        below the lowest assigned one build no graph and keep no activations for backward.
 
         ``train_loss`` is the mean data loss over the steps: the model's cross-entropy, or the
         ``federation.label_skew`` loss; FedProx's proximal term is not included.
@@ -95,6 +113,22 @@ class ClientTrainer:
         :mod:`fedpeft.federation.scaffold`); the caller keeps ``c_i + delta_c_i`` as the
         client's new ``c_i`` (:func:`~fedpeft.federation.scaffold.advance`).
         """
+        assigned = None if names is None else frozenset(names)
+        if assigned is not None:
+            unknown = sorted(assigned - set(self.names))
+            if unknown:
+                raise ValueError(f"client {client} is assigned names that are not exchanged: {unknown[:5]}")
+            if controls is not None:
+                raise ValueError("SCAFFOLD with an assignment of part of the exchanged state is not supported")
+        self._use(assigned)
+        try:
+            return self._fit(client, indices, global_state, rnd, controls,
+                             list(self.names) if names is None else [n for n in self.names if n in assigned])
+        finally:
+            self._use(None)
+
+    def _fit(self, client: int, indices: np.ndarray, global_state: NamedArrays, rnd: int,
+             controls: tuple[NamedArrays, NamedArrays] | None, names: list[str]) -> ClientResult:
         start = time.perf_counter()
         seed = client_seed(self.seed, rnd, client)
         torch.manual_seed(seed)
@@ -116,7 +150,7 @@ class ClientTrainer:
             flops += self.flops(batch)
             samples += len(batch_rows)
         self.model.eval()
-        state = get_state(self.model, self.names)
+        state = get_state(self.model, names)
         metrics = {
             "train_loss": loss_sum / steps,
             "steps": float(steps),

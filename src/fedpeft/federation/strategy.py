@@ -8,19 +8,23 @@ probability ``dropout``; the round aggregates the survivors, folding each result
 With ``federation.scaffold`` the server also keeps SCAFFOLD's control variate ``c``
 (:mod:`fedpeft.federation.scaffold`), sent down with the state and moved by the clients' reports.
 With FedEx-LoRA (:mod:`fedpeft.federation.fedex`) the global state also holds the adapted layers'
-corrected base weights, which clients receive but never send.
+corrected base weights, which clients receive but never send. With an
+:class:`~fedpeft.federation.assignment.Assignment` (the ``layers`` method) a client trains and sends
+only its assigned names, and each name is averaged over the clients that carried it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from fedpeft.config import FederationConfig
-from fedpeft.errors import UpdateRejected
+from fedpeft.errors import ConfigError, UpdateRejected
 from fedpeft.federation.aggregate import NamedArrays, RunningFedAvg, validate_update
+from fedpeft.federation.assignment import Assignment
 from fedpeft.federation.costs import message_bytes
 from fedpeft.federation.fedex import FedExLoRA, FedExRound
 from fedpeft.federation.robust import check_rule, robust_aggregate, squared_distance
@@ -38,6 +42,8 @@ class RoundPlan:
     round: int
     selected: list[int]  # client ids that receive the global state
     dropped: list[int]  # of those, the ones that will fail to report (simulated instability)
+    # selected client -> the exchanged names it trains and sends, where that is not every name
+    assigned: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def training(self) -> list[int]:
@@ -100,7 +106,8 @@ class FedAvgStrategy:
     checkpoint (:meth:`state_dict`).
     """
 
-    def __init__(self, cfg: FederationConfig, num_clients: int, seed: int, fedex: FedExLoRA | None = None) -> None:
+    def __init__(self, cfg: FederationConfig, num_clients: int, seed: int, fedex: FedExLoRA | None = None,
+                 assignment: Assignment | None = None) -> None:
         self.cfg = cfg
         self.num_clients = num_clients
         self.seed = seed
@@ -109,6 +116,16 @@ class FedAvgStrategy:
         self.fedex = fedex
         self.fedex_accepted: list[int] = []  # FedEx: clients aggregated in rounds 1.., checkpointed too
         self.rule = AggregationRule.from_config(cfg)
+        self.assignment = assignment  # client -> its names (None: every client trains every name)
+        if assignment is not None and assignment.names:
+            unsupported = [key for key, on in (("federation.scaffold", cfg.scaffold),
+                                               ('method.aggregation = "fedex"', fedex is not None)) if on]
+            if unsupported:
+                raise ConfigError(
+                    f"{' and '.join(unsupported)} with clients assigned different parts of the exchanged state "
+                    "(method.name = \"layers\" with heterogeneous k): not supported; their control variates / "
+                    "residual assume every client sends every name"
+                )
 
     def state_dict(self) -> NamedArrays:
         """What the strategy carries from round to round: the server optimizer's state, with
@@ -155,7 +172,9 @@ class FedAvgStrategy:
         selected = sorted(int(c) for c in rng.choice(self.num_clients, size=k, replace=False))
         fails = rng.random(len(selected)) < self.cfg.dropout
         dropped = [c for c, f in zip(selected, fails) if f]
-        return RoundPlan(rnd, selected, dropped)
+        assigned = {} if self.assignment is None else {
+            c: self.assignment.of(c) for c in selected if self.assignment.of(c) is not None}
+        return RoundPlan(rnd, selected, dropped, assigned)
 
     def aggregate_round(
         self,
@@ -174,7 +193,8 @@ class FedAvgStrategy:
     def start_round(self, rnd: int, global_state: NamedArrays) -> "RoundAggregation":
         """An aggregation that folds results in as they arrive (see :class:`RoundAggregation`)."""
         return RoundAggregation(rnd, global_state, self.cfg.min_clients, self.server_opt, self.scaffold,
-                                self.fedex, self.fedex_accepted, self.rule)
+                                self.fedex, self.fedex_accepted, self.rule,
+                                self.assignment.names if self.assignment is not None else None)
 
 
 class RoundAggregation:
@@ -202,20 +222,33 @@ class RoundAggregation:
     folds it into the running sum, every other rule holds the round's deltas (float32 copies) and
     combines them in :meth:`finish` (:func:`~fedpeft.federation.robust.robust_aggregate`); a
     round with fewer updates than the rule needs is not aggregated and says so.
+
+    ``assigned`` (client -> names, :class:`~fedpeft.federation.assignment.Assignment`): a listed
+    client's update must carry exactly its names (validated against the global state restricted
+    to them: a missing or an unassigned name rejects it, by name); every other client's, every
+    name. Each name is averaged over the accepted clients that carried it, weighted by samples;
+    a name nobody carried keeps its global value exactly, and the server optimizer steps only the
+    names that were carried (the others' moments are untouched). ``max_update_norm`` bounds each
+    client's whole update (over the names it carried). A rule other than ``mean`` runs once per
+    *group*: the names carried by the same set of clients, on those clients' deltas; a group with
+    too few clients for the rule keeps its global values, logged and said in the outcome's
+    message; a client is ``excluded`` when a group's rule left it out. With every client assigned
+    every name there is one group and everything is as without ``assigned``.
     """
 
     def __init__(self, rnd: int, global_state: NamedArrays, min_clients: int,
                  server_opt: ServerOptimizer | None = None, scaffold: ServerControl | None = None,
                  fedex: FedExLoRA | None = None, fedex_accepted: list[int] | None = None,
-                 rule: AggregationRule | None = None) -> None:
+                 rule: AggregationRule | None = None, assigned: Mapping[int, tuple[str, ...]] | None = None) -> None:
         self.round, self.global_state, self.min_clients = rnd, global_state, min_clients
+        self.assigned = dict(assigned or {})
         self.server_opt = server_opt or ServerOptimizer()  # plain FedAvg
         self.scaffold = scaffold
         self.fedex, self.fedex_accepted = fedex, fedex_accepted if fedex_accepted is not None else []
         self.fedex_round: FedExRound | None = fedex.start_round() if fedex else None
         self.reference = fedex.upload_view(global_state) if fedex else global_state  # what a result carries
         self.control = scaffold.current(self.reference) if scaffold else None  # c, sent down
-        self.running = RunningFedAvg()
+        self.running = RunningFedAvg(partial=bool(self.assigned))
         self.deltas = RunningFedAvg()  # SCAFFOLD: delta_c_i, each with weight 1
         self.accepted: list[int] = []
         self.rejected: dict[int, str] = {}
@@ -226,7 +259,7 @@ class RoundAggregation:
     def add(self, res: ClientResult) -> bool:
         """Validate and fold in one result; True if it was accepted."""
         try:
-            validate_update(res.state, self.reference)
+            validate_update(res.state, self.reference, assigned=self.assigned.get(res.client))
             if res.num_samples <= 0:
                 raise UpdateRejected(f"num_samples must be positive, got {res.num_samples}")
             if self.scaffold is not None:
@@ -256,6 +289,7 @@ class RoundAggregation:
         for cid, reason in (rejected_before or {}).items():
             log.warning("round %d: rejected the reply of client %d: %s", self.round, cid, reason)
         rejected = {**(rejected_before or {}), **self.rejected}
+        note = ""
         if len(self.accepted) < self.min_clients:
             message = (
                 f"round {self.round}: {len(self.accepted)} client(s) reported, fewer than min_clients="
@@ -264,7 +298,7 @@ class RoundAggregation:
             return self._unchanged(rejected, message)
         if self.rule.holds_updates:
             try:
-                average = self._robust_average()
+                average, note = self._robust_average()
             except ValueError as exc:
                 return self._unchanged(rejected, f"round {self.round}: {self.rule.aggregator} cannot combine "
                                                  f"{len(self.held)} update(s): {exc}; the global state is unchanged")
@@ -277,7 +311,7 @@ class RoundAggregation:
             self._record_fedex(len(self.accepted))
         if self.scaffold is not None:
             self.scaffold.step(self.deltas)
-        return RoundOutcome(state, True, list(self.accepted), rejected, "", self.info, self._held_bytes())
+        return RoundOutcome(state, True, list(self.accepted), rejected, note, self.info, self._held_bytes())
 
     def _unchanged(self, rejected: dict[int, str], message: str) -> RoundOutcome:
         """The outcome of a round that is not aggregated: the global state as it was, and why."""
@@ -298,16 +332,48 @@ class RoundAggregation:
         factor = limit / norm  # global + factor * delta: the delta scaled to norm `limit`
         return {k: (ref[k] + factor * (np.asarray(v, np.float64) - ref[k])).astype(v.dtype) for k, v in res.state.items()}
 
-    def _robust_average(self) -> NamedArrays:
-        """The held deltas combined by the rule, added to the global state; marks the excluded."""
+    def _robust_average(self) -> tuple[NamedArrays, str]:
+        """The held deltas combined by the rule per group of names carried by the same clients,
+        added to the global state; marks the excluded. Returns the average of the groups that
+        could be combined and a note naming the others (empty when there are none).
+
+        Raises
+        ------
+        ValueError
+            When no group can be combined (too few updates for the rule in every group).
+        """
         rule = self.rule
-        check_rule(rule.aggregator, len(self.held), rule.trim_fraction, rule.byzantine)
-        delta, statuses = robust_aggregate(rule.aggregator, [d for d, _ in self.held], [w for _, w in self.held],
-                                           trim_fraction=rule.trim_fraction, byzantine=rule.byzantine)
-        for client, status in zip(self.accepted, statuses):
-            if status == "excluded":
-                self.info[client]["aggregation"] = "excluded"
-        return {k: (np.asarray(self.reference[k], np.float64) + delta[k]).astype(self.reference[k].dtype) for k in delta}
+        groups: dict[tuple[int, ...], list[str]] = {}  # held indices -> the names all of them (only) carry
+        for name in dict.fromkeys(n for d, _ in self.held for n in d):
+            groups.setdefault(tuple(i for i, (d, _) in enumerate(self.held) if name in d), []).append(name)
+        average, skipped, errors = {}, [], []
+        for members, names in groups.items():
+            deltas = [self.held[i][0] for i in members]
+            if len(groups) > 1:
+                deltas = [{n: d[n] for n in names} for d in deltas]
+            try:
+                check_rule(rule.aggregator, len(members), rule.trim_fraction, rule.byzantine)
+            except ValueError as exc:
+                if len(groups) == 1:
+                    raise
+                skipped.append(f"{len(names)} name(s) carried by client(s) {[self.accepted[i] for i in members]}")
+                errors.append(str(exc))
+                continue
+            delta, statuses = robust_aggregate(rule.aggregator, deltas, [self.held[i][1] for i in members],
+                                               trim_fraction=rule.trim_fraction, byzantine=rule.byzantine)
+            for i, status in zip(members, statuses):
+                if status == "excluded":
+                    self.info[self.accepted[i]]["aggregation"] = "excluded"
+            average.update({k: (np.asarray(self.reference[k], np.float64) + delta[k]).astype(self.reference[k].dtype)
+                            for k in delta})
+        if not average:
+            raise ValueError("; ".join(dict.fromkeys(errors)))
+        note = ""
+        if skipped:
+            note = (f"round {self.round}: {rule.aggregator} kept the global values of {'; '.join(skipped)}: "
+                    f"too few updates for the rule ({errors[0]})")
+            log.warning(note)
+        return average, note
 
     def _held_bytes(self) -> int:
         return sum(int(a.nbytes) for d, _ in self.held for a in d.values())

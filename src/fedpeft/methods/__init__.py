@@ -9,10 +9,11 @@ bias       every bias + head (BitFit)                                   :mod:`.b
 adapter    a bottleneck adapter after each block's FFN + head           :mod:`.adapter`
 lora       LoRA matrices (via ``peft``) + head                          :mod:`.lora`
 prompt     soft prompt tokens (``peft`` for text, own for ViT) + head   :mod:`.prompt`
+layers     the last k blocks + what sits above them (CAFF)              :mod:`.layers`
 =========  ==========================================================  =======================
 """
 
-from fedpeft.methods import adapter, bias, full, head, lora, prompt  # noqa: F401  (registers them)
+from fedpeft.methods import adapter, bias, full, head, layers, lora, prompt  # noqa: F401  (registers them)
 from fedpeft.methods.base import Method, NamedArrays, get_state, set_state, trainable_names
 from fedpeft.methods.registry import build_method, get_method_class, method_names, register
 

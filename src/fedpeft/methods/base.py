@@ -53,6 +53,12 @@ class Method:
         """Names of the parameters sent between clients and server (default: the trainable ones)."""
         return trainable_names(model)
 
+    def assignment(self, model: nn.Module, num_clients: int) -> Any:
+        """Which exchanged names each client trains and sends
+        (:class:`~fedpeft.federation.assignment.Assignment`), or None (the default): every client
+        trains every exchanged name. Called after :meth:`prepare` on the prepared model."""
+        return None
+
     def residual_fold(self, model: nn.Module) -> Any:
         """A server-side fold that changes frozen weights after aggregation (FedEx-LoRA's
         :class:`~fedpeft.federation.fedex.FedExLoRA`), or None (the default): the global state is

@@ -9,7 +9,9 @@ Wire format
     :func:`~fedpeft.runtime.flower_wire.state_to_record` into a ``layout`` of names, dtypes and
     shapes + one buffer per dtype) and
     ``config`` (ConfigRecord: ``round``, ``partition-id``, ``fedpeft-config`` = the experiment
-    config as TOML text). Reply: ``arrays`` (the client's exchanged state) and ``metrics``
+    config as TOML text; ``assigned``, a list of names, when the client is assigned part of the
+    exchanged state: :mod:`fedpeft.federation.assignment`). Reply: ``arrays`` (the client's
+    exchanged state, or its assigned names only) and ``metrics``
     (MetricRecord: ``num-examples``, ``train_loss``, ``steps``, ``samples_processed``, ``flops``,
     ``compute_s``). ``QUERY``: a node reports the ``partition-id`` / ``num-partitions`` of its node
     config, so the server knows which node holds which client's data.
@@ -58,6 +60,7 @@ METRIC_KEYS = ("train_loss", "steps", "samples_processed", "flops", "compute_s")
 POLL_S = (0.05, 1.0)  # the ServerApp asks for replies after 0.05 s, backing off to every 1 s
 OVERSIZE_FACTOR = 1.5  # a reply larger than this x the global state's wire size is not decoded
 CLIENT_CONTROL_KEY = "fedpeft.scaffold.c_i"  # SCAFFOLD: the node's c_i in context.state
+ASSIGNED_KEY = "assigned"  # TRAIN config: the names the client trains and sends (absent: every name)
 
 
 def config_from_text(text: str) -> Config:
@@ -126,8 +129,9 @@ def train(msg: Message, context: Context) -> Message:
     if num != len(exp.parts):
         raise FedPeftError(f"node config num-partitions={num} but partition.num_clients={len(exp.parts)}")
     state, rnd = record_to_state(msg.content["arrays"]), int(config["round"])
+    names = [str(n) for n in config[ASSIGNED_KEY]] if ASSIGNED_KEY in config else None
     if not exp.cfg.federation.scaffold:
-        res = exp.trainer.fit(pid, exp.parts[pid], state, rnd)
+        res = exp.trainer.fit(pid, exp.parts[pid], state, rnd, names=names)
     else:
         if "control" not in msg.content.array_records:
             raise FedPeftError("federation.scaffold is on but the TRAIN message carries no 'control' record")
@@ -223,7 +227,8 @@ class FlowerClients:
             if self.nodes.get(cid) not in connected:
                 delivery.failed[cid] = "its SuperNode is not connected"
                 continue
-            config = ConfigRecord({"round": plan.round, "partition-id": cid, CONFIG_KEY: self.text})
+            config = ConfigRecord({"round": plan.round, "partition-id": cid, CONFIG_KEY: self.text,
+                                   **({ASSIGNED_KEY: list(plan.assigned[cid])} if cid in plan.assigned else {})})
             content = RecordDict({**records, "config": config})
             msgs[cid] = Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(plan.round))
             delivery.wire_down[cid] = wire_bytes(content)

@@ -36,8 +36,9 @@ class InProcessClients:
         if control is not None and self.controls is None:
             self.controls = ClientControls()
         for cid in plan.training:
-            if control is None:
-                res = self.exp.trainer.fit(cid, self.exp.parts[cid], state, plan.round)
+            if control is None:  # plan.assigned: the names this client trains and sends (absent: all)
+                assigned = {"names": plan.assigned[cid]} if cid in plan.assigned else {}
+                res = self.exp.trainer.fit(cid, self.exp.parts[cid], state, plan.round, **assigned)
             else:
                 c_i = self.controls.get(cid, control)  # zeros in c's names at first
                 res = self.exp.trainer.fit(cid, self.exp.parts[cid], state, plan.round, controls=(control, c_i))

@@ -127,7 +127,7 @@ def run_rounds(
                 timings = {"wall_s": time.perf_counter() - t0, "client_compute_s": compute_s, "eval_s": eval_s}
                 row = round_row(plan, delivery, outcome, state, eval_metrics, timings, rows[-1] if rows else None,
                                 aggregation.control, exp.strategy.download_bytes(plan, state, aggregation.control),
-                                exp.attackers)
+                                exp.attackers, exp.assignment.labels if exp.assignment is not None else None)
                 rows.append(row)
                 run_dir.append_metrics(row)
                 tracker.log(row)

@@ -1,0 +1,150 @@
+"""``layers``: each client trains only the last transformer blocks (CAFF, Pfeiffer et al. 2024).
+
+Pfeiffer, Khalili, Henkel, Boehm, Rapp, *Efficient Federated Finetuning of Tiny Transformers with
+Resource-Constrained Devices*, 2024, https://arxiv.org/abs/2411.07826 . A device trains the last
+``k`` blocks of the pre-trained transformer and everything above them (final norm, pooler,
+classification head); the embeddings and the blocks below stay frozen, build no autograd graph
+and keep no activations for backward, so memory and backward FLOPs fall with ``k``. The server
+averages each parameter over the clients that trained it (weighted by samples) and a block nobody
+trained keeps its global value (:class:`~fedpeft.federation.strategy.RoundAggregation`).
+
+The prepared model trains, and the federation exchanges, the union any client may train: the last
+``k`` blocks (``method.k``; all blocks when unset) and the *above-block* parameters, i.e. those
+registered after the block stack (``bert.pooler``, ``vit.layernorm``, GPT-2 ``transformer.ln_f``,
+LLaMA ``model.norm``, and the head). Each client is assigned the names of its own last ``k_i``
+blocks plus the above-block parameters (:meth:`Layers.assignment`): it trains and uploads only
+those, and downloads the whole exchanged state (its forward pass runs through every block).
+
+Today every client has ``k_i = method.k``; :func:`client_depths` is the one place that decides
+``k_i`` and the device-budget part replaces it (tests replace it to make clients heterogeneous).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from fedpeft.errors import ConfigError
+from fedpeft.federation.assignment import Assignment
+from fedpeft.methods.base import Method, freeze_all
+from fedpeft.methods.registry import register
+from fedpeft.models import Blocks, ModelInfo, transformer_blocks
+
+
+@dataclass
+class LayersOptions:
+    """Options of ``method.name = "layers"``.
+
+    Attributes
+    ----------
+    k : int, optional
+        How many of the last transformer blocks a client trains, from 0 (only what sits above the
+        blocks: final norm, pooler, head) to the model's number of blocks; unset: every block.
+        Checked against the model when it is prepared.
+    """
+
+    k: int | None = None
+
+    def validate(self) -> None:
+        if self.k is not None and self.k < 0:
+            raise ConfigError(f"method.k: must be >= 0 (0 trains only what sits above the blocks), got {self.k}")
+
+
+def client_depths(k: int, num_blocks: int, num_clients: int) -> list[int]:
+    """``k_i`` of each client: how many of the last blocks client ``i`` trains.
+
+    Parameters
+    ----------
+    k : int
+        The depth the prepared model trains (``method.k``, or every block): the largest allowed.
+    num_blocks : int
+        The model's number of transformer blocks.
+    num_clients : int
+        ``partition.num_clients``.
+
+    Returns
+    -------
+    list of int
+        One depth per client, each in ``0..k``. Today ``k`` for every client; a function of the
+        config only, so a resumed run assigns exactly what the interrupted one did.
+    """
+    return [k] * num_clients
+
+
+def above_block_names(model: nn.Module, blocks: Blocks) -> list[str]:
+    """Parameters outside the block stack registered after it (final norm, pooler, head)."""
+    names, seen_blocks = [], False
+    for name, _ in model.named_parameters():
+        if blocks.index_of(name) is not None:
+            seen_blocks = True
+        elif seen_blocks:
+            names.append(name)
+    return names
+
+
+@register
+class Layers(Method):
+    """The last ``k`` transformer blocks plus what sits above them (CAFF).
+
+    Paper: https://arxiv.org/abs/2411.07826 .
+    """
+
+    name = "layers"
+    paper = "https://arxiv.org/abs/2411.07826"
+    Options = LayersOptions
+
+    def depth(self, info: ModelInfo) -> int:
+        """``method.k`` checked against the model (every block when unset).
+
+        Raises
+        ------
+        ConfigError
+            When ``method.k`` is above the model's number of blocks.
+        """
+        k = self.options.k
+        if k is None:
+            return info.num_layers
+        if k > info.num_layers:
+            raise ConfigError(f"method.k: the model has {info.num_layers} transformer blocks, got k = {k}")
+        return k
+
+    def prepare(self, model: nn.Module, info: ModelInfo) -> nn.Module:
+        k = self.depth(info)
+        self._blocks, self._num_blocks, self._k = transformer_blocks(model, info.num_layers), info.num_layers, k
+        freeze_all(model)
+        params = dict(model.named_parameters())
+        for name in self.names_for_depth(model, k):
+            params[name].requires_grad_(True)
+        return model
+
+    def names_for_depth(self, model: nn.Module, k: int) -> list[str]:
+        """The names a client of depth ``k`` trains, in the model's order: its last ``k`` blocks'
+        parameters and the above-block ones."""
+        blocks = self._blocks
+        lowest = len(blocks) - k
+        above = set(above_block_names(model, blocks))
+        return [n for n, _ in model.named_parameters()
+                if n in above or (blocks.index_of(n) is not None and blocks.index_of(n) >= lowest)]
+
+    def assignment(self, model: nn.Module, num_clients: int) -> Assignment | None:
+        """Each client's names from its depth (:func:`client_depths`); None when every client
+        trains the whole exchanged part (each depth is ``method.k``).
+
+        Raises
+        ------
+        ConfigError
+            When a depth is outside ``0..k``, naming the client.
+        """
+        k = self._k
+        depths = client_depths(k, self._num_blocks, num_clients)
+        if len(depths) != num_clients:
+            raise ConfigError(f"method.k: {len(depths)} client depths for partition.num_clients = {num_clients}")
+        bad = {c: d for c, d in enumerate(depths) if not 0 <= d <= k}
+        if bad:
+            raise ConfigError(f"method.k: client depths {bad} are outside 0..{k} (the blocks the model trains)")
+        if all(d == k for d in depths):
+            return None
+        by_depth = {d: tuple(self.names_for_depth(model, d)) for d in set(depths) if d != k}
+        return Assignment({c: by_depth[d] for c, d in enumerate(depths) if d != k},
+                          {c: {"k": d} for c, d in enumerate(depths)})
