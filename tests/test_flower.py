@@ -235,6 +235,25 @@ def test_flower_simulation_matches_the_in_process_runtime(csv_data, local_run, t
     assert_same_run(local_run, tmp_path / "sim")
 
 
+def test_flower_simulation_with_heterogeneous_layer_depths_matches_the_in_process_runtime(
+        csv_data, tmp_path, monkeypatch):  # noqa: F811
+    from fedpeft.methods import layers
+
+    # client 0 trains the head part only, client 1 the last block too, nobody block 0: the
+    # assignment travels in the TRAIN config, each reply carries its own names (FedAdam steps those)
+    monkeypatch.setattr(layers, "client_depths", lambda k, blocks, clients: [0, 1])
+    cfg = dict(method={"name": "layers"}, partition={"num_clients": 2},
+               federation={"rounds": 2, "clients_per_round": 2, "server_optimizer": "fedadam", "server_lr": 0.05})
+    run_experiment(make_cfg(csv_data, runtime={"threads": 1}, **cfg), out=tmp_path / "local")
+    run_experiment(make_cfg(csv_data, runtime={"threads": 1, "kind": "flower-sim"}, **cfg), out=tmp_path / "sim")
+    assert_same_run(tmp_path / "local", tmp_path / "sim")
+    up = [[(c["k"], c["bytes_up"]) for c in r["clients"]] for r in rows_of(tmp_path / "sim")]
+    assert up[0] == up[1] and [k for k, _ in up[0]] == [0, 1] and up[0][0][1] < up[0][1][1]
+    initial = build_experiment(make_cfg(csv_data, **cfg)).initial_state()
+    block0 = [n for n in initial if ".layer.0." in n]
+    assert block0 and all(np.array_equal(final_state(tmp_path / "sim")[n], initial[n]) for n in block0)
+
+
 def test_loopback_deployment_matches_the_in_process_runtime(csv_data, local_run, tmp_path):  # noqa: F811
     from fedpeft.runtime.flower_deploy import LoopbackDeployment
 

@@ -17,7 +17,7 @@ from fedpeft.methods.prompt import add_visual_prompt
 
 from conftest import TINY_FAMILIES
 
-METHODS = ["full", "head", "bias", "adapter", "lora", "prompt"]
+METHODS = ["full", "head", "bias", "adapter", "lora", "prompt", "layers"]
 PEFT_METHODS = ["adapter", "lora", "prompt"]
 MATRIX = [(m, f) for m in METHODS for f in TINY_FAMILIES]
 
@@ -97,6 +97,14 @@ def test_exchanged_names(tiny, method, family):
         assert body and all("lora_" in n for n in body)
     elif method == "prompt":
         assert len(body) == 1 and "prompt" in body[0]
+    elif method == "layers":  # k unset: every block + what sits above them; never the embeddings
+        from fedpeft.models import transformer_blocks
+
+        blocks = transformer_blocks(model, info.num_layers)
+        in_blocks = {n for n in all_names if blocks.index_of(n) is not None}
+        assert in_blocks <= set(names) and len(in_blocks) < len(names)
+        assert not any("embed" in n or n.startswith(("transformer.wte", "transformer.wpe")) for n in names)
+        assert set(all_names) - set(names) == {n for n in all_names if "embed" in n or ".wte." in n or ".wpe." in n}
     if method == "lora" or (method == "prompt" and info.modality == "text"):
         # peft trains a copy of the head; the original stays frozen and is not exchanged
         assert all(".modules_to_save.default." in n for n in heads)
@@ -186,6 +194,8 @@ def test_deepcopy_keeps_hooks(tiny, batch_for):
         ({"name": "lora", "dropout": 1.5}, "method.dropout"),
         ({"name": "lora", "target_modules": []}, "method.target_modules"),
         ({"name": "prompt", "num_virtual_tokens": 0}, "method.num_virtual_tokens"),
+        ({"name": "layers", "k": -1}, "method.k"),
+        ({"name": "layers", "k": 1.5}, "method.k"),
     ],
 )
 def test_options_are_validated(table, message):
