@@ -8,20 +8,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_runs import csv_data, make_cfg  # noqa: F401 - fixture reused
 
 from fedpeft.config import Config, FederationConfig
 from fedpeft.errors import ConfigError
 from fedpeft.experiment import build_experiment, run_with_clients
+from fedpeft.federation.assignment import Assignment
 from fedpeft.federation.costs import message_bytes
 from fedpeft.federation.strategy import ClientResult, FedAvgStrategy, RoundAggregation
-from fedpeft.federation.assignment import Assignment
 from fedpeft.methods import get_state
 from fedpeft.methods import layers as layers_module
 from fedpeft.methods.layers import Layers, LayersOptions
 from fedpeft.models import transformer_blocks
 from fedpeft.results import RunDir
 from fedpeft.runtime.local import InProcessClients
-from test_runs import csv_data, make_cfg  # noqa: F401 - fixture reused
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (conftest)
 
