@@ -1,0 +1,258 @@
+"""A client's training costs predicted from the prepared model and the config, without training.
+
+:func:`predict` gives, per client and round: peak training memory (a breakdown), FLOPs per
+sample / step / round, upload and download bytes, trainable parameters, and the same per model
+part (``below`` the blocks, each block, ``above``) so that a planner can price "train only the
+top ``k`` blocks" for every ``k`` from one prediction (:meth:`ClientCosts.top_blocks`).
+
+What it models
+--------------
+Everything follows from the model's ``requires_grad`` flags, the config and the batch shape
+``(B, L)`` = (``federation.batch_size``, ``model.max_length``; images: the model's image size),
+so any method, including one that freezes the bottom blocks, is priced with no change here.
+
+- ``weights``: every parameter and buffer (tied tensors once).
+- ``gradients``: one per trainable parameter.
+- ``optimizer``: AdamW's two moments, or SGD's momentum buffer (none with ``momentum = 0``);
+  SCAFFOLD adds 4 copies of the trainable part (as :func:`~fedpeft.federation.costs.train_state_bytes`).
+- ``inputs``: the batch's tensors.
+- ``activations``: what autograd saves for backward, from the shape-only trace
+  (:func:`fedpeft.budgets.trace.trace_saved`): exact for the traced graph.
+- transients: backward holds, while it works on one part, that part's activations and the
+  gradients of every part above it, plus an allowance of ``2 x`` the largest saved tensor (the
+  incoming gradient and one temporary of that size); the optimizer step holds all gradients plus
+  its temporaries (AdamW: 2 tensors the size of the largest trainable parameter,
+  ``sqrt(v) / c`` in torch's single-tensor CPU path; SGD: 1 with weight decay, else 0).
+
+``peak = weights + optimizer + scaffold + inputs + max(backward peak, optimizer-step peak)``,
+the steady state of the second and later steps of a round (the first step has no optimizer
+state yet during its forward and backward, so it peaks no higher).
+
+Tolerance, checked against a real step measured by torch's profiler
+(:func:`fedpeft.budgets.measure.measure_step`, ``tests/test_costmodel.py``): activations within
+10 %, peak within 25 %, on every tiny family and method; MiniLM in ``benchmarks/costmodel.py``.
+
+Not modelled: allocator fragmentation and caching (CPU malloc, CUDA's caching allocator),
+Python objects, the tokenizer and data pipeline, the evaluation pass, mixed precision,
+activation checkpointing, and the smaller real lengths of dynamically padded batches (the
+prediction is at ``model.max_length``, an upper bound).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from fedpeft.budgets.trace import ABOVE, BELOW, batch_bytes, synthetic_batch, trace_saved
+from fedpeft.models import ModelInfo, transformer_blocks
+
+ADAMW_TEMPORARIES = 2  # param-sized temporaries of one AdamW update (torch's single-tensor CPU path)
+BACKWARD_TEMPORARIES = 2  # largest-saved-tensor-sized buffers backward holds on top (grad + temp)
+FORWARD_TEMPORARIES = 3  # largest-op-output-sized tensors the forward holds unsaved (input, output, temp)
+
+
+@dataclass
+class PartCosts:
+    """One part of the model: ``"below"`` (embeddings, prompts), a block ``"0"``..``"n-1"``, ``"above"``."""
+
+    name: str
+    param_bytes: int  # every parameter of the part
+    trainable_bytes: int  # its trainable parameters (= its gradients)
+    activation_bytes: int  # what its forward saves for backward (under the traced flags)
+
+
+@dataclass
+class MemoryBreakdown:
+    """Peak training memory of one client, in bytes (see the module docstring for each term)."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    scaffold: int
+    inputs: int
+    activations: int
+    forward_peak: int  # on top of the persistent part: activations + forward temporaries
+    backward_peak: int  # on top of the persistent part: activations + gradients + temporaries
+    step_peak: int  # on top of the persistent part: gradients + optimizer temporaries
+
+    @property
+    def persistent(self) -> int:
+        """Held during the whole step: weights, optimizer (and SCAFFOLD) state, the batch."""
+        return self.weights + self.optimizer + self.scaffold + self.inputs
+
+    @property
+    def peak(self) -> int:
+        return self.persistent + max(self.forward_peak, self.backward_peak, self.step_peak)
+
+    def as_dict(self) -> dict[str, int]:
+        keys = ("weights", "gradients", "optimizer", "scaffold", "inputs", "activations", "forward_peak",
+                "backward_peak", "step_peak")
+        return {**{k: getattr(self, k) for k in keys}, "peak": self.peak}
+
+
+@dataclass
+class ClientCosts:
+    """Predicted costs of one client's local training; see :func:`predict`.
+
+    ``flops_per_sample`` is forward + backward of one row at ``seq_len`` (exact, from
+    :class:`~fedpeft.federation.costs.TrainingFlops`); FLOPs are linear in the rows of a batch.
+    """
+
+    memory: MemoryBreakdown
+    parts: list[PartCosts]
+    batch_size: int
+    seq_len: int
+    flops_per_sample: int
+    trainable_params: int
+    upload_bytes: int  # per round: the exchanged part (+ SCAFFOLD's delta c_i)
+    download_bytes: int  # per round: the global state (+ SCAFFOLD's c)
+    local_epochs: float = 1.0
+    local_steps: int | None = None
+    optimizer: str = "adamw"
+    temporaries: dict[str, int] = field(default_factory=dict)  # {"backward": b, "optimizer": b}
+
+    @property
+    def flops_per_step(self) -> int:
+        return self.batch_size * self.flops_per_sample
+
+    def samples_per_round(self, n_samples: int) -> int:
+        """Rows a client with ``n_samples`` rows processes in a round (as
+        :meth:`~fedpeft.federation.client.ClientTrainer.batch_order` draws them)."""
+        bs = min(self.batch_size, n_samples)
+        steps = self.local_steps or max(1, math.ceil(self.local_epochs * n_samples / self.batch_size))
+        per_epoch = math.ceil(n_samples / bs)
+        epoch = [bs] * (per_epoch - 1) + [n_samples - bs * (per_epoch - 1)]  # last batch is short
+        full, rest = divmod(steps, per_epoch)
+        return full * n_samples + sum(epoch[:rest])
+
+    def flops_per_round(self, n_samples: int) -> int:
+        """FLOPs of a round for a client with ``n_samples`` rows (every batch at ``seq_len``)."""
+        return self.samples_per_round(n_samples) * self.flops_per_sample
+
+    def top_blocks(self, k: int) -> MemoryBreakdown:
+        """The memory if only the top ``k`` blocks and everything above them trained, from this
+        prediction's parts; make it on the model with every parameter trainable (``full``), so
+        that each part's activations are those of a part that backpropagates. Below the lowest
+        trained block nothing is saved. An estimate (the lowest trained block saves a little
+        less, since its input needs no gradient); :func:`predict` on the model with those flags
+        set is exact."""
+        n = len(self.parts) - 2
+        if not 0 <= k <= n:
+            raise ValueError(f"k must be in 0..{n}, got {k}")
+        trained = self.parts[len(self.parts) - 1 - k:]  # the top k blocks + above
+        opt_copies = self.memory.optimizer / self.memory.gradients if self.memory.gradients else 0.0
+        scaffold_copies = self.memory.scaffold / self.memory.gradients if self.memory.gradients else 0.0
+        grads = sum(p.trainable_bytes for p in trained)
+        largest = max((p.trainable_bytes for p in trained), default=0)  # a part, not a tensor: upper bound
+        parts = [replace(p, trainable_bytes=0, activation_bytes=0) for p in self.parts[: len(self.parts) - len(trained)]]
+        parts += trained
+        return _memory(parts, self.memory.weights, int(opt_copies * grads), int(scaffold_copies * grads),
+                       self.memory.inputs, self.temporaries.get("forward", 0), self.temporaries.get("backward", 0),
+                       min(self.temporaries.get("optimizer", 0), ADAMW_TEMPORARIES * largest))
+
+
+def _memory(parts: list[PartCosts], weights: int, optimizer: int, scaffold: int, inputs: int,
+            forward_temp: int, backward_temp: int, optimizer_temp: int) -> MemoryBreakdown:
+    """The breakdown from per-part activations and gradients (parts in forward order)."""
+    grads = sum(p.trainable_bytes for p in parts)
+    acts = [p.activation_bytes for p in parts]
+    # backward runs the parts top down; on part j it holds the activations of parts <= j and
+    # the gradients of parts >= j
+    backward = max(sum(acts[: j + 1]) + sum(p.trainable_bytes for p in parts[j:]) for j in range(len(parts)))
+    return MemoryBreakdown(weights, grads, optimizer, scaffold, inputs, sum(acts), sum(acts) + forward_temp,
+                           backward + backward_temp, grads + optimizer_temp)
+
+
+def _storage_bytes(tensors) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _name_bytes(model: nn.Module, names: list[str]) -> int:
+    """:func:`~fedpeft.federation.costs.message_bytes` of these parameters, without copying them."""
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() * params[n].element_size() + len(n.encode("utf-8")) for n in names)
+
+
+def predict(model: nn.Module, info: ModelInfo, cfg, names: list[str] | None = None,
+            download_names: list[str] | None = None, batch_size: int | None = None,
+            seq_len: int | None = None) -> ClientCosts:
+    """Predict a client's training costs from the prepared model and the config.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The prepared model (``Method.prepare``); its ``requires_grad`` flags say what trains.
+        Nothing about it changes (the trace swaps in fake tensors and restores them; the FLOPs
+        probe restores gradients and the random state).
+    info : ModelInfo
+        From :func:`fedpeft.models.load_model`.
+    cfg : Config
+        Uses ``federation.batch_size, optimizer, momentum, weight_decay, scaffold, local_epochs,
+        local_steps`` and ``model.max_length``.
+    names, download_names : list of str, optional
+        The exchanged parameter names (default: the trainable ones) and the global state's
+        (default: ``names``; FedEx-LoRA adds base weights).
+    batch_size, seq_len : int, optional
+        Override the config's batch shape (a planner's what-if).
+
+    Returns
+    -------
+    ClientCosts
+    """
+    fed = cfg.federation
+    B = batch_size or fed.batch_size
+    L = seq_len or cfg.model.max_length
+    saved = trace_saved(model, info, B, L)
+    blocks = transformer_blocks(model, info.num_layers)
+    parts = {k: PartCosts(k, 0, 0, v) for k, v in saved.by_part.items()}
+    for name, p in model.named_parameters():  # named_parameters gives tied tensors once
+        i = blocks.index_of(name)
+        part = parts[str(i) if i is not None else (ABOVE if _is_above(name, info) else BELOW)]
+        part.param_bytes += p.numel() * p.element_size()
+        part.trainable_bytes += p.numel() * p.element_size() if p.requires_grad else 0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    largest = max((p.numel() * p.element_size() for p in trainable), default=0)
+    if fed.optimizer == "adamw":
+        opt, opt_temp = 2 * grads, ADAMW_TEMPORARIES * largest
+    else:
+        opt, opt_temp = (grads if fed.momentum else 0), (largest if fed.weight_decay else 0)
+    weights = _storage_bytes([*model.parameters(), *model.buffers()])
+    with torch.device("meta"):
+        inputs = batch_bytes(synthetic_batch(model, info, B, L))
+    fwd_temp, back_temp = FORWARD_TEMPORARIES * saved.largest_output, BACKWARD_TEMPORARIES * saved.largest
+    memory = replace(_memory(list(parts.values()), weights, opt, 4 * grads if fed.scaffold else 0, inputs,
+                             fwd_temp, back_temp, opt_temp),
+                     forward_peak=saved.forward_peak, backward_peak=saved.backward_peak)  # simulated: exact-er
+    names = names if names is not None else [n for n, p in model.named_parameters() if p.requires_grad]
+    copies = 2 if fed.scaffold else 1
+    up = copies * _name_bytes(model, names)
+    down = _name_bytes(model, download_names or names) + (copies - 1) * _name_bytes(model, names)
+    return ClientCosts(memory, list(parts.values()), B, L, _flops_per_sample(model, info, L), sum(p.numel() for p in trainable),
+                       up, down, fed.local_epochs, fed.local_steps, fed.optimizer,
+                       {"forward": fwd_temp, "backward": back_temp, "optimizer": opt_temp})
+
+
+def _is_above(name: str, info: ModelInfo) -> bool:
+    """Outside the blocks: is the parameter after them (head, final norm, pooler)?"""
+    parts = name.split(".")
+    markers = set(info.head_names) | {"pooler", "ln_f", "norm", "layernorm", "final_layer_norm", "modules_to_save"}
+    return any(p in markers for p in parts)
+
+
+def _flops_per_sample(model: nn.Module, info: ModelInfo, seq_len: int) -> int:
+    """Exact training FLOPs of one row at ``seq_len`` (TrainingFlops' probe on synthetic rows)."""
+    from fedpeft.federation.costs import TrainingFlops
+
+    batch = synthetic_batch(model, info, 1, seq_len)
+    if "input_ids" in batch:
+        batch["input_ids"].fill_(100)  # any real token id
+        batch["position_ids"] = torch.arange(seq_len).unsqueeze(0) if "position_ids" in batch else None
+        batch = {k: v for k, v in batch.items() if v is not None}
+    return TrainingFlops(model)(batch)
