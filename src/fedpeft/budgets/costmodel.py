@@ -18,19 +18,23 @@ so any method, including one that freezes the bottom blocks, is priced with no c
 - ``inputs``: the batch's tensors.
 - ``activations``: what autograd saves for backward, from the shape-only trace
   (:func:`fedpeft.budgets.trace.trace_saved`): exact for the traced graph.
-- transients: backward holds, while it works on one part, that part's activations and the
-  gradients of every part above it, plus an allowance of ``2 x`` the largest saved tensor (the
-  incoming gradient and one temporary of that size); the optimizer step holds all gradients plus
-  its temporaries (AdamW: 2 tensors the size of the largest trainable parameter,
-  ``sqrt(v) / c`` in torch's single-tensor CPU path; SGD: 1 with weight decay, else 0).
+- ``forward_peak`` / ``backward_peak``: the same trace runs forward and backward on fake tensors
+  under a simulated allocator (a storage is live from the op that creates it until its last
+  tensor dies), so the temporaries of frozen parts (attention scores, FFN intermediates), the
+  gradients of activations and the parameter gradients as backward makes them are all counted.
+- ``step_peak``: the optimizer step holds every gradient plus its temporaries (AdamW: 2 tensors
+  the size of the largest trainable parameter, ``sqrt(v) / c`` in torch's single-tensor CPU
+  path; SGD: 1 with weight decay, else 0); clipping works in place.
 
-``peak = weights + optimizer + scaffold + inputs + max(backward peak, optimizer-step peak)``,
-the steady state of the second and later steps of a round (the first step has no optimizer
-state yet during its forward and backward, so it peaks no higher).
+``peak = weights + optimizer + scaffold + inputs + max(forward, backward, step peak)``, the
+steady state of the second and later steps of a round (the first step has no optimizer state
+yet during its forward and backward, so it peaks no higher).
 
 Tolerance, checked against a real step measured by torch's profiler
 (:func:`fedpeft.budgets.measure.measure_step`, ``tests/test_costmodel.py``): activations within
-10 %, peak within 25 %, on every tiny family and method; MiniLM in ``benchmarks/costmodel.py``.
+10 % and peak within 25 %, on every tiny family and method (measured: within 0.5 % and 0.1 %,
+the peak byte-exact up to a few dozen bytes); MiniLM in ``benchmarks/costmodel.py``. What the
+profiler sees is what torch asks its allocator for.
 
 Not modelled: allocator fragmentation and caching (CPU malloc, CUDA's caching allocator),
 Python objects, the tokenizer and data pipeline, the evaluation pass, mixed precision,
@@ -51,7 +55,6 @@ from fedpeft.models import ModelInfo, transformer_blocks
 
 ADAMW_TEMPORARIES = 2  # param-sized temporaries of one AdamW update (torch's single-tensor CPU path)
 BACKWARD_TEMPORARIES = 2  # largest-saved-tensor-sized buffers backward holds on top (grad + temp)
-FORWARD_TEMPORARIES = 3  # largest-op-output-sized tensors the forward holds unsaved (input, output, temp)
 
 
 @dataclass
@@ -138,7 +141,12 @@ class ClientCosts:
         that each part's activations are those of a part that backpropagates. Below the lowest
         trained block nothing is saved. An estimate (the lowest trained block saves a little
         less, since its input needs no gradient); :func:`predict` on the model with those flags
-        set is exact."""
+        set is exact (one more trace: about 0.5 s on a tiny model, see docs/budgets.md for MiniLM).
+        The forward's temporaries are taken from this prediction's forward, backward's as
+        ``2 x`` the largest saved tensor on top of the part being differentiated. Measured on
+        the tiny models: peak within 10 % for every k; at ``k = 0`` (head only) it misses the
+        temporaries of the frozen forward (the dynamic part is then up to 2x low), for
+        ``k >= 1`` activations within 3 %."""
         n = len(self.parts) - 2
         if not 0 <= k <= n:
             raise ValueError(f"k must be in 0..{n}, got {k}")
@@ -226,7 +234,8 @@ def predict(model: nn.Module, info: ModelInfo, cfg, names: list[str] | None = No
     weights = _storage_bytes([*model.parameters(), *model.buffers()])
     with torch.device("meta"):
         inputs = batch_bytes(synthetic_batch(model, info, B, L))
-    fwd_temp, back_temp = FORWARD_TEMPORARIES * saved.largest_output, BACKWARD_TEMPORARIES * saved.largest
+    # for top_blocks' estimate: what the forward holds beyond its saved tensors, and an allowance for backward
+    fwd_temp, back_temp = max(0, saved.forward_peak - saved.total), BACKWARD_TEMPORARIES * saved.largest
     memory = replace(_memory(list(parts.values()), weights, opt, 4 * grads if fed.scaffold else 0, inputs,
                              fwd_temp, back_temp, opt_temp),
                      forward_peak=saved.forward_peak, backward_peak=saved.backward_peak)  # simulated: exact-er

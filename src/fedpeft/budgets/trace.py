@@ -21,7 +21,7 @@ embeddings, prompts), block ``i`` of :func:`fedpeft.models.transformer_blocks`, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -154,11 +154,10 @@ def _fake_weights(model: nn.Module, mode: "torch._subclasses.fake_tensor.FakeTen
             table[name] = real
 
 
-def _part_hooks(model: nn.Module, info: ModelInfo, current: list[str]) -> list:
+def _part_hooks(blocks: nn.ModuleList, current: list[str]) -> list:
     """Forward hooks that keep ``current[0]`` at the part of the model now running."""
-    blocks = transformer_blocks(model, info.num_layers)
     handles = []
-    for i, block in enumerate(blocks.modules):
+    for i, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, str(i))))
         handles.append(block.register_forward_hook(
             lambda m, a, o, i=i: current.__setitem__(0, ABOVE if i == len(blocks) - 1 else str(i + 1))))
@@ -166,26 +165,44 @@ def _part_hooks(model: nn.Module, info: ModelInfo, current: list[str]) -> list:
 
 
 def trace_saved(model: nn.Module, info: ModelInfo, batch_size: int, seq_len: int) -> SavedTensors:
-    """Saved-for-backward bytes of one training forward pass at ``(batch_size, seq_len)``.
+    """What one training pass of the prepared model keeps at ``(batch_size, seq_len)``.
 
     Parameters
     ----------
     model : nn.Module
-        The prepared model (its ``requires_grad`` flags decide the graph); put in train mode for
-        the trace (dropout saves its masks) and back in its previous mode after.
+        The prepared model (its ``requires_grad`` flags decide the graph); in train mode for
+        the trace (dropout saves its masks), back in its previous mode after.
     info : ModelInfo
         The model's family, modality and number of blocks.
     batch_size, seq_len : int
         The batch shape; ``seq_len`` is ignored for images. Methods that add tokens (prompt)
-        add them themselves inside the model.
+        add them inside the model, and the trace sees them.
 
     Returns
     -------
     SavedTensors
     """
+    blocks = transformer_blocks(model, info.num_layers).modules
+    return trace_module(model, lambda: synthetic_batch(model, info, batch_size, seq_len), blocks)
+
+
+def trace_module(model: nn.Module, make_batch: Callable[[], dict[str, torch.Tensor]],
+                 blocks: nn.ModuleList | None = None) -> SavedTensors:
+    """:func:`trace_saved` for any module whose ``model(**batch)`` returns an object with ``.loss``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Run in train mode on fakes of its parameters and buffers (restored after).
+    make_batch : callable
+        Returns the batch; called inside the fake mode, so its tensors are fakes. They are
+        inputs, not activations: saved inputs are not counted.
+    blocks : nn.ModuleList, optional
+        The block stack to attribute saved bytes to; without it everything is ``"below"``.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    n_blocks = info.num_layers
+    n_blocks = len(blocks) if blocks is not None else 0
     out = SavedTensors(by_part={BELOW: 0, **{str(i): 0 for i in range(n_blocks)}, ABOVE: 0})
     current = [BELOW]
     seen: set[int] = set()
@@ -203,7 +220,7 @@ def trace_saved(model: nn.Module, info: ModelInfo, batch_size: int, seq_len: int
         return t
 
     was_training = model.training
-    handles = _part_hooks(model, info, current)
+    handles = _part_hooks(blocks, current) if blocks is not None else []
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
         model.train()
@@ -211,7 +228,7 @@ def trace_saved(model: nn.Module, info: ModelInfo, batch_size: int, seq_len: int
             weights |= fake_storages
             live = _LiveBytes()
             with mode:
-                batch = synthetic_batch(model, info, batch_size, seq_len)
+                batch = make_batch()
                 weights |= {t.untyped_storage()._cdata for t in batch.values()}  # counted as inputs
                 with live:
                     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
