@@ -80,6 +80,16 @@ def test_run_writes_every_output_with_exact_costs(csv_data, tmp_path):
     assert summary["trainable_params"] < summary["total_params"]
     assert summary["full_model_bytes_per_message"] > 10 * per_msg
     assert summary["client_flops_total"] > 0
+    # the cost model (predicted at max_length 16; real batches are padded to their longest row)
+    predicted = summary["client_flops"]["predicted_per_round"]
+    assert summary["client_flops"]["mean_client_samples"] == 30
+    assert predicted == 2 * 8 * summary["client_flops"]["per_sample"]  # local_steps 2, batch 8
+    for r in rows:
+        for c in r["clients"]:
+            assert c["status"] == "dropped" or 0 < c["flops"] <= predicted, c
+    memory = summary["client_peak_memory_mb"]
+    assert memory["measured"] is None and memory["breakdown"]["peak"] == memory["predicted"]
+    assert memory["predicted"] * 2**20 > summary["client_train_state_bytes"] + memory["breakdown"]["weights"] * 2**20
     saved = json.loads((run / "summary.json").read_text())
     assert saved["final_accuracy"] == summary["final_accuracy"]
     part = json.loads((run / "partition.json").read_text())

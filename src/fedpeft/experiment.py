@@ -99,6 +99,39 @@ class Experiment:
             "full_model_bytes_per_message": model_message_bytes(self.model),
             "client_train_state_bytes": train_state_bytes(self.model, self.cfg.federation.optimizer,
                                                           self.cfg.federation.scaffold),
+            **self.predicted_costs(),
+        }
+
+    def predicted_costs(self) -> dict[str, Any]:
+        """``client_peak_memory_mb`` and ``client_flops`` of the cost model
+        (:func:`fedpeft.budgets.predict`) for the mean client, at ``federation.batch_size`` x
+        ``model.max_length``. Predicted only: a run does not measure them (``measured`` is None).
+        A model the shape-only trace cannot follow gets ``predicted: None`` and the reason."""
+        from fedpeft.budgets import predict
+
+        mean_samples = max(1, round(float(np.mean([len(p) for p in self.parts])))) if self.parts else 1
+        fedex = self.strategy.fedex
+        try:
+            costs = predict(self.model, self.info, self.cfg, self.names,
+                            self.names + (fedex.base_names if fedex else []))
+        except Exception as exc:  # a cost estimate must never stop a run
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            return {"client_peak_memory_mb": {"predicted": None, "measured": None, "error": reason},
+                    "client_flops": {"predicted_per_round": None, "error": reason}}
+        mib = 2**20
+        return {
+            "client_peak_memory_mb": {
+                "predicted": costs.memory.peak / mib,
+                "measured": None,
+                "breakdown": {k: v / mib for k, v in costs.memory.as_dict().items()},
+                "batch_size": costs.batch_size,
+                "seq_len": costs.seq_len,
+            },
+            "client_flops": {
+                "predicted_per_round": costs.flops_per_round(mean_samples),
+                "per_sample": costs.flops_per_sample,
+                "mean_client_samples": mean_samples,
+            },
         }
 
     def partition_report(self) -> dict[str, Any]:
