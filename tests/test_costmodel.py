@@ -228,3 +228,15 @@ def test_top_k_blocks_priced_with_no_change(tiny, family):
         peaks.append(measured.after_forward)
     assert peaks == sorted(peaks) and peaks[0] < peaks[-1]
     assert math.isclose(sum(p.param_bytes for p in full.parts), sum(p.numel() * 4 for p in model.parameters()))
+
+
+@pytest.mark.integration  # the real MiniLM: 8-16 s here; deselect with -m "not integration"
+def test_minilm_lora_at_batch_32_by_64(tiny):
+    """The real packaged MiniLM once (lora; every method: benchmarks/costmodel.py)."""
+    loaded = tiny("minilm", labels=[f"l{i}" for i in range(77)])
+    model = build_method("lora").prepare(loaded.model, loaded.info)
+    cfg = config(32, 64)
+    costs = predict(model, loaded.info, cfg)
+    measured = measure_step(model, real_batch(loaded, 32, 64), cfg.federation)
+    check(costs, measured, "minilm")
+    assert costs.memory.activations > 100 * 2**20  # hundreds of MiB: not a tiny model by mistake
