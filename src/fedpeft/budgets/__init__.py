@@ -9,7 +9,7 @@ See :mod:`fedpeft.budgets.costmodel` for what is modelled and the tolerance, and
 
 from fedpeft.budgets.costmodel import ClientCosts, MemoryBreakdown, PartCosts, predict
 from fedpeft.budgets.measure import Measured, measure_step
-from fedpeft.budgets.trace import SavedTensors, synthetic_batch, trace_saved
+from fedpeft.budgets.trace import SavedTensors, synthetic_batch, trace_module, trace_saved
 
 __all__ = ["ClientCosts", "MemoryBreakdown", "PartCosts", "predict", "Measured", "measure_step",
-           "SavedTensors", "synthetic_batch", "trace_saved"]
+           "SavedTensors", "synthetic_batch", "trace_module", "trace_saved"]
