@@ -7,9 +7,9 @@ See :mod:`fedpeft.budgets.costmodel` for what is modelled and the tolerance, and
 :mod:`fedpeft.budgets.measure` for the measurement it is checked against.
 """
 
-from fedpeft.budgets.costmodel import ClientCosts, MemoryBreakdown, PartCosts, predict
+from fedpeft.budgets.costmodel import ClientCosts, MemoryBreakdown, PartCosts, predict, top_blocks_memory
 from fedpeft.budgets.measure import Measured, measure_step
 from fedpeft.budgets.trace import SavedTensors, synthetic_batch, trace_module, trace_saved
 
-__all__ = ["ClientCosts", "MemoryBreakdown", "PartCosts", "predict", "Measured", "measure_step",
+__all__ = ["ClientCosts", "MemoryBreakdown", "PartCosts", "predict", "top_blocks_memory", "Measured", "measure_step",
            "SavedTensors", "synthetic_batch", "trace_module", "trace_saved"]

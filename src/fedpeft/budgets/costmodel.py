@@ -3,7 +3,7 @@
 :func:`predict` gives, per client and round: peak training memory (a breakdown), FLOPs per
 sample / step / round, upload and download bytes, trainable parameters, and the same per model
 part (``below`` the blocks, each block, ``above``) so that a planner can price "train only the
-top ``k`` blocks" for every ``k`` from one prediction (:meth:`ClientCosts.top_blocks`).
+top ``k`` blocks" for every ``k`` from two traces (:func:`top_blocks_memory`).
 
 What it models
 --------------
@@ -135,32 +135,6 @@ class ClientCosts:
         """FLOPs of a round for a client with ``n_samples`` rows (every batch at ``seq_len``)."""
         return self.samples_per_round(n_samples) * self.flops_per_sample
 
-    def top_blocks(self, k: int) -> MemoryBreakdown:
-        """The memory if only the top ``k`` blocks and everything above them trained, from this
-        prediction's parts; make it on the model with every parameter trainable (``full``), so
-        that each part's activations are those of a part that backpropagates. Below the lowest
-        trained block nothing is saved. An estimate (the lowest trained block saves a little
-        less, since its input needs no gradient); :func:`predict` on the model with those flags
-        set is exact (one more trace: about 0.5 s on a tiny model, see docs/budgets.md for MiniLM).
-        The forward's temporaries are taken from this prediction's forward, backward's as
-        ``2 x`` the largest saved tensor on top of the part being differentiated. Measured on
-        the tiny models: peak within 10 % for every k; at ``k = 0`` (head only) it misses the
-        temporaries of the frozen forward (the dynamic part is then up to 2x low), for
-        ``k >= 1`` activations within 3 %."""
-        n = len(self.parts) - 2
-        if not 0 <= k <= n:
-            raise ValueError(f"k must be in 0..{n}, got {k}")
-        trained = self.parts[len(self.parts) - 1 - k:]  # the top k blocks + above
-        opt_copies = self.memory.optimizer / self.memory.gradients if self.memory.gradients else 0.0
-        scaffold_copies = self.memory.scaffold / self.memory.gradients if self.memory.gradients else 0.0
-        grads = sum(p.trainable_bytes for p in trained)
-        largest = max((p.trainable_bytes for p in trained), default=0)  # a part, not a tensor: upper bound
-        parts = [replace(p, trainable_bytes=0, activation_bytes=0) for p in self.parts[: len(self.parts) - len(trained)]]
-        parts += trained
-        return _memory(parts, self.memory.weights, int(opt_copies * grads), int(scaffold_copies * grads),
-                       self.memory.inputs, self.temporaries.get("forward", 0), self.temporaries.get("backward", 0),
-                       min(self.temporaries.get("optimizer", 0), ADAMW_TEMPORARIES * largest))
-
 
 def _memory(parts: list[PartCosts], weights: int, optimizer: int, scaffold: int, inputs: int,
             forward_temp: int, backward_temp: int, optimizer_temp: int) -> MemoryBreakdown:
@@ -234,7 +208,7 @@ def predict(model: nn.Module, info: ModelInfo, cfg, names: list[str] | None = No
     weights = _storage_bytes([*model.parameters(), *model.buffers()])
     with torch.device("meta"):
         inputs = batch_bytes(synthetic_batch(model, info, B, L))
-    # for top_blocks' estimate: what the forward holds beyond its saved tensors, and an allowance for backward
+    # kept for reference: what the forward holds beyond its saved tensors, and backward's allowance
     fwd_temp, back_temp = max(0, saved.forward_peak - saved.total), BACKWARD_TEMPORARIES * saved.largest
     memory = replace(_memory(list(parts.values()), weights, opt, 4 * grads if fed.scaffold else 0, inputs,
                              fwd_temp, back_temp, opt_temp),
@@ -265,3 +239,66 @@ def _flops_per_sample(model: nn.Module, info: ModelInfo, seq_len: int) -> int:
         batch["position_ids"] = torch.arange(seq_len).unsqueeze(0) if "position_ids" in batch else None
         batch = {k: v for k, v in batch.items() if v is not None}
     return TrainingFlops(model)(batch)
+
+
+def top_blocks_memory(model: nn.Module, info: ModelInfo, cfg, batch_size: int | None = None,
+                      seq_len: int | None = None) -> list[MemoryBreakdown]:
+    """Peak memory when only the top ``k`` blocks and everything above them train (the head,
+    final norm, pooler), everything below frozen, for every ``k = 0 .. n`` (list index ``k``).
+
+    Two shape-only traces, whatever ``n``: one with every block trained, one with every block
+    frozen (the model's flags are set for them and restored). Per part they give what it saves
+    when trained, and its forward working set trained and frozen; for each ``k`` the forward
+    peak is the worst part's ``saved by the trained parts before it + carried in + its working
+    set``, backward holds the activations of the parts not yet differentiated and the gradients
+    made so far (+ ``2 x`` the largest saved tensor), the optimizer step all gradients and its
+    temporaries. ``predict`` on a model with those flags set is the exact reference (measured:
+    ``tests/test_costmodel.py``).
+    """
+    fed = cfg.federation
+    B, L = batch_size or fed.batch_size, seq_len or cfg.model.max_length
+    blocks = transformer_blocks(model, info.num_layers)
+    n = info.num_layers
+    named = list(model.named_parameters())
+    part_of = {name: (str(i) if (i := blocks.index_of(name)) is not None else
+                      ABOVE if _is_above(name, info) else BELOW) for name, _ in named}
+    flags = {name: p.requires_grad for name, p in named}
+    try:
+        traces = {}
+        for label, trained in (("trained", set(map(str, range(n))) | {ABOVE}), ("frozen", {ABOVE})):
+            for name, p in named:
+                p.requires_grad_(part_of[name] in trained)
+            traces[label] = trace_saved(model, info, B, L)
+    finally:
+        for name, p in named:
+            p.requires_grad_(flags[name])
+    on, off = traces["trained"], traces["frozen"]
+    order = [BELOW, *map(str, range(n)), ABOVE]
+    sizes: dict[str, list[int]] = {part: [] for part in order}
+    for name, p in named:
+        sizes[part_of[name]].append(p.numel() * p.element_size())
+    weights = _storage_bytes([*model.parameters(), *model.buffers()])
+    with torch.device("meta"):
+        inputs = batch_bytes(synthetic_batch(model, info, B, L))
+    out = []
+    for k in range(n + 1):
+        trained = {str(i) for i in range(n - k, n)} | {ABOVE}
+        grads = {part: sum(sizes[part]) if part in trained else 0 for part in order}
+        acts = {part: (on if k > 0 else off).by_part[part] if part in trained else 0 for part in order}
+        forward, before = 0, 0
+        for part in order:
+            trace = on if part in trained and k > 0 else off  # k = 0: above is the lowest trained part
+            forward = max(forward, before + trace.carried_by_part[part] + trace.forward_by_part[part])
+            before += acts[part]
+        backward = max(sum(acts[q] for q in order[: j + 1]) + sum(grads[q] for q in order[j:])
+                       for j in range(len(order)))
+        backward += BACKWARD_TEMPORARIES * (on.largest if k > 0 else off.largest)
+        total_grads = sum(grads.values())
+        largest = max((b for part in trained for b in sizes[part]), default=0)
+        if fed.optimizer == "adamw":
+            opt, opt_temp = 2 * total_grads, ADAMW_TEMPORARIES * largest
+        else:
+            opt, opt_temp = (total_grads if fed.momentum else 0), (largest if fed.weight_decay else 0)
+        out.append(MemoryBreakdown(weights, total_grads, opt, 4 * total_grads if fed.scaffold else 0, inputs,
+                                   sum(acts.values()), forward, max(forward, backward), total_grads + opt_temp))
+    return out

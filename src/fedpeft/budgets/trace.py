@@ -42,11 +42,15 @@ class _LiveBytes(TorchDispatchMode):
     last tensor on it dies (a weakref finalizer; autograd keeps saved tensors' Python objects
     alive). ``live`` and ``peak`` are bytes above where tracking started."""
 
-    def __init__(self) -> None:
+    def __init__(self, current: list[str] | None = None) -> None:
         super().__init__()
         self.refs: dict[int, int] = {}
         self.sizes: dict[int, int] = {}
         self.live = self.peak = self.largest = 0
+        self.current = current  # the part now running (None: stop tracking parts)
+        self.part, self.entry = None, 0
+        self.part_peaks: dict[str, int] = {}  # part -> peak live bytes above those at its start
+        self.part_entries: dict[str, int] = {}  # part -> live bytes when it started
 
     def _release(self, key: int) -> None:
         self.refs[key] -= 1
@@ -71,6 +75,13 @@ class _LiveBytes(TorchDispatchMode):
                 self.peak = max(self.peak, self.live)
             self.refs[key] += 1
             weakref.finalize(t, self._release, key)
+        if self.current is not None:
+            if self.current[0] != self.part:
+                self.part, self.entry = self.current[0], self.live - sum(
+                    self.sizes.get(t.untyped_storage()._cdata, 0) for t in pytree.tree_leaves(out)
+                    if isinstance(t, torch.Tensor))  # live before this op
+                self.part_entries.setdefault(self.part, self.entry)
+            self.part_peaks[self.part] = max(self.part_peaks.get(self.part, 0), self.live - self.entry)
         return out
 
 
@@ -91,6 +102,12 @@ class SavedTensors:
         Peak bytes of the tensors the forward (then forward + backward) created and still held,
         temporaries and gradients included, from a simulated allocator (:class:`_LiveBytes`);
         the backward peak is over the whole pass, so at least the forward peak.
+    forward_by_part : dict[str, int]
+        Per part, the forward's peak live bytes above those alive when the part started (its
+        working set, saved tensors included): what running the part adds at its worst moment.
+    carried_by_part : dict[str, int]
+        Per part, the unsaved bytes alive when it starts (the hidden states it gets, the
+        attention mask): live at its start less what the parts before it saved.
     count : int
         Number of unique saved storages.
     """
@@ -100,6 +117,8 @@ class SavedTensors:
     largest_output: int = 0
     forward_peak: int = 0
     backward_peak: int = 0
+    forward_by_part: dict[str, int] = field(default_factory=dict)
+    carried_by_part: dict[str, int] = field(default_factory=dict)
     count: int = 0
 
     @property
@@ -226,7 +245,7 @@ def trace_module(model: nn.Module, make_batch: Callable[[], dict[str, torch.Tens
         model.train()
         with torch.random.fork_rng(devices=[]), _fake_weights(model, mode) as fake_storages:
             weights |= fake_storages
-            live = _LiveBytes()
+            live = _LiveBytes(current)
             with mode:
                 batch = make_batch()
                 weights |= {t.untyped_storage()._cdata for t in batch.values()}  # counted as inputs
@@ -234,6 +253,12 @@ def trace_module(model: nn.Module, make_batch: Callable[[], dict[str, torch.Tens
                     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                         loss = model(**batch).loss
                     out.forward_peak = live.peak
+                    live.current = None
+                    out.forward_by_part = {p: live.part_peaks.get(p, 0) for p in out.by_part}
+                    saved_before = 0
+                    for p in out.by_part:  # forward order
+                        out.carried_by_part[p] = max(0, live.part_entries.get(p, 0) - saved_before)
+                        saved_before += out.by_part[p]
                     if loss.requires_grad:
                         loss.backward()  # fake gradients land on the fake parameters, dropped on exit
                     del loss
