@@ -115,7 +115,7 @@ class ClientCosts:
     local_epochs: float = 1.0
     local_steps: int | None = None
     optimizer: str = "adamw"
-    temporaries: dict[str, int] = field(default_factory=dict)  # {"backward": b, "optimizer": b}
+    temporaries: dict[str, int] = field(default_factory=dict)  # {"forward", "backward", "optimizer"}: allowances, bytes
 
     @property
     def flops_per_step(self) -> int:

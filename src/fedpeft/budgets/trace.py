@@ -1,9 +1,10 @@
 """What autograd keeps for backward, found by a shape-only trace (no real compute, no data).
 
-The prepared model runs one forward pass under :class:`torch._subclasses.fake_tensor.FakeTensorMode`
-on a synthetic batch of the configured shape: every tensor is a *fake* (shape, dtype, no storage
-contents), so a MiniLM trace at batch 32 x 64 tokens takes about a second and allocates nothing
-of the batch's size. :func:`torch.autograd.graph.saved_tensors_hooks` sees every tensor the graph
+The prepared model runs one forward and backward pass under
+:class:`torch._subclasses.fake_tensor.FakeTensorMode` on a synthetic batch of the configured
+shape: every tensor is a *fake* (shape, dtype, no storage contents), so a MiniLM trace at batch
+32 x 64 tokens takes 1-2 s and allocates nothing of the batch's size. A dispatch mode
+(:class:`_LiveBytes`) simulates the allocator: the peak bytes alive, temporaries included. :func:`torch.autograd.graph.saved_tensors_hooks` sees every tensor the graph
 saves for backward; their *unique storages* (views of one buffer counted once) are the
 activation memory, exactly as the real graph would hold it: the trace follows each method's own
 graph (peft wrappers, LoRA, adapters, prompts that lengthen the sequence, dropout masks, frozen
