@@ -304,12 +304,15 @@ class RuntimeConfig:
     round_timeout: float = 600.0  # flower*: seconds to wait for a round's replies; then silent clients fail
     connect_timeout: float = 300.0  # flower*: seconds for every partition's SuperNode to connect and load
     sim_cpus_per_client: float = 1.0  # flower-sim: Ray CPUs per virtual client (parallelism)
+    frozen_cache_mb: float = 512.0  # memory for each process's cache of frozen-prefix outputs (head, layers); 0: none
 
     def validate(self) -> None:
         _check(self.round_timeout > 0, "runtime.round_timeout", "must be > 0")
         _check(self.connect_timeout > 0, "runtime.connect_timeout", "must be > 0")
         _check(self.sim_cpus_per_client > 0, "runtime.sim_cpus_per_client", "must be > 0")
         _check(self.threads is None or self.threads >= 1, "runtime.threads", "must be >= 1")
+        _check(math.isfinite(self.frozen_cache_mb) and self.frozen_cache_mb >= 0, "runtime.frozen_cache_mb",
+               f"must be >= 0 (MB; 0 caches nothing), got {self.frozen_cache_mb}")
 
 
 ATTACK_KINDS = ("none", "scale", "sign_flip", "gaussian", "label_flip")
@@ -495,7 +498,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 # config keys that may differ between a run and its resumption (or its saved config.toml)
 # data.data_dir, data.train, data.test may move: data.fingerprint proves it is the same data
 DATA_LOCATION_KEYS = ("data.data_dir", "data.train", "data.test", "data.cache_dir")
-RESUMABLE_CHANGES = {"federation.rounds", "runtime.progress", "runtime.threads", "output.dir", *DATA_LOCATION_KEYS}
+RESUMABLE_CHANGES = {"federation.rounds", "runtime.progress", "runtime.threads", "runtime.frozen_cache_mb",
+                     "output.dir", *DATA_LOCATION_KEYS}  # frozen_cache_mb: speed only, same results
 
 
 def flatten_config(d: dict[str, Any]) -> dict[str, Any]:

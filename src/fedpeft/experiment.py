@@ -28,7 +28,7 @@ from fedpeft.federation.client import ClientTrainer, evaluate
 from fedpeft.federation.costs import message_bytes, model_message_bytes, param_counts, train_state_bytes
 from fedpeft.federation.strategy import FedAvgStrategy
 from fedpeft.methods import Method, NamedArrays, build_method, get_state, set_state
-from fedpeft.models import ModelInfo, is_image_model, load_model
+from fedpeft.models import Blocks, ModelInfo, is_image_model, load_model, transformer_blocks
 from fedpeft.provenance import git_commit, now_iso, versions
 from fedpeft.results import RunDir, load_run_config
 from fedpeft.runner import run_experiment  # noqa: F401 - the public entry point lives torch-free
@@ -161,6 +161,14 @@ def preload() -> None:
         importlib.import_module(module)
 
 
+def model_blocks(model: nn.Module, info: ModelInfo) -> Blocks | None:
+    """The prepared model's block stack, or None when it has no single one (no frozen prefix then)."""
+    try:
+        return transformer_blocks(model, info.num_layers)
+    except ConfigError:
+        return None
+
+
 def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
     """Load data and model, apply the method, encode and partition the data.
 
@@ -198,7 +206,8 @@ def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
     test_rows = data.test if with_test else data.test.select([])
     test = encode(test_rows, loaded.processor, data.modality, cfg.model.max_length, cfg.data.cache_dir)
     parts = partition(train.labels.numpy(), cfg.partition, seed)
-    trainer = ClientTrainer(model, names, train, cfg.federation, seed)
+    trainer = ClientTrainer(model, names, train, cfg.federation, seed, model_blocks(model, loaded.info),
+                            cfg.runtime.frozen_cache_mb)
     attackers = malicious_clients(cfg.attack, len(parts), seed)
     if attackers:  # the same wrapper wherever clients train: in process and on every Flower node
         trainer = AttackingTrainer(trainer, cfg.attack, attackers, data.num_labels, seed)
@@ -384,6 +393,7 @@ def _resumable_config(cfg: Config, saved: Config, run_dir: RunDir) -> Config:
     saved.federation.rounds = cfg.federation.rounds
     saved.runtime.progress = cfg.runtime.progress
     saved.runtime.threads = cfg.runtime.threads
+    saved.runtime.frozen_cache_mb = cfg.runtime.frozen_cache_mb
     return saved
 
 

@@ -17,6 +17,11 @@ if TYPE_CHECKING:
     from fedpeft.runtime.rounds import Delivery
 
 
+# a client result's metrics copied into its entry of a round row (and carried by Flower replies)
+CLIENT_METRICS = ("train_loss", "steps", "samples_processed", "flops", "compute_s",
+                  "frozen_rows_computed", "frozen_cache_bytes")
+
+
 def round_row(
     plan: RoundPlan,
     delivery: "Delivery",
@@ -71,7 +76,7 @@ def round_row(
         entry.update(outcome.client_info.get(cid, {}))  # update_norm, aggregation (accepted clients)
         if res is not None:
             entry["samples"] = res.num_samples
-            entry.update({k: res.metrics[k] for k in ("train_loss", "steps", "samples_processed", "flops", "compute_s") if k in res.metrics})
+            entry.update({k: res.metrics[k] for k in CLIENT_METRICS if k in res.metrics})
         clients.append(entry)
     accepted = [by_client[c] for c in outcome.accepted]
     weight = sum(r.num_samples for r in accepted)
@@ -155,6 +160,8 @@ def summarize(rows: list[dict[str, Any]], static: dict[str, Any]) -> dict[str, A
         # robust aggregation / attacks (rows of older runs lack these keys)
         "clients_clipped_total": sum(r.get("clients_clipped", 0) for r in rows),
         "clients_excluded_total": sum(r.get("clients_excluded", 0) for r in rows),
+        # the largest frozen-prefix cache one client held (runtime.frozen_cache_mb; head, layers)
+        "frozen_cache_bytes_max": max((c.get("frozen_cache_bytes", 0) for r in rows for c in r["clients"]), default=0),
         "aggregation_buffer_bytes_max": max((r.get("aggregation_buffer_bytes", 0) for r in rows), default=0),
         "wall_s": sum(r["wall_s"] for r in rows),
         "client_compute_s": sum(r["client_compute_s"] for r in rows),

@@ -4,6 +4,11 @@ A :class:`ClientTrainer` owns one model whose frozen backbone is shared by every
 a client's whole state is its exchanged part, loaded in before training and read out after.
 The same trainer serves the in-process runtime (all clients in turn) and a Flower ClientApp
 (one client per process).
+
+A method whose trainable part starts above some transformer block (``head``, ``layers``) has a
+frozen prefix: it runs in eval mode, row by row, and its output is kept per ``(client, cut)`` in
+a memory-bounded cache (``runtime.frozen_cache_mb``, :mod:`fedpeft.federation.frozen`) for the
+life of the trainer, so later epochs and rounds skip it.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ from fedpeft.config import FederationConfig
 from fedpeft.data import EncodedSplit
 from fedpeft.federation import label_skew, scaffold
 from fedpeft.federation.costs import TrainingFlops
+from fedpeft.federation.frozen import FrozenPrefix, cut_index, state_digest
+from fedpeft.federation.frozen_cache import FrozenCache
 from fedpeft.federation.strategy import ClientResult
 from fedpeft.methods.base import NamedArrays, get_state, set_state
+from fedpeft.models import Blocks
 
 
 def client_seed(seed: int, rnd: int, client: int) -> int:
@@ -38,6 +46,8 @@ class ClientTrainer:
         train: EncodedSplit,
         cfg: FederationConfig,
         seed: int,
+        blocks: Blocks | None = None,
+        frozen_cache_mb: float = 0.0,
     ) -> None:
         self.model = model
         self.names = names
@@ -46,7 +56,29 @@ class ClientTrainer:
         self.seed = seed
         self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # as prepared
         self._flops: dict[frozenset[str] | None, TrainingFlops] = {}  # per assigned set: backward differs
+        self.blocks = blocks  # the block stack; None: no frozen prefix is ever cut off
+        self.frozen = FrozenCache(frozen_cache_mb)
+        self._prefixes: dict[frozenset[str] | None, FrozenPrefix | None] = {}  # per assigned set
         self._use(None)
+
+    def prefix(self, assigned: frozenset[str] | None, indices: np.ndarray) -> FrozenPrefix | None:
+        """The frozen prefix under the current ``requires_grad`` (``assigned``'s), or None: no block
+        at the bottom is frozen, or its output depends on a trainable parameter (probed on the
+        client's first row, once per assigned set, in eval mode with the random state untouched)."""
+        if assigned not in self._prefixes:
+            cut = 0 if self.blocks is None else cut_index(self.model, self.blocks)
+            prefix = FrozenPrefix(self.model, self.blocks, cut) if cut > 0 else None
+            if prefix is not None and len(indices) > 0:
+                probe = self.train.batch(np.asarray(indices[:1]))
+                probe.pop("labels")
+                training = self.model.training
+                self.model.eval()
+                with torch.random.fork_rng(devices=[]):
+                    if prefix.depends_on_training(probe):
+                        prefix = None
+                self.model.train(training)
+            self._prefixes[assigned] = prefix
+        return self._prefixes[assigned]
 
     def _use(self, assigned: frozenset[str] | None) -> None:
         """Train the prepared trainable parameters, less the exchanged ones not in ``assigned``
@@ -123,18 +155,25 @@ class ClientTrainer:
         self._use(assigned)
         try:
             return self._fit(client, indices, global_state, rnd, controls,
-                             list(self.names) if names is None else [n for n in self.names if n in assigned])
+                             list(self.names) if names is None else [n for n in self.names if n in assigned],
+                             self.prefix(assigned, indices))
         finally:
             self._use(None)
 
     def _fit(self, client: int, indices: np.ndarray, global_state: NamedArrays, rnd: int,
-             controls: tuple[NamedArrays, NamedArrays] | None, names: list[str]) -> ClientResult:
+             controls: tuple[NamedArrays, NamedArrays] | None, names: list[str],
+             prefix: FrozenPrefix | None = None) -> ClientResult:
         start = time.perf_counter()
         seed = client_seed(self.seed, rnd, client)
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         set_state(self.model, global_state)
         self.model.train()
+        if prefix is not None:
+            prefix.eval_mode()  # no dropout below the cut, cached or not: the prefix is deterministic
+            params = dict(self.model.named_parameters())
+            key = (client, prefix.cut)  # frozen but exchanged names below the cut invalidate the entry
+            digest = state_digest(global_state, [n for n in global_state if not params[n].requires_grad])
         optimizer = self.make_optimizer()
         steps = self.num_steps(len(indices))
         # FedProx anchor: the trainable parameters as loaded from the global state
@@ -143,11 +182,19 @@ class ClientTrainer:
         correction = None if controls is None else self._correction(*controls)
         # SCAFFOLD: the sum of each corrected parameter's uncorrected gradients over the steps
         grad_sum = None if correction is None else [None if d is None else torch.zeros_like(d) for d in correction]
-        loss_sum, flops, samples = 0.0, 0, 0
+        loss_sum, flops, samples, computed_rows = 0.0, 0, 0, 0
         for batch_rows in self.batch_order(indices, steps, generator):
             batch = self.train.batch(batch_rows)
-            loss_sum += self._step(batch, optimizer, anchor, counts, correction, grad_sum)
-            flops += self.flops(batch)
+            if prefix is None:
+                loss_sum += self._step(batch, optimizer, anchor, counts, correction, grad_sum)
+                flops += self.flops(batch)
+            else:
+                hidden, computed = self.frozen.hidden(key, digest, prefix, self.train, batch_rows, batch)
+                with prefix.feeding(hidden):
+                    loss_sum += self._step(batch, optimizer, anchor, counts, correction, grad_sum)
+                # spent: the step without the prefix's forward, plus the rows whose prefix ran now
+                flops += self.flops(batch) - prefix.flops(batch) + sum(prefix.flops(one) for one in computed)
+                computed_rows += len(computed)
             samples += len(batch_rows)
         self.model.eval()
         state = get_state(self.model, names)
@@ -157,6 +204,8 @@ class ClientTrainer:
             "samples_processed": float(samples),
             "flops": float(flops),
             "compute_s": time.perf_counter() - start,
+            "frozen_rows_computed": float(computed_rows),  # rows whose frozen prefix ran (not cached)
+            "frozen_cache_bytes": float(0 if prefix is None else self.frozen.bytes_of(key)),
         }
         control = {} if controls is None else scaffold.control_delta(controls[1], self._mean(grad_sum, steps), state)
         return ClientResult(client, state, int(len(indices)), metrics, control)

@@ -47,6 +47,7 @@ from fedpeft.errors import FedPeftError
 from fedpeft.federation.costs import message_bytes
 from fedpeft.federation.scaffold import advance, zeros_like
 from fedpeft.federation.strategy import ClientResult, RoundPlan
+from fedpeft.history import CLIENT_METRICS
 from fedpeft.methods.base import NamedArrays
 from fedpeft.runtime.flower_polling import fast_grid_pulls
 from fedpeft.runtime.flower_wire import record_to_state, state_to_record, wire_bytes
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
     from fedpeft.experiment import Experiment
 
 CONFIG_KEY = "fedpeft-config"
-METRIC_KEYS = ("train_loss", "steps", "samples_processed", "flops", "compute_s")
+METRIC_KEYS = CLIENT_METRICS  # what a reply's metrics carry
 POLL_S = (0.05, 1.0)  # the ServerApp asks for replies after 0.05 s, backing off to every 1 s
 OVERSIZE_FACTOR = 1.5  # a reply larger than this x the global state's wire size is not decoded
 CLIENT_CONTROL_KEY = "fedpeft.scaffold.c_i"  # SCAFFOLD: the node's c_i in context.state
