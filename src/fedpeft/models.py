@@ -206,6 +206,26 @@ def transformer_blocks(model: nn.Module, num_layers: int) -> Blocks:
     return Blocks(*found[0])
 
 
+PROMPT_ENCODER = "prompt_encoder"  # peft registers it after the base model, yet it runs before the blocks
+
+
+def above_block_names(model: nn.Module, blocks: Blocks) -> list[str]:
+    """Parameters outside the block stack that run after it (final norm, pooler, head), in the
+    model's order: those registered after the blocks, except peft's prompt encoder (registered
+    after the wrapped model, but its virtual tokens enter below the first block).
+
+    The one definition of "above the blocks": what ``layers`` trains on top of its ``k`` blocks
+    and what the cost model (:mod:`fedpeft.budgets.costmodel`) prices as the ``above`` part.
+    """
+    names, seen_blocks = [], False
+    for name, _ in model.named_parameters():
+        if blocks.index_of(name) is not None:
+            seen_blocks = True
+        elif seen_blocks and name.split(".", 1)[0] != PROMPT_ENCODER:
+            names.append(name)
+    return names
+
+
 def _model_info(model: nn.Module) -> ModelInfo:
     config = model.config
     family = config.model_type

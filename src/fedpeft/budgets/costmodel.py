@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from fedpeft.budgets.trace import ABOVE, BELOW, batch_bytes, synthetic_batch, trace_saved
-from fedpeft.models import ModelInfo, transformer_blocks
+from fedpeft.models import ModelInfo, above_block_names, transformer_blocks
 
 ADAMW_TEMPORARIES = 2  # param-sized temporaries of one AdamW update (torch's single-tensor CPU path)
 BACKWARD_TEMPORARIES = 2  # largest-saved-tensor-sized buffers backward holds on top (grad + temp)
@@ -193,9 +193,10 @@ def predict(model: nn.Module, info: ModelInfo, cfg, names: list[str] | None = No
     saved = trace_saved(model, info, B, L)
     blocks = transformer_blocks(model, info.num_layers)
     parts = {k: PartCosts(k, 0, 0, v) for k, v in saved.by_part.items()}
+    above = set(above_block_names(model, blocks))
     for name, p in model.named_parameters():  # named_parameters gives tied tensors once
         i = blocks.index_of(name)
-        part = parts[str(i) if i is not None else (ABOVE if _is_above(name, info) else BELOW)]
+        part = parts[str(i) if i is not None else (ABOVE if name in above else BELOW)]
         part.param_bytes += p.numel() * p.element_size()
         part.trainable_bytes += p.numel() * p.element_size() if p.requires_grad else 0
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -220,13 +221,6 @@ def predict(model: nn.Module, info: ModelInfo, cfg, names: list[str] | None = No
     return ClientCosts(memory, list(parts.values()), B, L, _flops_per_sample(model, info, L), sum(p.numel() for p in trainable),
                        up, down, fed.local_epochs, fed.local_steps, fed.optimizer,
                        {"forward": fwd_temp, "backward": back_temp, "optimizer": opt_temp})
-
-
-def _is_above(name: str, info: ModelInfo) -> bool:
-    """Outside the blocks: is the parameter after them (head, final norm, pooler)?"""
-    parts = name.split(".")
-    markers = set(info.head_names) | {"pooler", "ln_f", "norm", "layernorm", "final_layer_norm", "modules_to_save"}
-    return any(p in markers for p in parts)
 
 
 def _flops_per_sample(model: nn.Module, info: ModelInfo, seq_len: int) -> int:
@@ -260,8 +254,9 @@ def top_blocks_memory(model: nn.Module, info: ModelInfo, cfg, batch_size: int | 
     blocks = transformer_blocks(model, info.num_layers)
     n = info.num_layers
     named = list(model.named_parameters())
+    above = set(above_block_names(model, blocks))
     part_of = {name: (str(i) if (i := blocks.index_of(name)) is not None else
-                      ABOVE if _is_above(name, info) else BELOW) for name, _ in named}
+                      ABOVE if name in above else BELOW) for name, _ in named}
     flags = {name: p.requires_grad for name, p in named}
     try:
         traces = {}

@@ -29,7 +29,7 @@ from fedpeft.errors import ConfigError
 from fedpeft.federation.assignment import Assignment
 from fedpeft.methods.base import Method, freeze_all
 from fedpeft.methods.registry import register
-from fedpeft.models import Blocks, ModelInfo, transformer_blocks
+from fedpeft.models import ModelInfo, above_block_names, transformer_blocks
 
 
 @dataclass
@@ -70,17 +70,6 @@ def client_depths(k: int, num_blocks: int, num_clients: int) -> list[int]:
         config only, so a resumed run assigns exactly what the interrupted one did.
     """
     return [k] * num_clients
-
-
-def above_block_names(model: nn.Module, blocks: Blocks) -> list[str]:
-    """Parameters outside the block stack registered after it (final norm, pooler, head)."""
-    names, seen_blocks = [], False
-    for name, _ in model.named_parameters():
-        if blocks.index_of(name) is not None:
-            seen_blocks = True
-        elif seen_blocks:
-            names.append(name)
-    return names
 
 
 @register
