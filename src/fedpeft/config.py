@@ -1,7 +1,7 @@
 """Typed, validated experiment configuration, read from TOML.
 
 A config has the sections ``model``, ``data``, ``partition``, ``method``, ``federation``,
-``runtime`` and ``output``; each is a dataclass below. Every key is checked where the config is
+``runtime``, ``output``, ``attack`` and ``budgets``; each is a dataclass below. Every key is checked where the config is
 built: unknown keys are rejected with the list of valid ones, wrong types and out-of-range values
 name the key. ``method`` holds ``name`` plus the options of that method (see
 :mod:`fedpeft.methods`), so each method validates its own options.
@@ -353,6 +353,120 @@ class AttackConfig:
         return 0 if self.kind == "none" else max(1, round(self.fraction * num_clients))
 
 
+BUDGET_KEYS = ("memory_mb", "flops_per_round", "upload_mb_per_round")
+BUDGET_ASSIGN = ("same", "fractions", "list")
+
+
+@dataclass
+class ProfileConfig:
+    """One device profile of ``[budgets]``: what a client of this kind can spend per round.
+
+    Each budget is optional (unset: unlimited). ``memory_mb`` is peak training memory in MiB
+    (2**20 bytes, as ``client_peak_memory_mb``), ``flops_per_round`` the training FLOPs of one
+    round, ``upload_mb_per_round`` the update's payload in MB (1e6 bytes, as ``mb_up_per_round``).
+    """
+
+    name: str
+    memory_mb: float | None = None
+    flops_per_round: float | None = None
+    upload_mb_per_round: float | None = None
+
+    def check(self, key: str) -> None:
+        _check(bool(self.name.strip()), f"{key}.name", "must not be empty")
+        for budget in BUDGET_KEYS:
+            value = getattr(self, budget)
+            _check(value is None or (math.isfinite(value) and value > 0), f"{key}.{budget}",
+                   f"must be > 0 (leave it out for no limit), got {value!r}")
+
+    def limits(self) -> dict[str, float]:
+        """The budgets that are set, in the cost model's units: bytes, FLOPs, bytes."""
+        scale = {"memory_mb": 2**20, "flops_per_round": 1, "upload_mb_per_round": 1e6}
+        return {k: getattr(self, k) * scale[k] for k in BUDGET_KEYS if getattr(self, k) is not None}
+
+
+@dataclass
+class BudgetsConfig:
+    """Client device budgets (Pfeiffer et al. 2024, https://arxiv.org/abs/2411.07826).
+
+    ``profiles`` are the kinds of device; ``assign`` says which client gets which: ``same`` (one
+    profile, every client), ``fractions`` (one per profile, summing to 1: exact counts by largest
+    remainder, then a shuffle seeded by ``runtime.seed``) or ``list`` (``clients``: one profile
+    name per client). No profiles: no budgets. See :mod:`fedpeft.budgets.clients`.
+    """
+
+    profiles: list[ProfileConfig] = field(default_factory=list)
+    assign: Literal["same", "fractions", "list"] = "same"
+    fractions: list[float] | None = None
+    clients: list[str] | None = None
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> "BudgetsConfig":
+        raw = dict(table)
+        profiles = raw.pop("profiles", [])
+        if not isinstance(profiles, list):
+            raise ConfigError(f"budgets.profiles: expected a list of tables [[budgets.profiles]], got {profiles!r}")
+        built = []
+        for i, item in enumerate(profiles):
+            key = f"budgets.profiles[{i}]"
+            if not isinstance(item, dict):
+                raise ConfigError(f"{key}: expected a table with name, {', '.join(BUDGET_KEYS)}; got {item!r}")
+            if "name" not in item:
+                raise ConfigError(f"{key}.name: missing (every profile needs a name)")
+            built.append(_build(ProfileConfig, item, key))
+            built[-1].check(key)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - fields)
+        if unknown:
+            raise ConfigError(f"budgets: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(fields))}")
+        hints = typing.get_type_hints(cls)
+        out = cls(built, **{k: _coerce(v, hints[k], f"budgets.{k}") for k, v in raw.items()})
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if not self.profiles:
+            _check(self.fractions is None and self.clients is None and self.assign == "same", "budgets.profiles",
+                   "is empty: budgets.assign, fractions and clients need profiles [[budgets.profiles]]")
+            return
+        names = [p.name for p in self.profiles]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        _check(not twice, "budgets.profiles", f"profile names must be unique; repeated: {', '.join(twice)}")
+        if self.assign == "same":
+            _check(len(self.profiles) == 1, "budgets.assign",
+                   f'"same" gives every client the one profile, but {len(self.profiles)} are given: '
+                   'use assign = "fractions" or "list"')
+        _check(self.assign == "fractions" or self.fractions is None, "budgets.fractions",
+               f'is only read with assign = "fractions" (assign = "{self.assign}")')
+        _check(self.assign == "list" or self.clients is None, "budgets.clients",
+               f'is only read with assign = "list" (assign = "{self.assign}")')
+        if self.assign == "fractions":
+            f = self.fractions
+            _check(f is not None and len(f) == len(self.profiles), "budgets.fractions",
+                   f"needs one fraction per profile ({len(self.profiles)}), got {f!r}")
+            _check(all(x >= 0 for x in f), "budgets.fractions", f"must be >= 0, got {f!r}")
+            _check(abs(sum(f) - 1.0) < 1e-6, "budgets.fractions", f"must sum to 1, got {f!r} (sum {sum(f):g})")
+        if self.assign == "list":
+            _check(self.clients is not None, "budgets.clients", 'is required with assign = "list"')
+            unknown = sorted(set(self.clients) - set(names))
+            _check(not unknown, "budgets.clients",
+                   f"unknown profile name(s) {', '.join(map(repr, unknown))}; profiles: {', '.join(names)}")
+
+    def check_clients(self, num_clients: int) -> None:
+        """``clients`` has one entry per client (checked across sections)."""
+        if self.assign == "list" and self.profiles and len(self.clients) != num_clients:
+            raise ConfigError(f"budgets.clients: needs one profile name per client (partition.num_clients = "
+                              f"{num_clients}), got {len(self.clients)}")
+
+    def to_table(self) -> dict[str, Any]:
+        if not self.profiles:
+            return {}
+        out: dict[str, Any] = {"profiles": [_to_table(p) for p in self.profiles], "assign": self.assign}
+        for key in ("fractions", "clients"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
 @dataclass
 class OutputConfig:
     """Where results go. ``fedpeft run --out DIR`` overrides ``dir``."""
@@ -374,6 +488,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
@@ -388,8 +503,8 @@ class Config:
             table = raw.get(name, {})
             if not isinstance(table, dict):
                 raise ConfigError(f"{name}: expected a table [{name}], got {table!r}")
-            if name == "method":
-                built[name] = MethodConfig.from_table(table)
+            if name in ("method", "budgets"):
+                built[name] = f.default_factory().__class__.from_table(table)  # type: ignore[misc]
             else:
                 built[name] = _build(f.default_factory().__class__, table, name)  # type: ignore[misc]
         cfg = cls(**built)
@@ -399,6 +514,7 @@ class Config:
     def validate(self) -> None:
         """Checks across sections (each section has checked its own keys)."""
         fed, num_clients = self.federation, self.partition.num_clients
+        self.budgets.check_clients(num_clients)
         cpr = fed.clients_per_round
         if isinstance(cpr, int) and cpr > num_clients:
             raise ConfigError(
@@ -440,7 +556,9 @@ class Config:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
-            out[f.name] = section.to_table() if isinstance(section, MethodConfig) else _to_table(section)
+            out[f.name] = section.to_table() if hasattr(section, "to_table") else _to_table(section)
+        if not out["budgets"]:
+            del out["budgets"]  # no budgets: the config (and its saved copy) as before [budgets] existed
         return out
 
     def to_toml(self) -> str:
