@@ -241,7 +241,8 @@ def test_flower_simulation_with_heterogeneous_layer_depths_matches_the_in_proces
 
     # client 0 trains the head part only, client 1 the last block too, nobody block 0: the
     # assignment travels in the TRAIN config, each reply carries its own names (FedAdam steps those)
-    monkeypatch.setattr(layers, "client_depths", lambda k, blocks, clients: [0, 1])
+    assign = layers.Layers.assignment
+    monkeypatch.setattr(layers.Layers, "assignment", lambda self, model, n, depths=None: assign(self, model, n, [0, 1]))
     cfg = dict(method={"name": "layers"}, partition={"num_clients": 2},
                federation={"rounds": 2, "clients_per_round": 2, "server_optimizer": "fedadam", "server_lr": 0.05})
     run_experiment(make_cfg(csv_data, runtime={"threads": 1}, **cfg), out=tmp_path / "local")

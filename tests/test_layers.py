@@ -202,10 +202,17 @@ def test_a_client_trains_only_its_blocks_and_the_ones_below_build_no_graph(tiny,
 # ------------------------------------------------------------------ whole runs
 
 
+def force_depths(monkeypatch, depths):
+    """Give the clients these depths, as the client budgets would (``Layers.assignment(depths=)``)."""
+    assign = layers_module.Layers.assignment
+    monkeypatch.setattr(layers_module.Layers, "assignment",
+                        lambda self, model, n, **_: assign(self, model, n, depths[:n]))
+
+
 @pytest.fixture
 def heterogeneous(monkeypatch):
-    """Three clients of depths 0, 1, 2 (the device-budget part will choose them)."""
-    monkeypatch.setattr(layers_module, "client_depths", lambda k, blocks, clients: [0, 1, 2][:clients])
+    """Three clients of depths 0, 1, 2 (tests/test_budgets.py has the client budgets choose them)."""
+    force_depths(monkeypatch, [0, 1, 2])
 
 
 def layers_cfg(csv_data, rounds=2, **federation):  # noqa: F811
@@ -217,7 +224,7 @@ def test_a_heterogeneous_run_counts_each_clients_upload_and_never_moves_frozen_w
         csv_data, monkeypatch, tiny, tmp_path):  # noqa: F811
     cfg = make_cfg(csv_data, method={"name": "layers", "k": 1}, partition={"num_clients": 3},
                    federation={"rounds": 2, "clients_per_round": 3})
-    monkeypatch.setattr(layers_module, "client_depths", lambda k, blocks, clients: [0, 1, 1])
+    force_depths(monkeypatch, [0, 1, 1])
     built = {}
 
     def clients(exp):

@@ -23,6 +23,7 @@ from fedpeft.data import (
 from fedpeft.checkpoint import Checkpoint
 from fedpeft.errors import ConfigError, FedPeftError, RunInterrupted, UpdateRejected
 from fedpeft.federation.aggregate import validate_update
+from fedpeft.federation.assignment import Assignment
 from fedpeft.federation.attacks import AttackingTrainer, malicious_clients
 from fedpeft.federation.client import ClientTrainer, evaluate
 from fedpeft.federation.costs import message_bytes, model_message_bytes, param_counts, train_state_bytes
@@ -55,6 +56,7 @@ class Experiment:
     strategy: FedAvgStrategy
     processor: Any = None  # the tokenizer (text) or image processor (image) the data was encoded with
     attackers: list[int] = field(default_factory=list)  # [attack]: the malicious clients' ids
+    budgets: Any = None  # [budgets]: each client's profile, k and fit (fedpeft.budgets.clients.BudgetPlan)
 
     @property
     def assignment(self) -> Any:
@@ -100,7 +102,17 @@ class Experiment:
             "client_train_state_bytes": train_state_bytes(self.model, self.cfg.federation.optimizer,
                                                           self.cfg.federation.scaffold),
             **self.predicted_costs(),
+            **self.budget_summary(),
         }
+
+    def budget_summary(self) -> dict[str, Any]:
+        """``[budgets]`` in the summary: the infeasible clients and the mean depth (the per-client
+        facts are in ``budgets.json``); empty without budgets."""
+        if self.budgets is None:
+            return {}
+        plan = self.budgets.as_json()
+        return {"budgets": {"clients_infeasible": plan["clients_infeasible"], "mean_k": plan["mean_k"],
+                            "max_k": plan["max_k"], "profiles": sorted({c["profile"] for c in plan["clients"]})}}
 
     def predicted_costs(self) -> dict[str, Any]:
         """``client_peak_memory_mb`` and ``client_flops`` of the cost model
@@ -119,8 +131,13 @@ class Experiment:
             return {"client_peak_memory_mb": {"predicted": None, "measured": None, "error": reason},
                     "client_flops": {"predicted_per_round": None, "error": reason}}
         mib = 2**20
+        describes = f"a client of {mean_samples} rows (the mean client) that trains every exchanged name"
+        if self.budgets is not None:
+            describes += (f" ({'k = ' + str(self.budgets.max_k) + ', ' if self.budgets.max_k is not None else ''}"
+                          "the most any client trains); each client's own prediction under [budgets] is in budgets.json")
         return {
             "client_peak_memory_mb": {
+                "describes": describes,
                 "predicted": costs.memory.peak / mib,
                 "measured": None,
                 "breakdown": {k: v / mib for k, v in costs.memory.as_dict().items()},
@@ -131,6 +148,7 @@ class Experiment:
                 "predicted_per_round": costs.flops_per_round(mean_samples),
                 "per_sample": costs.flops_per_sample,
                 "mean_client_samples": mean_samples,
+                "describes": describes,
             },
         }
 
@@ -175,7 +193,8 @@ def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
     ``exp.cfg`` is ``cfg`` resolved (:func:`fedpeft.data.resolved_config`): the data paths
     absolute and ``data.fingerprint`` set, so a run folder's config reloads the same data from any
     working directory, and says so when it cannot. ``with_test=False`` (a Flower client) skips
-    encoding the test split: ``exp.test`` is empty.
+    encoding the test split (``exp.test`` is empty) and the ``[budgets]`` plan (the server plans
+    who trains; the TRAIN message carries a client's names).
 
     Raises
     ------
@@ -211,12 +230,32 @@ def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
     attackers = malicious_clients(cfg.attack, len(parts), seed)
     if attackers:  # the same wrapper wherever clients train: in process and on every Flower node
         trainer = AttackingTrainer(trainer, cfg.attack, attackers, data.num_labels, seed)
-    assignment = method.assignment(model, len(parts))  # client -> its names (None: every client, every name)
+    fedex = method.residual_fold(model)
+    budgets = _plan_budgets(cfg, method, model, loaded.info, names, fedex, parts) if with_test else None
+    depths = {} if budgets is None or budgets.depths is None else {"depths": budgets.depths}
+    assignment = method.assignment(model, len(parts), **depths)  # client -> its names (None: every client, every name)
     if assignment is not None:
         assignment.check(names)
-    strategy = FedAvgStrategy(cfg.federation, len(parts), seed, method.residual_fold(model), assignment)
+        if budgets is not None:  # an infeasible client trains no block: its rows say k = None
+            assignment = Assignment(assignment.names, {c: {**assignment.labels.get(c, {}), "k": None}
+                                                       if c in budgets.infeasible else assignment.labels.get(c, {})
+                                                       for c in range(len(parts))})
+    strategy = FedAvgStrategy(cfg.federation, len(parts), seed, fedex, assignment,
+                              budgets.infeasible if budgets is not None else None)
     return Experiment(cfg, data, loaded.info, method, model, names, train, test, parts, trainer, strategy,
-                      loaded.processor, attackers)
+                      loaded.processor, attackers, budgets)
+
+
+def _plan_budgets(cfg: Config, method: Method, model: nn.Module, info: ModelInfo, names: list[str], fedex: Any,
+                  parts: list[np.ndarray]) -> Any:
+    """Each client's profile, depth and fit under ``[budgets]`` (:func:`fedpeft.budgets.clients.plan_clients`),
+    or None without budgets."""
+    if not cfg.budgets.profiles:
+        return None
+    from fedpeft.budgets.clients import plan_clients
+
+    return plan_clients(method, model, info, cfg, names, [len(p) for p in parts],
+                        names + (fedex.base_names if fedex else []))
 
 
 def run_with_clients(
@@ -257,6 +296,8 @@ def run_with_clients(
     cfg = exp.cfg
     cfg.save(run_dir.config)  # resolved: what a resumed run or `fedpeft eval` rebuilds
     run_dir.write_json(run_dir.partition, exp.partition_report())
+    if exp.budgets is not None:  # a function of config, seed and partition: a resume rewrites the same
+        run_dir.write_json(run_dir.path / "budgets.json", exp.budgets.as_json())
     state, rows, start = exp.initial_state(), [], 1
     if checkpoint is not None:
         state, rows, start = _restart_point(checkpoint, state, run_dir), checkpoint.rows, checkpoint.round + 1

@@ -39,7 +39,8 @@ def round_row(
 
     Client status: ``ok``; ``dropped`` (simulated instability: never reported); ``failed`` (no
     usable reply: crashed node, timeout, error reply); ``rejected`` (a reply that failed
-    validation). ``bytes_*`` are the exchanged payload (tensors + names) measured on what arrived;
+    validation); ``infeasible`` (its ``[budgets]`` profile fits no training: selected, never sent
+    work; it downloads nothing). ``bytes_*`` are the exchanged payload (tensors + names) measured on what arrived;
     ``wire_bytes_*`` what the transport serialized (None for the in-process runtime).
     ``previous`` is the row before (for cumulative totals), or None for the first round.
     ``control_down`` is SCAFFOLD's ``c``, sent with the state to every selected client (its
@@ -56,7 +57,9 @@ def round_row(
     if down_bytes is None:  # every selected client downloads the same state (and c)
         down = message_bytes(state_down) + message_bytes(control_down or {})
         down_bytes = {cid: down for cid in plan.selected}
+    down_bytes = {cid: 0 if cid in plan.infeasible else b for cid, b in down_bytes.items()}
     wire_up, wire_down = delivery.wire_up, delivery.wire_down
+    infeasible = set(plan.infeasible)
     clients = []
     for cid in plan.selected:
         res = by_client.get(cid)
@@ -65,7 +68,9 @@ def round_row(
         if wire_down is not None:
             entry["wire_bytes_down"] = wire_down.get(cid, 0)
             entry["wire_bytes_up"] = (wire_up or {}).get(cid, 0)
-        if cid in delivery.failed:
+        if cid in infeasible:
+            entry["status"] = "infeasible"
+        elif cid in delivery.failed:
             entry.update(status="failed", reason=delivery.failed[cid])
         elif cid in outcome.rejected:
             entry.update(status="rejected", reason=outcome.rejected[cid])
@@ -103,6 +108,7 @@ def round_row(
         "clients_failed": len(delivery.failed),
         "clients_rejected": len(outcome.rejected),
         "clients_attacking": sorted(set(attackers or ()) & set(plan.training)),
+        "clients_infeasible": sorted(plan.infeasible),
         "clients_clipped": sum(i["aggregation"] == "clipped" for i in outcome.client_info.values()),
         "clients_excluded": sum(i["aggregation"] == "excluded" for i in outcome.client_info.values()),
         "aggregation_buffer_bytes": outcome.buffer_bytes,
@@ -150,6 +156,7 @@ def summarize(rows: list[dict[str, Any]], static: dict[str, Any]) -> dict[str, A
         "clients_dropped_total": sum(r["clients_dropped"] for r in rows),
         "clients_rejected_total": sum(r["clients_rejected"] for r in rows),
         "clients_failed_total": sum(r.get("clients_failed", 0) for r in rows),
+        "clients_infeasible_total": sum(len(r.get("clients_infeasible", ())) for r in rows),
         "failures": [
             {"round": r["round"], "client": c["id"], "reason": c["reason"]}
             for r in rows for c in r["clients"] if c["status"] == "failed"

@@ -10,7 +10,9 @@ With ``federation.scaffold`` the server also keeps SCAFFOLD's control variate ``
 With FedEx-LoRA (:mod:`fedpeft.federation.fedex`) the global state also holds the adapted layers'
 corrected base weights, which clients receive but never send. With an
 :class:`~fedpeft.federation.assignment.Assignment` (the ``layers`` method) a client trains and sends
-only its assigned names, and each name is averaged over the clients that carried it.
+only its assigned names, and each name is averaged over the clients that carried it. Clients
+whose device budget fits no training (``[budgets]``, :mod:`fedpeft.budgets.clients`) may be
+selected but are marked ``infeasible`` in the plan and never sent work, by any runtime.
 """
 
 from __future__ import annotations
@@ -44,11 +46,14 @@ class RoundPlan:
     dropped: list[int]  # of those, the ones that will fail to report (simulated instability)
     # selected client -> the exchanged names it trains and sends, where that is not every name
     assigned: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    # of the selected, those whose device budget fits no training ([budgets]): never sent work
+    infeasible: list[int] = field(default_factory=list)
 
     @property
     def training(self) -> list[int]:
-        dropped = set(self.dropped)
-        return [c for c in self.selected if c not in dropped]
+        """The selected clients a runtime sends work to: neither dropped nor infeasible."""
+        skipped = set(self.dropped) | set(self.infeasible)
+        return [c for c in self.selected if c not in skipped]
 
 
 @dataclass
@@ -107,7 +112,7 @@ class FedAvgStrategy:
     """
 
     def __init__(self, cfg: FederationConfig, num_clients: int, seed: int, fedex: FedExLoRA | None = None,
-                 assignment: Assignment | None = None) -> None:
+                 assignment: Assignment | None = None, infeasible: list[int] | None = None) -> None:
         self.cfg = cfg
         self.num_clients = num_clients
         self.seed = seed
@@ -117,6 +122,7 @@ class FedAvgStrategy:
         self.fedex_accepted: list[int] = []  # FedEx: clients aggregated in rounds 1.., checkpointed too
         self.rule = AggregationRule.from_config(cfg)
         self.assignment = assignment  # client -> its names (None: every client trains every name)
+        self.infeasible = sorted(infeasible or [])  # [budgets]: clients whose device fits no training
         if assignment is not None and assignment.names:
             unsupported = [key for key, on in (("federation.scaffold", cfg.scaffold),
                                                ('method.aggregation = "fedex"', fedex is not None)) if on]
@@ -170,11 +176,12 @@ class FedAvgStrategy:
         rng = np.random.default_rng([self.seed, rnd, 0x5E1EC7])
         k = self.clients_per_round()
         selected = sorted(int(c) for c in rng.choice(self.num_clients, size=k, replace=False))
-        fails = rng.random(len(selected)) < self.cfg.dropout
-        dropped = [c for c, f in zip(selected, fails) if f]
+        fails = rng.random(len(selected)) < self.cfg.dropout  # drawn for every selected client: the
+        infeasible = sorted(set(selected) & set(self.infeasible))  # same draws with or without budgets
+        dropped = [c for c, f in zip(selected, fails) if f and c not in infeasible]
         assigned = {} if self.assignment is None else {
-            c: self.assignment.of(c) for c in selected if self.assignment.of(c) is not None}
-        return RoundPlan(rnd, selected, dropped, assigned)
+            c: self.assignment.of(c) for c in selected if self.assignment.of(c) is not None and c not in infeasible}
+        return RoundPlan(rnd, selected, dropped, assigned, infeasible)
 
     def aggregate_round(
         self,

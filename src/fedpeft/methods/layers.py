@@ -15,8 +15,10 @@ LLaMA ``model.norm``, and the head). Each client is assigned the names of its ow
 blocks plus the above-block parameters (:meth:`Layers.assignment`): it trains and uploads only
 those, and downloads the whole exchanged state (its forward pass runs through every block).
 
-Today every client has ``k_i = method.k``; :func:`client_depths` is the one place that decides
-``k_i`` and the device-budget part replaces it (tests replace it to make clients heterogeneous).
+Without ``[budgets]`` every client has ``k_i = method.k``. With it, ``k_i`` is the deepest suffix
+that fits client ``i``'s device profile (memory, FLOPs and upload per round), decided once per run
+by :func:`fedpeft.budgets.clients.plan_clients` and handed to :meth:`Layers.assignment`; a client
+whom not even ``k = 0`` fits is infeasible and never trains.
 """
 
 from __future__ import annotations
@@ -49,27 +51,6 @@ class LayersOptions:
     def validate(self) -> None:
         if self.k is not None and self.k < 0:
             raise ConfigError(f"method.k: must be >= 0 (0 trains only what sits above the blocks), got {self.k}")
-
-
-def client_depths(k: int, num_blocks: int, num_clients: int) -> list[int]:
-    """``k_i`` of each client: how many of the last blocks client ``i`` trains.
-
-    Parameters
-    ----------
-    k : int
-        The depth the prepared model trains (``method.k``, or every block): the largest allowed.
-    num_blocks : int
-        The model's number of transformer blocks.
-    num_clients : int
-        ``partition.num_clients``.
-
-    Returns
-    -------
-    list of int
-        One depth per client, each in ``0..k``. Today ``k`` for every client; a function of the
-        config only, so a resumed run assigns exactly what the interrupted one did.
-    """
-    return [k] * num_clients
 
 
 @register
@@ -116,9 +97,20 @@ class Layers(Method):
         return [n for n, _ in model.named_parameters()
                 if n in above or (blocks.index_of(n) is not None and blocks.index_of(n) >= lowest)]
 
-    def assignment(self, model: nn.Module, num_clients: int) -> Assignment | None:
-        """Each client's names from its depth (:func:`client_depths`); None when every client
-        trains the whole exchanged part (each depth is ``method.k``).
+    def assignment(self, model: nn.Module, num_clients: int, depths: list[int] | None = None) -> Assignment | None:
+        """Each client's names from its depth ``k_i``; None when every client trains the whole
+        exchanged part (each depth is ``method.k``).
+
+        Parameters
+        ----------
+        model : nn.Module
+            The prepared model.
+        num_clients : int
+            ``partition.num_clients``.
+        depths : list of int, optional
+            ``k_i`` per client, from the client budgets
+            (:func:`fedpeft.budgets.clients.plan_clients`: the deepest suffix that fits each
+            client's profile); default ``method.k`` for every client (no ``[budgets]``).
 
         Raises
         ------
@@ -126,7 +118,7 @@ class Layers(Method):
             When a depth is outside ``0..k``, naming the client.
         """
         k = self._k
-        depths = client_depths(k, self._num_blocks, num_clients)
+        depths = [k] * num_clients if depths is None else list(depths)
         if len(depths) != num_clients:
             raise ConfigError(f"method.k: {len(depths)} client depths for partition.num_clients = {num_clients}")
         bad = {c: d for c, d in enumerate(depths) if not 0 <= d <= k}

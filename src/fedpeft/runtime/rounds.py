@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
@@ -119,6 +119,10 @@ def run_rounds(
                 delivery = clients.fit_round(plan, state, on_result, aggregation.control)
                 compute_s = sum(r.metrics.get("compute_s", 0.0) for r in delivery.results)
                 outcome = aggregation.finish(delivery.rejected)
+                if plan.selected and set(plan.infeasible) == set(plan.selected):
+                    outcome = replace(outcome, message=(
+                        f"round {rnd}: every selected client ({', '.join(map(str, plan.selected))}) is infeasible "
+                        "under its [budgets] profile: nothing trained, the global state is unchanged"))
                 eval_metrics, eval_s = None, 0.0
                 if rnd % fed.eval_every == 0 or rnd == fed.rounds:
                     t_eval = time.perf_counter()
@@ -175,6 +179,8 @@ def format_row(row: dict[str, Any], rounds: int) -> str:
     acc = "" if row["accuracy"] is None else f"acc {row['accuracy']:.4f}  f1 {row['macro_f1']:.4f}  "
     note = "" if row["aggregated"] else "  [yellow]not aggregated[/]"
     failed = f"  [red]{row['clients_failed']} failed[/]" if row.get("clients_failed") else ""
+    if row.get("clients_infeasible"):
+        failed += f"  [yellow]{len(row['clients_infeasible'])} infeasible[/]"
     return (
         f"round {row['round']}/{rounds}  {acc}clients {row['clients_reported']}/{row['clients_selected']}  "
         f"up {row['bytes_up'] / 1e6:.3f} MB  down {row['bytes_down'] / 1e6:.3f} MB  "
