@@ -149,6 +149,65 @@ def _seeds(text: str) -> list[int]:
 
 
 @app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="Experiment config (TOML); [budgets] gives the device profiles.")],
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: the config's method.name).")] = None,
+    models: Annotated[Optional[str], typer.Option(
+        help="Comma-separated candidate model.name values; also reports the mean blocks `layers` trains on each.")] = None,
+    set_: SetOption = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Predict each method's memory, FLOPs and bytes per round for every device profile, and
+    whether it fits, before anything trains (the cost model; no training)."""
+    from fedpeft.budgets.planner import plan as make_plan
+    from fedpeft.config import load_config
+
+    cfg = load_config(config, set_ or [])
+    planning = make_plan(cfg, _names(methods), _names(models))
+    if json_:
+        typer.echo(json.dumps(planning.as_json(bool(models)), indent=2))
+        return
+    _print_plan(planning, config, bool(cfg.budgets.profiles), bool(models))
+
+
+def _names(text: Optional[str]) -> list[str] | None:
+    """``a,b`` as a list (None when not given)."""
+    return [n.strip() for n in text.split(",") if n.strip()] or None if text else None
+
+
+def _print_plan(planning, config: Path, budgets: bool, with_models: bool) -> None:
+    """``fedpeft plan``'s tables: one row per model x method x profile, then the model choice."""
+    table = Table()
+    several = len({r.model for r in planning.rows}) > 1
+    for col in (["model"] if several else []) + ["method", "profile", "clients", "rows", "k", "trainable",
+                                                  "peak MiB", "FLOPs/round", "MB up", "MB down", "fits"]:
+        table.add_column(col, justify="left" if col in ("model", "method", "profile", "fits") else "right")
+    for r in planning.rows:
+        fits = "yes" if r.fits else f"no: {', '.join(r.exceeds)}"
+        cells = ([r.model] if several else []) + [
+            r.method, r.profile, str(r.clients), str(r.samples), "-" if r.k is None else str(r.k),
+            f"{r.trainable_params:,}", f"{r.memory_mb:.2f}", f"{r.flops_per_round:.3g}", f"{r.upload_mb:.3f}",
+            f"{r.download_mb:.3f}", fits]
+        table.add_row(*map(Text, cells))
+    _print_titled(f"fedpeft plan: {config}", table)
+    out = make_console()
+    say = lambda text: out.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    say("FLOPs per round are for a client of `rows` training rows: the mean client of that profile "
+        "(the mean client of the whole partition when no client has it); peak memory in MiB, bytes in MB (1e6).")
+    if budgets:
+        fitting = planning.fitting_methods()
+        say(f"fits every profile: {', '.join(fitting)}" if fitting else
+            "no method fits the budgets of every profile (see the fits column)")
+    if with_models:
+        choice = Table("model", "blocks", "mean k (layers)", "infeasible clients")
+        for m in planning.models:
+            choice.add_row(Text(m.model), str(m.num_blocks), f"{m.mean_k:.2f}", str(m.infeasible))
+        out.print(choice)
+        say(f"best backbone for layers under these budgets: {planning.best_model} "
+            "(the most blocks trained per client on average)")
+
+
+@app.command()
 def report(runs_dir: Annotated[Path, typer.Argument(help="A folder holding run folders (e.g. a sweep's --out).")]) -> None:
     """Write DIR/report.md (accuracy and costs per run group) and PNG plots, and print the table."""
     from fedpeft.report import PLOTS, markdown_table, write_report
