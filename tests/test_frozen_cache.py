@@ -118,10 +118,10 @@ def test_methods_that_train_below_every_frozen_block_get_no_prefix(csv_data, met
 
 
 def test_a_layers_client_below_blocks_others_train_recomputes_when_they_change(csv_data, monkeypatch, tmp_path):  # noqa: F811
-    from fedpeft.methods import layers
+    from test_layers import force_depths
 
     # k = 2 prepared, client depths 1: block 0 (exchanged, frozen for them) changes each round
-    monkeypatch.setattr(layers, "client_depths", lambda k, blocks, clients: [2, 1, 1, 1])
+    force_depths(monkeypatch, [2, 1, 1, 1])
     cfg = cache_cfg(csv_data, "tiny-bert", "layers-1", 64)
     raw = cfg.to_dict()
     raw["method"]["k"] = 2
