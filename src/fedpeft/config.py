@@ -529,6 +529,9 @@ class Config:
                 f"give at most {per_round}"
             )
 
+        if self.method.name == "sfprompt" and self.runtime.kind != "local":
+            raise ConfigError(f'runtime.kind = "{self.runtime.kind}": sfprompt runs in the local runtime; the Flower '
+                              'body-server messages are not built yet (use runtime.kind = "local")')
         fedex = getattr(self.method.options, "aggregation", "fedavg") == "fedex"
         if fed.aggregator != "mean":
             from fedpeft.federation.robust import check_rule

@@ -225,8 +225,8 @@ def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
     test_rows = data.test if with_test else data.test.select([])
     test = encode(test_rows, loaded.processor, data.modality, cfg.model.max_length, cfg.data.cache_dir)
     parts = partition(train.labels.numpy(), cfg.partition, seed)
-    trainer = ClientTrainer(model, names, train, cfg.federation, seed, model_blocks(model, loaded.info),
-                            cfg.runtime.frozen_cache_mb)
+    trainer = method.make_trainer(model, names, train, cfg.federation, seed, model_blocks(model, loaded.info),
+                                  cfg.runtime.frozen_cache_mb)  # a ClientTrainer, or the method's own
     attackers = malicious_clients(cfg.attack, len(parts), seed)
     if attackers:  # the same wrapper wherever clients train: in process and on every Flower node
         trainer = AttackingTrainer(trainer, cfg.attack, attackers, data.num_labels, seed)

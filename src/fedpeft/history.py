@@ -19,7 +19,12 @@ if TYPE_CHECKING:
 
 # a client result's metrics copied into its entry of a round row (and carried by Flower replies)
 CLIENT_METRICS = ("train_loss", "steps", "samples_processed", "flops", "compute_s",
-                  "frozen_rows_computed", "frozen_cache_bytes")
+                  "frozen_rows_computed", "frozen_cache_bytes",
+                  # split training (sfprompt): see SPLIT_METRICS
+                  "kept_rows", "local_loss", "local_loss_steps", "server_flops", "activation_bytes_up",
+                  "activation_bytes_down", "client_flops_pct_of_full")
+# split training (sfprompt, fedpeft.split.trainer): per-client metrics summed into the round row
+SPLIT_METRICS = ("server_flops", "activation_bytes_up", "activation_bytes_down")
 
 
 def round_row(
@@ -119,6 +124,7 @@ def round_row(
         "wire_bytes_up": None if wire is None else wire[0],
         "wire_bytes_down": None if wire is None else wire[1],
         "client_flops": sum(r.metrics.get("flops", 0.0) for r in results),
+        **_split_totals(results),
         "wall_s": timings["wall_s"],
         "client_compute_s": timings["client_compute_s"],
         "eval_s": timings.get("eval_s", 0.0),
@@ -175,11 +181,39 @@ def summarize(rows: list[dict[str, Any]], static: dict[str, Any]) -> dict[str, A
         "eval_s": sum(r["eval_s"] for r in rows),
         "peak_rss_mb": max((r["peak_rss_mb"] for r in rows), default=peak_rss_mb()),
     }
+    summary.update(_split_summary(rows, static, client_rounds))
     full = static.get("full_model_bytes_per_message")
     per_update = static.get("bytes_per_client_update")
     if full and per_update:
         summary["upload_reduction_vs_full"] = full / per_update
     return summary
+
+
+def _split_totals(results: list) -> dict[str, Any]:
+    """A split round's sums of :data:`SPLIT_METRICS` over its clients (nothing for other methods)."""
+    if not any("activation_bytes_up" in r.metrics for r in results):
+        return {}
+    return {key: sum(r.metrics.get(key, 0.0) for r in results) for key in SPLIT_METRICS}
+
+
+def _split_summary(rows: list[dict[str, Any]], static: dict[str, Any], client_rounds: int) -> dict[str, Any]:
+    """Split training's totals (``total_activation_bytes_up``/``_down``, ``server_flops_total``,
+    ``client_flops_pct_of_full``: client FLOPs over full fine-tuning's on the same batches, the mean
+    over client updates) and the measured mean client FLOPs per update in ``client_flops``
+    (``measured_per_round``, beside the cost model's ``predicted_per_round``)."""
+    split = [r for r in rows if "activation_bytes_up" in r]
+    if not split:
+        return {}
+    pct = [c["client_flops_pct_of_full"] for r in split for c in r["clients"] if "client_flops_pct_of_full" in c]
+    measured = sum(r["client_flops"] for r in rows) / max(1, client_rounds)
+    flops = static.get("client_flops")
+    return {
+        "total_activation_bytes_up": sum(r["activation_bytes_up"] for r in split),
+        "total_activation_bytes_down": sum(r["activation_bytes_down"] for r in split),
+        "server_flops_total": sum(r["server_flops"] for r in split),
+        "client_flops_pct_of_full": sum(pct) / len(pct) if pct else None,
+        "client_flops": {**(flops if isinstance(flops, dict) else {}), "measured_per_round": measured},
+    }
 
 
 def _total_or_none(rows: list[dict[str, Any]], key: str) -> int | None:

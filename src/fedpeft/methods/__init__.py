@@ -10,10 +10,11 @@ adapter    a bottleneck adapter after each block's FFN + head           :mod:`.a
 lora       LoRA matrices (via ``peft``) + head                          :mod:`.lora`
 prompt     soft prompt tokens (``peft`` for text, own for ViT) + head   :mod:`.prompt`
 layers     the last k blocks + what sits above them (CAFF)              :mod:`.layers`
+sfprompt   soft prompts + tail blocks; the body on a server (split)    :mod:`.sfprompt`
 =========  ==========================================================  =======================
 """
 
-from fedpeft.methods import adapter, bias, full, head, layers, lora, prompt  # noqa: F401  (registers them)
+from fedpeft.methods import adapter, bias, full, head, layers, lora, prompt, sfprompt  # noqa: F401  (registers them)
 from fedpeft.methods.base import Method, NamedArrays, get_state, set_state, trainable_names
 from fedpeft.methods.registry import build_method, get_method_class, method_names, register
 

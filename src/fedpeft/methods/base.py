@@ -65,6 +65,15 @@ class Method:
         then exactly the exchanged part."""
         return None
 
+    def make_trainer(self, model: nn.Module, names: list[str], train: Any, cfg: Any, seed: int,
+                     blocks: Any = None, frozen_cache_mb: float = 0.0) -> Any:
+        """The client trainer runtimes call (``fit`` -> ``ClientResult``) for the prepared ``model``:
+        the default :class:`~fedpeft.federation.client.ClientTrainer`; a method with its own client
+        round (``sfprompt``'s split training) returns its own."""
+        from fedpeft.federation.client import ClientTrainer
+
+        return ClientTrainer(model, names, train, cfg, seed, blocks, frozen_cache_mb)
+
     def save_pretrained(self, model: nn.Module, directory: Path, state: NamedArrays) -> None:
         """Write the trainable part so that plain ``transformers``/``peft`` can load it.
 
