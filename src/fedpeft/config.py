@@ -1,7 +1,7 @@
 """Typed, validated experiment configuration, read from TOML.
 
 A config has the sections ``model``, ``data``, ``partition``, ``method``, ``federation``,
-``runtime``, ``output``, ``attack`` and ``budgets``; each is a dataclass below. Every key is checked where the config is
+``runtime``, ``output``, ``attack``, ``budgets`` and ``privacy``; each is a dataclass below. Every key is checked where the config is
 built: unknown keys are rejected with the list of valid ones, wrong types and out-of-range values
 name the key. ``method`` holds ``name`` plus the options of that method (see
 :mod:`fedpeft.methods`), so each method validates its own options.
@@ -467,6 +467,100 @@ class BudgetsConfig:
         return out
 
 
+PRIVACY_MODES = ("none", "sample", "client-central", "client-local")
+ADAPTIVE_KEYS = ("target_clipped_quantile", "clip_norm_lr", "clipped_count_stddev")  # Flower's names
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy (:mod:`fedpeft.privacy`). ``client-central``: DP-FedAvg, the server clips
+    every client's delta to ``clip_norm`` and noises the average; ``client-local``: each client
+    clips and noises its own delta; ``sample`` (DP-SGD on each client's rows) is not built yet.
+
+    Exactly one of ``target_epsilon`` (the noise multiplier is searched on the accountant) and
+    ``noise_multiplier`` with a client mode. ``adaptive_clip`` moves the clip norm toward the
+    ``target_clipped_quantile`` of the update norms (Andrew et al. 2021), starting at ``clip_norm``.
+    """
+
+    mode: Literal["none", "sample", "client-central", "client-local"] = "none"
+    target_epsilon: float | None = None  # spend at most this over federation.rounds (client level)
+    noise_multiplier: float | None = None  # z: noise std / clip norm on the sum of clipped deltas
+    delta: float = 1e-5  # of (epsilon, delta)-DP; must be < 1 / partition.num_clients
+    max_grad_norm: float | None = None  # sample level (not built yet)
+    clip_norm: float | None = None  # client level: L2 bound of a client's delta (adaptive: initial, default 0.1)
+    adaptive_clip: bool = False  # client-central: adaptive clipping (Andrew et al. 2021)
+    target_clipped_quantile: float | None = None  # adaptive: quantile of unclipped norms the clip tracks (0.5)
+    clip_norm_lr: float | None = None  # adaptive: geometric learning rate of the clip norm (0.2)
+    clipped_count_stddev: float | None = None  # adaptive: noise std of the unclipped count (clients per round / 20)
+    secure_aggregation: bool = False  # SecAgg+ (not built yet)
+
+    def validate(self) -> None:
+        _check(self.mode != "sample", "privacy.mode",
+               '"sample" (sample-level DP-SGD with max_grad_norm on every client) is not built yet; '
+               'use "client-central" or "client-local" (client-level DP)')
+        _check(not self.secure_aggregation, "privacy.secure_aggregation", "secure aggregation (SecAgg+) is not built yet")
+        _check(self.max_grad_norm is None, "privacy.max_grad_norm",
+               'is the sample-level clip of privacy.mode = "sample", which is not built yet')
+        _check(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}")
+        if self.mode == "none":
+            given = [k for k in ("target_epsilon", "noise_multiplier", "clip_norm", *ADAPTIVE_KEYS)
+                     if getattr(self, k) is not None] + (["adaptive_clip"] if self.adaptive_clip else [])
+            _check(not given, "privacy.mode", f'is "none": {", ".join("privacy." + k for k in given)} would do '
+                   'nothing; set privacy.mode = "client-central" or "client-local"')
+            return
+        _check((self.target_epsilon is None) != (self.noise_multiplier is None), "privacy.target_epsilon",
+               f'give exactly one of privacy.target_epsilon and privacy.noise_multiplier with mode = "{self.mode}"')
+        _check(self.target_epsilon is None or (math.isfinite(self.target_epsilon) and self.target_epsilon > 0),
+               "privacy.target_epsilon", "must be > 0")
+        _check(self.noise_multiplier is None or (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0),
+               "privacy.noise_multiplier", "must be >= 0 (0: clipping only, no privacy guarantee)")
+        _check(self.clip_norm is not None or self.adaptive_clip, "privacy.clip_norm",
+               f'is required with mode = "{self.mode}" (the L2 bound of a client\'s delta), unless adaptive_clip = true')
+        _check(self.clip_norm is None or (math.isfinite(self.clip_norm) and self.clip_norm > 0), "privacy.clip_norm",
+               f"must be > 0, got {self.clip_norm}")
+        _check(not (self.adaptive_clip and self.mode == "client-local"), "privacy.adaptive_clip",
+               'with mode = "client-local" is not built yet (clients would send their norm bits); '
+               'use mode = "client-central" or a fixed clip_norm')
+        if not self.adaptive_clip:
+            given = [k for k in ADAPTIVE_KEYS if getattr(self, k) is not None]
+            _check(not given, f"privacy.{given[0] if given else ''}", "is only used with privacy.adaptive_clip = true")
+        q, lr, std = self.target_clipped_quantile, self.clip_norm_lr, self.clipped_count_stddev
+        _check(q is None or 0 <= q <= 1, "privacy.target_clipped_quantile", "must be in [0, 1]")
+        _check(lr is None or (math.isfinite(lr) and lr > 0), "privacy.clip_norm_lr", "must be > 0")
+        _check(std is None or (math.isfinite(std) and std >= 0), "privacy.clipped_count_stddev", "must be >= 0")
+
+    def check_federation(self, cfg: "Config") -> None:
+        """Checks against the other sections (``mode`` != none), then the accountant's: the
+        target epsilon must be reachable, the adaptive noise split must fit."""
+        if self.mode == "none":
+            return
+        fed, num_clients = cfg.federation, cfg.partition.num_clients
+        _check(self.delta < 1 / num_clients, "privacy.delta",
+               f"must be < 1 / partition.num_clients = {1 / num_clients:.4g} (got {self.delta:g}): a larger delta "
+               "allows releasing one client's data outright")
+        _check(fed.aggregator == "mean", "federation.aggregator",
+               f'"{fed.aggregator}" with privacy.mode = "{self.mode}": a robust rule\'s output can move by more than '
+               "clip_norm / clients_per_round when one client changes, so the noise would not cover it; use \"mean\"")
+        _check(fed.max_update_norm is None, "federation.max_update_norm",
+               f'with privacy.mode = "{self.mode}" is redundant: privacy.clip_norm bounds every delta; remove it')
+        _check(not fed.scaffold, "federation.scaffold",
+               f'with privacy.mode = "{self.mode}": each client\'s delta_c_i (its mean gradient) would reach the '
+               "server unclipped and without noise, outside the guarantee; set scaffold = false")
+        _check(getattr(cfg.method.options, "aggregation", "fedavg") != "fedex", "method.aggregation",
+               f'"fedex" with privacy.mode = "{self.mode}": the residual folded into the base weights is a '
+               'product of the clients\' un-noised A and B; use aggregation = "fedavg"')
+        from fedpeft.privacy.client_level import plan_client_dp
+
+        try:
+            dp = plan_client_dp(cfg)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        from fedpeft.privacy.accountant import MAX_NOISE_MULTIPLIER
+
+        _check(dp.noise_multiplier <= MAX_NOISE_MULTIPLIER, "privacy.noise_multiplier",
+               f"{dp.noise_multiplier:g} is above {MAX_NOISE_MULTIPLIER:g}: the noise would drown every update")
+
+
 @dataclass
 class OutputConfig:
     """Where results go. ``fedpeft run --out DIR`` overrides ``dir``."""
@@ -489,6 +583,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
@@ -554,6 +649,7 @@ class Config:
                     f"{'' if fed.server_lr is None else f' with server_lr = {fed.server_lr}'} would move A and B "
                     'by another step: use server_optimizer = "fedavg" (server_lr 1) or aggregation = "fedavg"'
                 )
+        self.privacy.check_federation(self)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -562,6 +658,8 @@ class Config:
             out[f.name] = section.to_table() if hasattr(section, "to_table") else _to_table(section)
         if not out["budgets"]:
             del out["budgets"]  # no budgets: the config (and its saved copy) as before [budgets] existed
+        if self.privacy == PrivacyConfig():
+            del out["privacy"]  # no privacy: the config as before [privacy] existed (resume of older runs)
         return out
 
     def to_toml(self) -> str:

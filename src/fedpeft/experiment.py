@@ -29,6 +29,7 @@ from fedpeft.federation.client import ClientTrainer, evaluate
 from fedpeft.federation.costs import message_bytes, model_message_bytes, param_counts, train_state_bytes
 from fedpeft.federation.strategy import FedAvgStrategy
 from fedpeft.methods import Method, NamedArrays, build_method, get_state, set_state
+from fedpeft.privacy.client_level import LocalDPTrainer, plan_client_dp
 from fedpeft.models import Blocks, ModelInfo, is_image_model, load_model, transformer_blocks
 from fedpeft.provenance import git_commit, now_iso, versions
 from fedpeft.results import RunDir, load_run_config
@@ -103,7 +104,16 @@ class Experiment:
                                                           self.cfg.federation.scaffold),
             **self.predicted_costs(),
             **self.budget_summary(),
+            **self.privacy_summary(),
         }
+
+    def privacy_summary(self) -> dict[str, Any]:
+        """``[privacy]`` in the summary: the mode, ``delta``, ``noise_multiplier`` (None without
+        privacy), the clip; ``epsilon`` is filled from the rows (:func:`fedpeft.history.summarize`)."""
+        server = self.strategy.privacy
+        if server is None:
+            return {"privacy": "none", "epsilon": None, "delta": None, "noise_multiplier": None}
+        return {**server.dp.summary(), "epsilon": 0.0}
 
     def budget_summary(self) -> dict[str, Any]:
         """``[budgets]`` in the summary: the infeasible clients and the mean depth (the per-client
@@ -227,6 +237,9 @@ def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
     parts = partition(train.labels.numpy(), cfg.partition, seed)
     trainer = method.make_trainer(model, names, train, cfg.federation, seed, model_blocks(model, loaded.info),
                                   cfg.runtime.frozen_cache_mb)  # a ClientTrainer, or the method's own
+    privacy = plan_client_dp(cfg)  # [privacy] (None: mode = "none")
+    if privacy is not None and privacy.mode == "client-local":  # clients clip and noise their own delta
+        trainer = LocalDPTrainer(trainer, privacy)
     attackers = malicious_clients(cfg.attack, len(parts), seed)
     if attackers:  # the same wrapper wherever clients train: in process and on every Flower node
         trainer = AttackingTrainer(trainer, cfg.attack, attackers, data.num_labels, seed)
@@ -241,7 +254,7 @@ def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
                                                        if c in budgets.infeasible else assignment.labels.get(c, {})
                                                        for c in range(len(parts))})
     strategy = FedAvgStrategy(cfg.federation, len(parts), seed, fedex, assignment,
-                              budgets.infeasible if budgets is not None else None)
+                              budgets.infeasible if budgets is not None else None, privacy)
     return Experiment(cfg, data, loaded.info, method, model, names, train, test, parts, trainer, strategy,
                       loaded.processor, attackers, budgets)
 

@@ -131,6 +131,7 @@ def round_row(
         "other_s": timings["wall_s"] - timings["client_compute_s"] - timings.get("eval_s", 0.0),
         "peak_rss_mb": peak_rss_mb(),
         "message": outcome.message,
+        **outcome.privacy,  # [privacy]: epsilon spent after this round, clip_norm used, noise_std added
         "clients": clients,
     }
 
@@ -182,6 +183,10 @@ def summarize(rows: list[dict[str, Any]], static: dict[str, Any]) -> dict[str, A
         "peak_rss_mb": max((r["peak_rss_mb"] for r in rows), default=peak_rss_mb()),
     }
     summary.update(_split_summary(rows, static, client_rounds))
+    if static.get("noise_multiplier") is not None:  # [privacy]: the epsilon spent by the rounds done
+        summary["epsilon"] = rows[-1].get("epsilon") if rows else 0.0
+        if "initial_clip_norm" in static:  # adaptive clipping: the clip norm each round used
+            summary["clip_norms"] = [r.get("clip_norm") for r in rows]
     full = static.get("full_model_bytes_per_message")
     per_update = static.get("bytes_per_client_update")
     if full and per_update:

@@ -13,6 +13,9 @@ corrected base weights, which clients receive but never send. With an
 only its assigned names, and each name is averaged over the clients that carried it. Clients
 whose device budget fits no training (``[budgets]``, :mod:`fedpeft.budgets.clients`) may be
 selected but are marked ``infeasible`` in the plan and never sent work, by any runtime.
+With client-level differential privacy (``[privacy]``, :mod:`fedpeft.privacy`) a round hands every
+accepted update to the privacy hook (:class:`~fedpeft.privacy.client_level.DPRound`: clipped,
+weight 1, a fixed denominator, noised) instead of FedAvg's running sum.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from fedpeft.federation.robust import check_rule, robust_aggregate, squared_dist
 from fedpeft.federation.scaffold import PREFIX as SCAFFOLD_PREFIX
 from fedpeft.federation.scaffold import ServerControl
 from fedpeft.federation.server_opt import ServerOptimizer
+from fedpeft.privacy.client_level import CLIP_KEY, ClientDP, ServerDP
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,7 @@ class RoundOutcome:
     # accepted client id -> {"update_norm": L2 norm of its delta, "aggregation": kept | clipped | excluded}
     client_info: dict[int, dict] = field(default_factory=dict)
     buffer_bytes: int = 0  # the round's deltas a rule other than "mean" held at once (0 for "mean")
+    privacy: dict = field(default_factory=dict)  # [privacy]: epsilon spent so far, clip_norm, noise_std (row fields)
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,8 @@ class FedAvgStrategy:
     """
 
     def __init__(self, cfg: FederationConfig, num_clients: int, seed: int, fedex: FedExLoRA | None = None,
-                 assignment: Assignment | None = None, infeasible: list[int] | None = None) -> None:
+                 assignment: Assignment | None = None, infeasible: list[int] | None = None,
+                 privacy: ClientDP | None = None) -> None:
         self.cfg = cfg
         self.num_clients = num_clients
         self.seed = seed
@@ -123,24 +129,33 @@ class FedAvgStrategy:
         self.rule = AggregationRule.from_config(cfg)
         self.assignment = assignment  # client -> its names (None: every client trains every name)
         self.infeasible = sorted(infeasible or [])  # [budgets]: clients whose device fits no training
+        self.privacy = ServerDP(privacy) if privacy is not None else None  # [privacy]: clip norm, checkpointed
         if assignment is not None and assignment.names:
             unsupported = [key for key, on in (("federation.scaffold", cfg.scaffold),
-                                               ('method.aggregation = "fedex"', fedex is not None)) if on]
+                                               ('method.aggregation = "fedex"', fedex is not None),
+                                               ("privacy.mode", privacy is not None)) if on]
             if unsupported:
                 raise ConfigError(
                     f"{' and '.join(unsupported)} with clients assigned different parts of the exchanged state "
                     "(method.name = \"layers\" with heterogeneous k): not supported; their control variates / "
-                    "residual assume every client sends every name"
+                    "residual / the DP average's fixed denominator assume every client sends every name"
                 )
 
     def state_dict(self) -> NamedArrays:
         """What the strategy carries from round to round: the server optimizer's state, with
         SCAFFOLD ``c`` (``scaffold_c/<name>``), with FedEx-LoRA the clients aggregated per round."""
         fedex = {FEDEX_ACCEPTED: np.asarray(self.fedex_accepted, np.int64)} if self.fedex else {}
-        return {**self.server_opt.state_dict(), **(self.scaffold.state_dict() if self.scaffold else {}), **fedex}
+        privacy = self.privacy.state_dict() if self.privacy else {}  # the adaptive clip norm
+        return {**self.server_opt.state_dict(), **(self.scaffold.state_dict() if self.scaffold else {}), **fedex,
+                **privacy}
 
     def load_state_dict(self, state: NamedArrays) -> None:
         state = dict(state)
+        privacy = {CLIP_KEY: state.pop(CLIP_KEY)} if CLIP_KEY in state else {}
+        if privacy and self.privacy is None:
+            raise ValueError("it holds an adaptive clip norm, but privacy.mode is \"none\"")
+        if self.privacy is not None:
+            self.privacy.load_state_dict(privacy)
         accepted = state.pop(FEDEX_ACCEPTED, None)
         if (accepted is None) != (self.fedex is None):
             raise ValueError("it was written with another method.aggregation (FedEx-LoRA state "
@@ -201,7 +216,7 @@ class FedAvgStrategy:
         """An aggregation that folds results in as they arrive (see :class:`RoundAggregation`)."""
         return RoundAggregation(rnd, global_state, self.cfg.min_clients, self.server_opt, self.scaffold,
                                 self.fedex, self.fedex_accepted, self.rule,
-                                self.assignment.names if self.assignment is not None else None)
+                                self.assignment.names if self.assignment is not None else None, self.privacy)
 
 
 class RoundAggregation:
@@ -246,7 +261,8 @@ class RoundAggregation:
     def __init__(self, rnd: int, global_state: NamedArrays, min_clients: int,
                  server_opt: ServerOptimizer | None = None, scaffold: ServerControl | None = None,
                  fedex: FedExLoRA | None = None, fedex_accepted: list[int] | None = None,
-                 rule: AggregationRule | None = None, assigned: Mapping[int, tuple[str, ...]] | None = None) -> None:
+                 rule: AggregationRule | None = None, assigned: Mapping[int, tuple[str, ...]] | None = None,
+                 privacy: ServerDP | None = None) -> None:
         self.round, self.global_state, self.min_clients = rnd, global_state, min_clients
         self.assigned = dict(assigned or {})
         self.server_opt = server_opt or ServerOptimizer()  # plain FedAvg
@@ -262,6 +278,7 @@ class RoundAggregation:
         self.rule = rule or AggregationRule()
         self.info: dict[int, dict] = {}  # accepted client -> update_norm, aggregation
         self.held: list[tuple[NamedArrays, float]] = []  # rules but mean: (delta, weight) per accepted client
+        self.dp_round = privacy.start_round(rnd, self.reference) if privacy is not None else None  # [privacy]
 
     def add(self, res: ClientResult) -> bool:
         """Validate and fold in one result; True if it was accepted."""
@@ -278,6 +295,10 @@ class RoundAggregation:
             self.rejected[res.client] = str(exc)
             log.warning("round %d: rejected the update of client %d: %s", self.round, res.client, exc)
             return False
+        if self.dp_round is not None:  # client-level DP: clipped, weight 1, noised at finish (fedpeft.privacy)
+            self.info[res.client] = self.dp_round.add(res.state)
+            self.accepted.append(res.client)
+            return True
         state = self._bounded(res)
         if self.rule.holds_updates:
             self.held.append(({k: (state[k].astype(np.float64) - self.reference[k]).astype(np.float32) for k in state},
@@ -309,6 +330,8 @@ class RoundAggregation:
             except ValueError as exc:
                 return self._unchanged(rejected, f"round {self.round}: {self.rule.aggregator} cannot combine "
                                                  f"{len(self.held)} update(s): {exc}; the global state is unchanged")
+        elif self.dp_round is not None:  # the noised fixed-denominator average; the optimizer post-processes it
+            average = self.dp_round.result()
         else:
             average = self.running.result()
         state = self.server_opt.step(self.reference, average)
@@ -318,14 +341,16 @@ class RoundAggregation:
             self._record_fedex(len(self.accepted))
         if self.scaffold is not None:
             self.scaffold.step(self.deltas)
-        return RoundOutcome(state, True, list(self.accepted), rejected, note, self.info, self._held_bytes())
+        privacy = self.dp_round.close(True) if self.dp_round is not None else {}
+        return RoundOutcome(state, True, list(self.accepted), rejected, note, self.info, self._held_bytes(), privacy)
 
     def _unchanged(self, rejected: dict[int, str], message: str) -> RoundOutcome:
         """The outcome of a round that is not aggregated: the global state as it was, and why."""
         log.warning(message)
         self._record_fedex(0)
+        privacy = self.dp_round.close(False) if self.dp_round is not None else {}
         return RoundOutcome(self.global_state, False, list(self.accepted), rejected, message, self.info,
-                            self._held_bytes())
+                            self._held_bytes(), privacy)
 
     def _bounded(self, res: ClientResult) -> NamedArrays:
         """``res.state``, its delta clipped to ``max_update_norm``; records the delta's L2 norm."""
