@@ -59,8 +59,9 @@ def clip_delta(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarr
 
 
 def gaussian_noise(shapes: Mapping[str, tuple[int, ...]], std: float, rng: np.random.Generator) -> NamedArrays:
-    """``N(0, std^2)`` per coordinate (float64), drawn name by name in the given order."""
-    return {k: rng.normal(0.0, std, size=shape) if std > 0 else np.zeros(shape) for k, shape in shapes.items()}
+    """``N(0, std^2)`` per coordinate (float64), drawn name by name in sorted name order (a state
+    read back from a checkpoint may list its names in another order: the same draws)."""
+    return {k: rng.normal(0.0, std, size=shapes[k]) if std > 0 else np.zeros(shapes[k]) for k in sorted(shapes)}
 
 
 def adaptive_clip_update(clip: float, unclipped_fraction: float, target_quantile: float, lr: float) -> float:
