@@ -16,6 +16,7 @@ excluded or clipped, and the bytes of deltas a rule held per round.
 Usage::
 
     python benchmarks/robust.py [--data-dir ../shared/data] [--out runs/bench-robust] [--method bias]
+    python benchmarks/robust.py --out runs/bench-robust --table   # the finished runs only ('-': not yet)
 """
 
 from __future__ import annotations
@@ -87,38 +88,57 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=1, help="test-set evaluation every N rounds (the table "
                         "uses the final round's, which evaluation does not change)")
+    parser.add_argument("--table", action="store_true", help="only write the table of the finished runs")
     args = parser.parse_args()
     rules = [r for r in args.rules.split(",") if r]
-    summaries: dict[tuple[str, str], dict] = {}
     clean_mean = args.out / "clean" / "mean"
-    summaries["clean", "mean"] = run_one(config(args, {}, {}), clean_mean)
+    if not args.table:
+        run_one(config(args, {}, {}), clean_mean)
     limit = clean_norm_limit(clean_mean)
     print(f"max_update_norm = {limit:.4g} (2 x the clean round-1 median)", flush=True)
     cases = [("clean", {})] + [(f"{kind}-{n}", {"kind": kind, "fraction": n / 8})
                                for n in map(int, args.attackers.split(",")) for kind in args.attacks.split(",")]
-    for case, attack in cases:
+    for case, attack in cases if not args.table else []:
         for rule in rules:
             fed = RULES[rule] if rule != "max_norm" else {"max_update_norm": limit}
             summary = run_one(config(args, fed, attack), args.out / case / rule)
-            summaries[case, rule] = summary
             print(f"{case} {rule}: acc {summary['final_accuracy']:.4f} f1 {summary['final_macro_f1']:.4f} "
                   f"excluded {summary['clients_excluded_total']} clipped {summary['clients_clipped_total']}", flush=True)
+    text = robust_table(args, [c for c, _ in cases], rules, limit)
+    (args.out / "robust.md").write_text(text)
+    print(text)
+
+
+def finished(folder: Path) -> dict | None:
+    path = folder / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else None
+    return summary if summary and summary.get("status") == "finished" else None
+
+
+def robust_table(args: argparse.Namespace, cases: list[str], rules: list[str], limit: float) -> str:
+    """Markdown: final accuracy / macro-F1 per attack and rule (points against the clean mean run),
+    then the clients each rule excluded or clipped and the bytes of deltas it held; '-' = not run."""
+    runs = {(c, r): finished(args.out / c / r) for c in cases for r in rules}
+    clean = runs.get(("clean", "mean")) or finished(args.out / "clean" / "mean")
+    header = ["| attack | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
     lines = [f"# Robust aggregation: banking77, {args.method}, 8 IID clients, {args.rounds} rounds "
              f"(max_update_norm {limit:.4g})", "",
-             "Final accuracy / macro-F1 (clean run of the same rule in the first row).", "",
-             "| attack | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
-    for case, _ in cases:
-        cells = [f"{summaries[case, r]['final_accuracy']:.3f} / {summaries[case, r]['final_macro_f1']:.3f}" for r in rules]
+             "Final accuracy / macro-F1, and accuracy in points against the clean mean run "
+             f"({clean['final_accuracy']:.3f}).", "", *header]
+    for case in cases:
+        cells = []
+        for r in rules:
+            s = runs[case, r]
+            cells.append("-" if s is None else f"{s['final_accuracy']:.3f} / {s['final_macro_f1']:.3f} "
+                         f"({100 * (s['final_accuracy'] - clean['final_accuracy']):+.1f})")
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     lines += ["", "Clients excluded / clipped over all rounds, and the most bytes of deltas a rule held in a round.", "",
-              "| attack | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
-    for case, _ in cases:
-        cells = [f"{summaries[case, r]['clients_excluded_total']} / {summaries[case, r]['clients_clipped_total']}, "
-                 f"{summaries[case, r]['aggregation_buffer_bytes_max'] / 1e6:.2f} MB" for r in rules]
+              *header]
+    for case in cases:
+        cells = ["-" if (s := runs[case, r]) is None else f"{s['clients_excluded_total']} / {s['clients_clipped_total']}, "
+                 f"{s['aggregation_buffer_bytes_max'] / 1e6:.2f} MB" for r in rules]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
-    (args.out / "robust.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()
