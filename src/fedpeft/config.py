@@ -475,7 +475,8 @@ ADAPTIVE_KEYS = ("target_clipped_quantile", "clip_norm_lr", "clipped_count_stdde
 class PrivacyConfig:
     """Differential privacy (:mod:`fedpeft.privacy`). ``client-central``: DP-FedAvg, the server clips
     every client's delta to ``clip_norm`` and noises the average; ``client-local``: each client
-    clips and noises its own delta; ``sample`` (DP-SGD on each client's rows) is not built yet.
+    clips and noises its own delta; ``sample``: DP-SGD on each client's rows (per-sample clip
+    ``max_grad_norm``, Poisson batches, a per-client accountant: :mod:`fedpeft.privacy.sample_level`).
 
     Exactly one of ``target_epsilon`` (the noise multiplier is searched on the accountant) and
     ``noise_multiplier`` with a client mode. ``adaptive_clip`` moves the clip norm toward the
@@ -486,7 +487,7 @@ class PrivacyConfig:
     target_epsilon: float | None = None  # spend at most this over federation.rounds (client level)
     noise_multiplier: float | None = None  # z: noise std / clip norm on the sum of clipped deltas
     delta: float = 1e-5  # of (epsilon, delta)-DP; must be < 1 / partition.num_clients
-    max_grad_norm: float | None = None  # sample level (not built yet)
+    max_grad_norm: float | None = None  # sample level: L2 bound of one row's gradient (mode = "sample")
     clip_norm: float | None = None  # client level: L2 bound of a client's delta (adaptive: initial, default 0.1)
     adaptive_clip: bool = False  # client-central: adaptive clipping (Andrew et al. 2021)
     target_clipped_quantile: float | None = None  # adaptive: quantile of unclipped norms the clip tracks (0.5)
@@ -495,18 +496,18 @@ class PrivacyConfig:
     secure_aggregation: bool = False  # SecAgg+ (not built yet)
 
     def validate(self) -> None:
-        _check(self.mode != "sample", "privacy.mode",
-               '"sample" (sample-level DP-SGD with max_grad_norm on every client) is not built yet; '
-               'use "client-central" or "client-local" (client-level DP)')
         _check(not self.secure_aggregation, "privacy.secure_aggregation", "secure aggregation (SecAgg+) is not built yet")
-        _check(self.max_grad_norm is None, "privacy.max_grad_norm",
-               'is the sample-level clip of privacy.mode = "sample", which is not built yet')
+        _check(self.max_grad_norm is None or self.mode == "sample", "privacy.max_grad_norm",
+               'is the per-sample clip of privacy.mode = "sample" (DP-SGD); client-level modes use privacy.clip_norm')
         _check(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}")
         if self.mode == "none":
             given = [k for k in ("target_epsilon", "noise_multiplier", "clip_norm", *ADAPTIVE_KEYS)
                      if getattr(self, k) is not None] + (["adaptive_clip"] if self.adaptive_clip else [])
             _check(not given, "privacy.mode", f'is "none": {", ".join("privacy." + k for k in given)} would do '
                    'nothing; set privacy.mode = "client-central" or "client-local"')
+            return
+        if self.mode == "sample":
+            self._validate_sample()
             return
         _check((self.target_epsilon is None) != (self.noise_multiplier is None), "privacy.target_epsilon",
                f'give exactly one of privacy.target_epsilon and privacy.noise_multiplier with mode = "{self.mode}"')
@@ -529,10 +530,44 @@ class PrivacyConfig:
         _check(lr is None or (math.isfinite(lr) and lr > 0), "privacy.clip_norm_lr", "must be > 0")
         _check(std is None or (math.isfinite(std) and std >= 0), "privacy.clipped_count_stddev", "must be >= 0")
 
+    def _validate_sample(self) -> None:
+        """``mode = "sample"`` (DP-SGD, :mod:`fedpeft.privacy.sample_level`): ``max_grad_norm`` and
+        exactly one of ``target_epsilon`` / ``noise_multiplier``; no client-level key."""
+        c = self.max_grad_norm
+        _check(c is not None, "privacy.max_grad_norm", 'is required with mode = "sample" (the L2 bound of a row\'s gradient)')
+        _check(math.isfinite(c) and c > 0, "privacy.max_grad_norm", f"must be > 0, got {c}")
+        given = [k for k in ("clip_norm", *ADAPTIVE_KEYS) if getattr(self, k) is not None] + (
+            ["adaptive_clip"] if self.adaptive_clip else [])
+        _check(not given, f"privacy.{given[0] if given else ''}",
+               'is a client-level key; mode = "sample" clips each row\'s gradient to privacy.max_grad_norm')
+        _check((self.target_epsilon is None) != (self.noise_multiplier is None), "privacy.target_epsilon",
+               'give exactly one of privacy.target_epsilon and privacy.noise_multiplier with mode = "sample"')
+        _check(self.target_epsilon is None or (math.isfinite(self.target_epsilon) and self.target_epsilon > 0),
+               "privacy.target_epsilon", "must be > 0")
+        _check(self.noise_multiplier is None or (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0),
+               "privacy.noise_multiplier", "must be >= 0 (0: clipping only, no privacy guarantee)")
+
+    def _check_sample(self, cfg: "Config") -> None:
+        """``mode = "sample"`` against the other sections; the accountant's checks need the
+        partition (:func:`fedpeft.privacy.sample_level.plan_sample_dp`, at build time)."""
+        from fedpeft.privacy.sample_level import REFUSED_METHODS
+
+        _check(cfg.method.name not in REFUSED_METHODS, "method.name",
+               f'"{cfg.method.name}" with privacy.mode = "sample": {REFUSED_METHODS.get(cfg.method.name)}')
+        _check(cfg.runtime.kind == "local", "runtime.kind",
+               f'"{cfg.runtime.kind}" with privacy.mode = "sample": each client\'s accountant would live on its '
+               'Flower node, which is not built; use runtime.kind = "local"')
+        _check(not cfg.federation.scaffold, "federation.scaffold",
+               'with privacy.mode = "sample" is not supported (its per-client control variates and the per-client '
+               "accountant would share the client checkpoint); set scaffold = false")
+
     def check_federation(self, cfg: "Config") -> None:
         """Checks against the other sections (``mode`` != none), then the accountant's: the
         target epsilon must be reachable, the adaptive noise split must fit."""
         if self.mode == "none":
+            return
+        if self.mode == "sample":
+            self._check_sample(cfg)
             return
         fed, num_clients = cfg.federation, cfg.partition.num_clients
         _check(self.delta < 1 / num_clients, "privacy.delta",

@@ -30,6 +30,7 @@ from fedpeft.federation.costs import message_bytes, model_message_bytes, param_c
 from fedpeft.federation.strategy import FedAvgStrategy
 from fedpeft.methods import Method, NamedArrays, build_method, get_state, set_state
 from fedpeft.privacy.client_level import LocalDPTrainer, plan_client_dp
+from fedpeft.privacy.sample_level import SampleDPTrainer, plan_sample_dp
 from fedpeft.models import Blocks, ModelInfo, is_image_model, load_model, transformer_blocks
 from fedpeft.provenance import git_commit, now_iso, versions
 from fedpeft.results import RunDir, load_run_config
@@ -58,6 +59,7 @@ class Experiment:
     processor: Any = None  # the tokenizer (text) or image processor (image) the data was encoded with
     attackers: list[int] = field(default_factory=list)  # [attack]: the malicious clients' ids
     budgets: Any = None  # [budgets]: each client's profile, k and fit (fedpeft.budgets.clients.BudgetPlan)
+    sample_dp: Any = None  # [privacy] mode = "sample": its SampleDP (fedpeft.privacy.sample_level)
 
     @property
     def assignment(self) -> Any:
@@ -111,6 +113,8 @@ class Experiment:
         """``[privacy]`` in the summary: the mode, ``delta``, ``noise_multiplier`` (None without
         privacy), the clip; ``epsilon`` is filled from the rows (:func:`fedpeft.history.summarize`)."""
         server = self.strategy.privacy
+        if self.sample_dp is not None:  # epsilon: the largest client's, from the rows (fedpeft.history.summarize)
+            return {**self.sample_dp.summary(), "epsilon": 0.0}
         if server is None:
             return {"privacy": "none", "epsilon": None, "delta": None, "noise_multiplier": None}
         return {**server.dp.summary(), "epsilon": 0.0}
@@ -240,6 +244,10 @@ def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
     privacy = plan_client_dp(cfg)  # [privacy] (None: mode = "none")
     if privacy is not None and privacy.mode == "client-local":  # clients clip and noise their own delta
         trainer = LocalDPTrainer(trainer, privacy)
+    sample_dp = plan_sample_dp(cfg, [len(p) for p in parts], [trainer.num_steps(len(p)) for p in parts]) \
+        if cfg.privacy.mode == "sample" else None
+    if sample_dp is not None:  # DP-SGD: per-sample clipped, noised gradients; a per-client accountant
+        trainer = SampleDPTrainer(trainer, sample_dp)
     attackers = malicious_clients(cfg.attack, len(parts), seed)
     if attackers:  # the same wrapper wherever clients train: in process and on every Flower node
         trainer = AttackingTrainer(trainer, cfg.attack, attackers, data.num_labels, seed)
@@ -256,7 +264,7 @@ def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
     strategy = FedAvgStrategy(cfg.federation, len(parts), seed, fedex, assignment,
                               budgets.infeasible if budgets is not None else None, privacy)
     return Experiment(cfg, data, loaded.info, method, model, names, train, test, parts, trainer, strategy,
-                      loaded.processor, attackers, budgets)
+                      loaded.processor, attackers, budgets, sample_dp)
 
 
 def _plan_budgets(cfg: Config, method: Method, model: nn.Module, info: ModelInfo, names: list[str], fedex: Any,
@@ -332,6 +340,8 @@ def run_with_clients(
             clients = make_clients(exp)
             if checkpoint is not None and cfg.federation.scaffold:
                 restore_client_controls(exp, clients, checkpoint, console)
+            if checkpoint is not None and exp.sample_dp is not None:
+                restore_sample_accountant(exp, checkpoint)
             state = run_rounds(exp, clients, run_dir, state, rows, start, static, console)
         summary = {**summarize(rows, static), "status": "finished", "ended_at": now_iso()}
         if cfg.output.save_model:
@@ -417,6 +427,18 @@ def restore_client_controls(exp: Experiment, clients: "Clients", checkpoint: Che
             f"server's c restart at 0 from round {checkpoint.round + 1}, so this run is not bit-identical "
             "to an uninterrupted one", soft_wrap=True, highlight=False,
         )
+
+
+def restore_sample_accountant(exp: Experiment, checkpoint: Checkpoint) -> None:
+    """On resume with ``privacy.mode = "sample"``: every client's DP-SGD accountant (steps, ``q``)
+    from the checkpoint's ``clients.safetensors``, so the epsilon continues where it stopped."""
+    if checkpoint.client_state is None:
+        raise FedPeftError(f"{checkpoint.path}: holds no per-client privacy accountant (clients.safetensors) "
+                           'although privacy.mode = "sample"')
+    try:
+        exp.trainer.sample_accountant.load_state_dict(checkpoint.client_state)
+    except ValueError as exc:
+        raise FedPeftError(f"{checkpoint.path}: its per-client privacy accountant does not load: {exc}") from None
 
 
 def _legacy_rows(run_dir: RunDir, done: int) -> list[dict[str, Any]]:

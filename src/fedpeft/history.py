@@ -22,7 +22,9 @@ CLIENT_METRICS = ("train_loss", "steps", "samples_processed", "flops", "compute_
                   "frozen_rows_computed", "frozen_cache_bytes",
                   # split training (sfprompt): see SPLIT_METRICS
                   "kept_rows", "local_loss", "local_loss_steps", "server_flops", "activation_bytes_up",
-                  "activation_bytes_down", "client_flops_pct_of_full")
+                  "activation_bytes_down", "client_flops_pct_of_full",
+                  # [privacy] mode = "sample": the client's epsilon spent so far, its rows clipped
+                  "epsilon", "dp_clipped_fraction")
 # split training (sfprompt, fedpeft.split.trainer): per-client metrics summed into the round row
 SPLIT_METRICS = ("server_flops", "activation_bytes_up", "activation_bytes_down")
 
@@ -183,7 +185,9 @@ def summarize(rows: list[dict[str, Any]], static: dict[str, Any]) -> dict[str, A
         "peak_rss_mb": max((r["peak_rss_mb"] for r in rows), default=peak_rss_mb()),
     }
     summary.update(_split_summary(rows, static, client_rounds))
-    if static.get("noise_multiplier") is not None:  # [privacy]: the epsilon spent by the rounds done
+    if static.get("privacy") == "sample":  # DP-SGD: the largest epsilon any client has spent
+        summary["epsilon"] = max((c["epsilon"] for r in rows for c in r["clients"] if "epsilon" in c), default=0.0)
+    elif static.get("noise_multiplier") is not None:  # [privacy]: the epsilon spent by the rounds done
         summary["epsilon"] = rows[-1].get("epsilon") if rows else 0.0
         if "initial_clip_norm" in static:  # adaptive clipping: the clip norm each round used
             summary["clip_norms"] = [r.get("clip_norm") for r in rows]

@@ -59,6 +59,9 @@ class ClientTrainer:
         self.blocks = blocks  # the block stack; None: no frozen prefix is ever cut off
         self.frozen = FrozenCache(frozen_cache_mb)
         self._prefixes: dict[frozenset[str] | None, FrozenPrefix | None] = {}  # per assigned set
+        # [privacy] mode = "sample": the DP-SGD hook (fedpeft.privacy.sample_level.SampleDPHook) that
+        # draws the batches and writes the clipped, noised gradients; None: plain training
+        self.sample_dp = None
         self._use(None)
 
     def prefix(self, assigned: frozenset[str] | None, indices: np.ndarray) -> FrozenPrefix | None:
@@ -183,7 +186,11 @@ class ClientTrainer:
         # SCAFFOLD: the sum of each corrected parameter's uncorrected gradients over the steps
         grad_sum = None if correction is None else [None if d is None else torch.zeros_like(d) for d in correction]
         loss_sum, flops, samples, computed_rows = 0.0, 0, 0, 0
-        for batch_rows in self.batch_order(indices, steps, generator):
+        order = self.batch_order if self.sample_dp is None else self.sample_dp.batch_order
+        for batch_rows in order(indices, steps, generator):
+            if len(batch_rows) == 0:  # a Poisson batch (privacy mode "sample") without rows: a noise-only step
+                loss_sum += self._step(None, optimizer, anchor, counts, correction, grad_sum)
+                continue
             batch = self.train.batch(batch_rows)
             if prefix is None:
                 loss_sum += self._step(batch, optimizer, anchor, counts, correction, grad_sum)
@@ -262,13 +269,16 @@ class ClientTrainer:
         The data loss is the model's own loss, or with ``counts`` (the client's rows per class) the
         ``federation.label_skew`` loss on the logits. With ``anchor`` (the global values of
         ``self.params``) FedProx's ``mu/2 * ||w - w_global||^2`` is added through its gradient,
-        ``mu * (w - w_global)``, so it builds no graph; it is clipped with the rest.
+        ``mu * (w - w_global)``, so it builds no graph; it is clipped with the rest. With
+        ``self.sample_dp`` (DP-SGD) the data gradient is the hook's clipped and noised one (``batch``
+        None: an empty Poisson batch, noise only); FedProx's term is added to it unclipped.
         """
-        if counts is None:
-            loss = self.model(**batch).loss
+        if self.sample_dp is not None:  # DP-SGD: per-sample clipped, summed, noised, over the batch size
+            value = self.sample_dp.backward(self, batch, counts)
         else:
-            loss = self._label_skew_loss(batch, counts)
-        loss.backward()
+            loss = self.model(**batch).loss if counts is None else self._label_skew_loss(batch, counts)
+            loss.backward()
+            value = float(loss.detach())
         if anchor is not None:
             mu = self.cfg.proximal_mu
             with torch.no_grad():
@@ -277,7 +287,7 @@ class ClientTrainer:
                         p.grad = mu * (p - p0)
                     else:
                         p.grad.add_(p - p0, alpha=mu)
-        return float(loss.detach())
+        return value
 
     def _label_skew_loss(self, batch: dict[str, torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
         labels = batch["labels"]

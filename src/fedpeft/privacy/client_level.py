@@ -134,7 +134,7 @@ class ClientDP:
 
 
 def plan_client_dp(cfg: "Config") -> ClientDP | None:
-    """The :class:`ClientDP` of ``cfg.privacy`` (None for ``mode = "none"``), the noise multiplier
+    """The :class:`ClientDP` of ``cfg.privacy`` (None for ``mode = "none"`` or ``"sample"``), the noise multiplier
     searched on the accountant for ``target_epsilon``.
 
     Raises
@@ -144,7 +144,7 @@ def plan_client_dp(cfg: "Config") -> ClientDP | None:
         parameters that do not fit.
     """
     p = cfg.privacy
-    if p.mode == "none":
+    if p.mode in ("none", "sample"):  # sample level: fedpeft.privacy.sample_level
         return None
     num_clients = cfg.partition.num_clients
     m = cfg.federation.clients_per_round_count(num_clients)

@@ -49,8 +49,12 @@ class InProcessClients:
         return delivery
 
     def client_state(self) -> NamedArrays | None:
-        """Every client's ``c_i`` (``<client>/<name>``) for a checkpoint; None without SCAFFOLD."""
-        return None if self.controls is None else self.controls.state_dict()
+        """Every client's ``c_i`` (``<client>/<name>``) for a checkpoint; with ``privacy.mode =
+        "sample"`` every client's DP-SGD accountant (steps, ``q``); None without either."""
+        if self.controls is not None:
+            return self.controls.state_dict()
+        accountant = getattr(self.exp.trainer, "sample_accountant", None)  # fedpeft.privacy.sample_level
+        return None if accountant is None else accountant.state_dict()
 
     def load_client_state(self, state: NamedArrays | None) -> bool:
         """Restore the ``c_i`` of a checkpoint (:meth:`client_state`); always True: they live here."""
