@@ -241,7 +241,7 @@ def test_noise_for_epsilon_meets_the_target_closely():
 
 
 @pytest.mark.parametrize("sections,key", [
-    ({"privacy": {"mode": "sample", "max_grad_norm": 1.0}}, "privacy.mode"),
+    ({"privacy": {"mode": "sample", "max_grad_norm": 1.0}}, "privacy.target_epsilon"),
     ({"privacy": {"mode": "client-central", "noise_multiplier": 1.0, "clip_norm": 1.0, "secure_aggregation": True}},
      "privacy.secure_aggregation"),
     ({"privacy": {"mode": "client-central", "clip_norm": 1.0}}, "privacy.target_epsilon"),

@@ -26,6 +26,7 @@ its steps and ``q``, checkpointed as ``clients.safetensors``). The epsilon of cl
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -197,7 +198,9 @@ class SampleDPHook:
         for p in params:
             p.grad_sample = None
         loss = self._loss(trainer, batch, counts)
-        loss.backward()
+        with warnings.catch_warnings():  # "full backward hook ... no inputs require gradients": the frozen input
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
         grads = []
         for (name, p) in zip(_names(trainer), params):
             gs = getattr(p, "grad_sample", None)
