@@ -6,9 +6,9 @@ The same trainer serves the in-process runtime (all clients in turn) and a Flowe
 (one client per process).
 
 A method whose trainable part starts above some transformer block (``head``, ``layers``) has a
-frozen prefix: it runs in eval mode, row by row, and its output is kept per ``(client, cut)`` in
-a memory-bounded cache (``runtime.frozen_cache_mb``, :mod:`fedpeft.federation.frozen`) for the
-life of the trainer, so later epochs and rounds skip it.
+frozen prefix: it runs in eval mode, rows of one length batched together, and its output is kept
+per ``(client, cut)`` in a memory-bounded cache (``runtime.frozen_cache_mb``,
+:mod:`fedpeft.federation.frozen`) for the life of the trainer, so later epochs and rounds skip it.
 """
 
 from __future__ import annotations
@@ -186,8 +186,13 @@ class ClientTrainer:
         # SCAFFOLD: the sum of each corrected parameter's uncorrected gradients over the steps
         grad_sum = None if correction is None else [None if d is None else torch.zeros_like(d) for d in correction]
         loss_sum, flops, samples, computed_rows = 0.0, 0, 0, 0
-        order = self.batch_order if self.sample_dp is None else self.sample_dp.batch_order
-        for batch_rows in order(indices, steps, generator):
+        make_order = self.batch_order if self.sample_dp is None else self.sample_dp.batch_order
+        order = make_order(indices, steps, generator)
+        if prefix is not None and order:  # fill the cache ahead, rows of one length batched together
+            computed = self.frozen.fill(key, digest, prefix, self.train, torch.cat(order), self.cfg.batch_size)
+            flops += sum(prefix.flops(group) for group in computed)
+            computed_rows += sum(len(group["labels"]) for group in computed)
+        for batch_rows in order:
             if len(batch_rows) == 0:  # a Poisson batch (privacy mode "sample") without rows: a noise-only step
                 loss_sum += self._step(None, optimizer, anchor, counts, correction, grad_sum)
                 continue
@@ -200,8 +205,8 @@ class ClientTrainer:
                 with prefix.feeding(hidden):
                     loss_sum += self._step(batch, optimizer, anchor, counts, correction, grad_sum)
                 # spent: the step without the prefix's forward, plus the rows whose prefix ran now
-                flops += self.flops(batch) - prefix.flops(batch) + sum(prefix.flops(one) for one in computed)
-                computed_rows += len(computed)
+                flops += self.flops(batch) - prefix.flops(batch) + sum(prefix.flops(group) for group in computed)
+                computed_rows += sum(len(group["labels"]) for group in computed)
             samples += len(batch_rows)
         self.model.eval()
         state = get_state(self.model, names)

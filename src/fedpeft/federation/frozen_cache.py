@@ -51,39 +51,90 @@ class FrozenCache:
         self.entries: dict[tuple[int, int], _Entry] = {}
         self.used = 0  # bytes held by every entry
         self.warned = False
+        self._unit_bytes: int | None = None  # bytes of a row's output per token (images: per row)
 
     def bytes_of(self, key: tuple[int, int]) -> int:
         """Bytes held for ``key`` (a client's rows under one cut)."""
         entry = self.entries.get(key)
         return 0 if entry is None else entry.nbytes
 
+    def fill(self, key: tuple[int, int], digest: str, prefix: FrozenPrefix, split: EncodedSplit,
+             rows: torch.Tensor, chunk: int) -> list[dict]:
+        """Compute and store, ahead of training, the prefix of the rows of ``rows`` (the round's row
+        ids in the order its batches use them) that the cache lacks and that fit in the bound.
+
+        The rows stored are the ones a lazy first-come-first-served fill in that order would store
+        (each row that fits, in first-use order), so which rows are cached does not change; rows
+        that do not fit are left for :meth:`hidden` (recomputed whenever a batch holds them). Rows
+        are computed in batches of equal length (:func:`compute_rows`), at most ``chunk`` rows.
+
+        Returns
+        -------
+        list of dict
+            The batches whose prefix ran (one length each), for FLOPs.
+        """
+        entry = self._entry(key, digest)
+        if self.budget <= 0:
+            return []
+        pending = [r for r in dict.fromkeys(int(r) for r in rows) if r not in entry.rows]
+        if not pending:
+            return []
+        lengths = row_lengths(split, pending)
+        outs, computed = {}, []
+        if self._unit_bytes is None:  # bytes per token (images: per row) not known yet: one row tells
+            outs, computed = self._compute(prefix, split, pending[:1], lengths, chunk)
+        selected, used = [], self.used
+        for row in pending:
+            nbytes = lengths[row] * self._unit_bytes
+            if used + nbytes <= self.budget:
+                selected.append(row)
+                used += nbytes
+        more, more_computed = self._compute(prefix, split, [r for r in selected if r not in outs], lengths, chunk)
+        outs.update(more)
+        for row in selected:  # first-use order, as a lazy fill would store them
+            self._store(entry, row, outs[row])
+        return computed + more_computed
+
     def hidden(self, key: tuple[int, int], digest: str, prefix: FrozenPrefix, split: EncodedSplit,
                rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[dict]]:
         """The prefix output of a batch: ``(B, L, H)`` for ``batch = split.batch(rows)``.
+
+        Rows not in the cache are computed now, the batch's rows of each length together
+        (:func:`compute_rows`), and stored if they fit.
 
         Returns
         -------
         hidden : torch.Tensor
             Each row's output, text placed where its tokens are in the batch (zeros at padding).
         computed : list of dict
-            The one-row batches whose prefix ran now (not from the cache), for FLOPs.
+            The batches (one length each) whose prefix ran now (not from the cache), for FLOPs.
         """
+        entry = self._entry(key, digest)
+        ids = [int(r) for r in rows]
+        missing = [r for r in dict.fromkeys(ids) if r not in entry.rows]
+        fresh, computed = self._compute(prefix, split, missing, row_lengths(split, missing), len(missing))
+        for row in missing:
+            self._store(entry, row, fresh[row])
+        outs = [entry.rows[r] if r in entry.rows else fresh[r] for r in ids]
+        return _assemble(outs, batch, split.padding_side), computed
+
+    def _entry(self, key: tuple[int, int], digest: str) -> _Entry:
         entry = self.entries.get(key)
         if entry is not None and entry.digest != digest:  # frozen weights below the cut changed
             self.used -= entry.nbytes
             entry = None
         if entry is None:
             entry = self.entries[key] = _Entry(digest)
-        outs, computed = [], []
-        for row in (int(r) for r in rows):
-            out = entry.rows.get(row)
-            if out is None:
-                one = split.batch([row])
-                out = prefix.compute({k: v for k, v in one.items() if k != "labels"})[0]
-                computed.append(one)
-                self._store(entry, row, out)
-            outs.append(out)
-        return _assemble(outs, batch, split.padding_side), computed
+        return entry
+
+    def _compute(self, prefix: FrozenPrefix, split: EncodedSplit, rows: list[int], lengths: dict[int, int],
+                 chunk: int) -> tuple[dict[int, torch.Tensor], list[dict]]:
+        outs, computed = compute_rows(prefix, split, rows, lengths, chunk)
+        if outs and self._unit_bytes is None:
+            row = next(iter(outs))
+            out = outs[row]
+            self._unit_bytes = out.numel() * out.element_size() // lengths[row]
+        return outs, computed
 
     def _store(self, entry: _Entry, row: int, out: torch.Tensor) -> None:
         nbytes = out.numel() * out.element_size()
@@ -96,9 +147,61 @@ class FrozenCache:
                     self.used / MIB, self.budget_mb,
                 )
             return
-        entry.rows[row] = out.contiguous()
+        entry.rows[row] = out.clone()  # not a view of its group's tensor: nbytes is what it holds
         entry.nbytes += nbytes
         self.used += nbytes
+
+
+def row_lengths(split: EncodedSplit, rows: list[int]) -> dict[int, int]:
+    """Each row's number of tokens (images: 1, every row has the same patch tokens)."""
+    mask = split.features.get("attention_mask")
+    if mask is None or not rows:
+        return dict.fromkeys(rows, 1)
+    counts = mask[torch.as_tensor(rows, dtype=torch.long)].sum(-1).tolist()
+    return dict(zip(rows, (int(c) for c in counts)))
+
+
+def compute_rows(prefix: FrozenPrefix, split: EncodedSplit, rows: list[int], lengths: dict[int, int],
+                 chunk: int) -> tuple[dict[int, torch.Tensor], list[dict]]:
+    """The prefix output of each of ``rows``, ``(n_i, H)``, computed in batches of rows of one
+    token length (no padding: ``split.batch`` trims them to exactly that length, so the mask is
+    all ones and GPT-2/LLaMA positions are ``0..n_i - 1``), at most ``chunk`` rows each.
+
+    Each row's output is the one it has computed alone: at a fixed sequence length of at least
+    ``prefix.min_batched_tokens`` (4) tokens the CPU kernels give a row the same bits whatever the
+    batch size, while padding a row to another length would change them. Below 4 tokens a single
+    row is a matmul of fewer than 4 rows, which takes another kernel path (its bits differ from the
+    same row in a batch by ~1e-7..1e-6): such rows are computed one at a time, as is every row of a
+    prefix with ``batch_invariant = False``. ``tests/test_frozen_cache.py`` checks both on every
+    tiny family and on MiniLM.
+
+    Returns
+    -------
+    outs : dict
+        Row id -> output.
+    computed : list of dict
+        The batches run (with ``labels``: for :class:`~fedpeft.federation.frozen.PrefixFlops`,
+        whose count of a batch is the sum of its rows').
+    """
+    text = "attention_mask" in split.features  # images: every row has the same (many) patch tokens
+    groups: dict[int, list[int]] = {}
+    for row in rows:
+        groups.setdefault(lengths[row], []).append(row)
+    outs, computed = {}, []
+    for length in sorted(groups):
+        group = groups[length]
+        batched = prefix.batch_invariant and not (text and length < prefix.min_batched_tokens)
+        size = max(1, chunk) if batched else 1
+        for start in range(0, len(group), size):
+            part = group[start : start + size]
+            batch = split.batch(part)
+            mask = batch.get("attention_mask")
+            if mask is not None and (mask.shape[1] != length or not bool(mask.all())):
+                raise RuntimeError(f"rows of {length} tokens did not make an unpadded batch: {tuple(mask.shape)}")
+            out = prefix.compute({k: v for k, v in batch.items() if k != "labels"})
+            outs.update(zip(part, out))
+            computed.append(batch)
+    return outs, computed
 
 
 def _assemble(outs: list[torch.Tensor], batch: dict[str, torch.Tensor], padding_side: str) -> torch.Tensor:
