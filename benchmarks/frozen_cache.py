@@ -6,7 +6,8 @@ lives across them, so epoch 1 fills the cache and epochs 2+ reuse it. Three sett
 
 - ``before``: the trainer without a prefix (``blocks = None``): the full forward pass on each batch,
   dropout everywhere, as fedpeft did before the cache;
-- ``no cache``: ``frozen_cache_mb = 0``: the prefix in eval mode, recomputed row by row each epoch;
+- ``no cache``: ``frozen_cache_mb = 0``: the prefix in eval mode, recomputed each epoch (each
+  batch's rows of one token length together);
 - ``cache``: the default bound.
 
 Run (one thread, as the figures in docs/methods.md)::

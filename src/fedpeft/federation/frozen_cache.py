@@ -12,6 +12,13 @@ first served while they fit; a row that does not fit is recomputed every time a 
 (the same computation, so results do not change), and the first such row logs one warning.
 Nothing is evicted: which rows are cached is the same in every run. ``0`` stores nothing (every
 row is recomputed: the prefix still runs the deterministic way, so results equal a cached run's).
+
+Computing
+    A round's rows are stored before its first step (:meth:`FrozenCache.fill`): the ones that fit,
+    in the order the round's batches first use them (the rows a lazy fill would store), computed
+    in batches of rows of one token length (:func:`compute_rows`, at most the training batch size
+    each). Rows that do not fit are computed when a batch holds them (:meth:`FrozenCache.hidden`),
+    that batch's rows of each length together. Either way a row gets the bits it has alone.
 """
 
 from __future__ import annotations
@@ -89,11 +96,19 @@ class FrozenCache:
             if used + nbytes <= self.budget:
                 selected.append(row)
                 used += nbytes
-        more, more_computed = self._compute(prefix, split, [r for r in selected if r not in outs], lengths, chunk)
-        outs.update(more)
-        for row in selected:  # first-use order, as a lazy fill would store them
-            self._store(entry, row, outs[row])
-        return computed + more_computed
+        by_length: dict[int, list[int]] = {}
+        for row in selected:
+            by_length.setdefault(lengths[row], []).append(row)
+        for row in [r for r in outs if r not in by_length.get(lengths[r], ())]:  # the first row, not fitting
+            self._store(entry, row, outs.pop(row))  # (stores nothing; warns)
+        for length in sorted(by_length):  # stored a length at a time: memory = the bound + one length's rows
+            more, more_computed = self._compute(prefix, split, [r for r in by_length[length] if r not in outs],
+                                                lengths, chunk)
+            more.update((r, outs.pop(r)) for r in by_length[length] if r in outs)
+            for row in by_length[length]:
+                self._store(entry, row, more[row])
+            computed += more_computed
+        return computed
 
     def hidden(self, key: tuple[int, int], digest: str, prefix: FrozenPrefix, split: EncodedSplit,
                rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[dict]]:
