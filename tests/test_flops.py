@@ -31,7 +31,7 @@ def counted_step(model, optimizer, batch):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", [m for m in method_names() if m != "sfprompt"])  # split: tests/test_split.py
 def test_shape_formula_equals_the_flop_counter_on_real_steps(tiny, family, method):
     loaded = tiny(family)
     model = build_method(method).prepare(loaded.model, loaded.info)
