@@ -81,7 +81,7 @@ def test_a_model_outside_the_form_is_measured_per_length(tiny):
             out.loss = out.loss + 0 * extra
             return out
 
-    cubic = Cubic()
+    cubic = Cubic().train()  # training FLOPs: the probe counts in train mode
     flops = TrainingFlops(cubic)
     optimizer = torch.optim.AdamW([p for p in cubic.parameters() if p.requires_grad], lr=1e-3)
     for rows, length in [(2, 6), (3, 9), (1, 2)]:

@@ -15,6 +15,8 @@ folder there, a near miss of an alias, or a hub id while the hub is unreachable.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +226,30 @@ def above_block_names(model: nn.Module, blocks: Blocks) -> list[str]:
         elif seen_blocks and name.split(".", 1)[0] != PROMPT_ENCODER:
             names.append(name)
     return names
+
+
+def structure_key(model: nn.Module) -> str:
+    """A digest of everything that decides a training pass's FLOPs and saved tensors, weights aside.
+
+    Two models with the same key run the same ops on the same shapes: the module tree with its
+    dimensions (``repr``), every parameter's name, shape, dtype and ``requires_grad``, the
+    buffers' shapes, the model config (attention implementation included), gradient
+    checkpointing flags and the forward hooks by name. Cost probes (:class:`fedpeft.federation.
+    costs.TrainingFlops`, :func:`fedpeft.budgets.predict`) memoise on it.
+    """
+    parts = [repr(model)]
+    parts += [f"{n}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad}" for n, p in model.named_parameters()]
+    parts += [f"{n}:{tuple(b.shape)}:{b.dtype}" for n, b in model.named_buffers()]
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):  # problem_type: set by the first forward
+        settings = {k: v for k, v in config.to_dict().items() if k != "problem_type"}
+        parts += [json.dumps(settings, sort_keys=True, default=str), str(getattr(config, "_attn_implementation", None))]
+    for name, m in model.named_modules():
+        hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
+        flags = (getattr(m, "gradient_checkpointing", None), [getattr(h, "__qualname__", repr(h)) for h in hooks])
+        if flags != (None, []):
+            parts.append(f"{name}:{flags}")
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()
 
 
 def _model_info(model: nn.Module) -> ModelInfo:

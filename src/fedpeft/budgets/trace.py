@@ -22,6 +22,7 @@ embeddings, prompts), block ``i`` of :func:`fedpeft.models.transformer_blocks`, 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fedpeft.models import DECODER_FAMILIES, ModelInfo, transformer_blocks
+from fedpeft.models import DECODER_FAMILIES, ModelInfo, structure_key, transformer_blocks
 
 BELOW, ABOVE = "below", "above"
 
@@ -184,6 +185,9 @@ def _part_hooks(blocks: nn.ModuleList, current: list[str]) -> list:
     return handles
 
 
+_TRACED: dict[tuple, SavedTensors] = {}  # (structure_key, blocks, B, L) -> the trace
+
+
 def trace_saved(model: nn.Module, info: ModelInfo, batch_size: int, seq_len: int) -> SavedTensors:
     """What one training pass of the prepared model keeps at ``(batch_size, seq_len)``.
 
@@ -201,9 +205,14 @@ def trace_saved(model: nn.Module, info: ModelInfo, batch_size: int, seq_len: int
     Returns
     -------
     SavedTensors
+        Traced once per process for each model structure (:func:`fedpeft.models.structure_key`)
+        and batch shape; a copy is returned.
     """
-    blocks = transformer_blocks(model, info.num_layers).modules
-    return trace_module(model, lambda: synthetic_batch(model, info, batch_size, seq_len), blocks)
+    key = (structure_key(model), info.num_layers, batch_size, seq_len)
+    if key not in _TRACED:
+        blocks = transformer_blocks(model, info.num_layers).modules
+        _TRACED[key] = trace_module(model, lambda: synthetic_batch(model, info, batch_size, seq_len), blocks)
+    return copy.deepcopy(_TRACED[key])
 
 
 def trace_module(model: nn.Module, make_batch: Callable[[], dict[str, torch.Tensor]],

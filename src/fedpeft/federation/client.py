@@ -23,6 +23,7 @@ from torch import nn
 from fedpeft.config import FederationConfig
 from fedpeft.data import EncodedSplit
 from fedpeft.federation import label_skew, scaffold
+from fedpeft.federation.assignment import Assignment
 from fedpeft.federation.costs import TrainingFlops
 from fedpeft.federation.frozen import FrozenPrefix, cut_index, state_digest
 from fedpeft.federation.frozen_cache import FrozenCache
@@ -150,9 +151,7 @@ class ClientTrainer:
         """
         assigned = None if names is None else frozenset(names)
         if assigned is not None:
-            unknown = sorted(assigned - set(self.names))
-            if unknown:
-                raise ValueError(f"client {client} is assigned names that are not exchanged: {unknown[:5]}")
+            Assignment({client: tuple(names)}).check(list(self.names))  # names may come off the wire
             if controls is not None:
                 raise ValueError("SCAFFOLD with an assignment of part of the exchanged state is not supported")
         self._use(assigned)

@@ -40,6 +40,9 @@ def model_message_bytes(model: nn.Module) -> int:
     )
 
 
+_FITTED: dict[tuple, tuple] = {}  # (structure_key, input names) -> (coeffs, exact form?, per-row FLOPs)
+
+
 class TrainingFlops:
     """Training FLOPs (forward + backward) of a batch, an exact function of the batch's shape.
 
@@ -49,9 +52,11 @@ class TrainingFlops:
     ``L`` (attention scores); soft prompts only shift ``L``. So a text batch of shape ``(B, L)``
     costs ``B * (c0 + c1 * L + c2 * L**2)`` and an image batch ``B * c0``. The coefficients are
     measured once, on synthetic one-row batches of 1, 2 and 3 tokens, and checked on a fourth
-    length; a model that breaks the form is measured at each new length instead. The probe runs
-    forward and backward only (no optimizer step), clears the gradients it made and leaves the
-    random state as it was, so it changes nothing about training.
+    length; a model that breaks the form is measured at each new length instead. Measured once
+    per process for each model structure (:func:`fedpeft.models.structure_key`). The probe runs
+    forward and backward only (no optimizer step), in train mode (each module's mode restored
+    after), clears the gradients it made and leaves the random state as it was, so it changes
+    nothing about training.
 
     Parameters
     ----------
@@ -68,13 +73,11 @@ class TrainingFlops:
     def __call__(self, batch: dict[str, torch.Tensor]) -> int:
         """FLOPs of one training step on ``batch`` (model inputs + ``labels``)."""
         rows = int(batch["labels"].shape[0])
-        if "input_ids" not in batch:
-            if self._coeffs is None:
-                self._coeffs = (Fraction(self._measure(_one_row(batch, None))),)
-            return rows * int(self._coeffs[0])
-        length = int(batch["input_ids"].shape[1])
         if self._coeffs is None and self._exact_form:
             self._fit(batch)
+        if "input_ids" not in batch:
+            return rows * int(self._coeffs[0])
+        length = int(batch["input_ids"].shape[1])
         if not self._exact_form:
             if length not in self._per_row:
                 self._per_row[length] = self._measure(_one_row(batch, length))
@@ -83,15 +86,25 @@ class TrainingFlops:
         return rows * int(c0 + c1 * length + c2 * length * length)
 
     def _fit(self, batch: dict[str, torch.Tensor]) -> None:
+        """The coefficients, measured or, for a model of the same structure, remembered."""
+        from fedpeft.models import structure_key
+
+        key = (structure_key(self.model), tuple(sorted(batch)))
+        if key not in _FITTED:
+            if "input_ids" not in batch:
+                _FITTED[key] = ((Fraction(self._measure(_one_row(batch, None))),), True, {})
+            else:
+                _FITTED[key] = self._fit_text(batch)
+        self._coeffs, self._exact_form, self._per_row = _FITTED[key]  # per_row: shared, grows
+
+    def _fit_text(self, batch: dict[str, torch.Tensor]) -> tuple:
         f1, f2, f3, f4 = (self._measure(_one_row(batch, n)) for n in (1, 2, 3, 4))
         c2 = Fraction(f3 - 2 * f2 + f1, 2)
         c1 = f2 - f1 - 3 * c2
         c0 = f1 - c1 - c2
         if c0 + 4 * c1 + 16 * c2 == f4:
-            self._coeffs = (c0, c1, c2)
-        else:
-            self._exact_form = False
-            self._per_row.update({1: f1, 2: f2, 3: f3, 4: f4})
+            return (c0, c1, c2), True, {}
+        return None, False, {1: f1, 2: f2, 3: f3, 4: f4}
 
     def _measure(self, batch: dict[str, torch.Tensor]) -> int:
         from torch.utils.flop_counter import FlopCounterMode
@@ -100,10 +113,16 @@ class TrainingFlops:
         saved = [p.grad for p in params]  # backward would add into them in place
         for p in params:
             p.grad = None
-        with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
-            self.model(**batch).loss.backward()
-        for p, grad in zip(params, saved):
-            p.grad = grad
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.train()  # training FLOPs (eval-mode attention may take a path the counter misses)
+        try:
+            with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+                self.model(**batch).loss.backward()
+        finally:
+            for m, training in modes:
+                m.training = training
+            for p, grad in zip(params, saved):
+                p.grad = grad
         return int(counter.get_total_flops())
 
 

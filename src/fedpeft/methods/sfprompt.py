@@ -75,12 +75,9 @@ class SFPromptOptions:
 
 def full_training_flops(model: nn.Module, info: ModelInfo) -> TrainingFlops:
     """Full fine-tuning's training FLOPs of a batch (:class:`TrainingFlops`) for ``model`` as loaded
-    (no prompts, unsplit), measured on a copy with every parameter trainable; the copy is dropped
-    once the FLOPs' form is fitted (from synthetic one-row batches)."""
-    full = copy.deepcopy(model)
-    for p in full.parameters():
-        p.requires_grad_(True)
-    flops = TrainingFlops(full)
+    (no prompts, unsplit), fitted now on synthetic one-row batches with every parameter trainable
+    (the flags are restored after). Only a model that breaks the exact form (measured at each new
+    length) keeps a copy of itself for later batches."""
     config = model.config
     if info.modality == "image":
         size = config.image_size
@@ -91,10 +88,22 @@ def full_training_flops(model: nn.Module, info: ModelInfo) -> TrainingFlops:
         if getattr(config, "type_vocab_size", 0):
             batch["token_type_ids"] = torch.zeros(1, 4, dtype=torch.long)
     batch["labels"] = torch.zeros(1, dtype=torch.long)
-    full.train()
-    flops(batch)  # fits the coefficients now
-    if flops._coeffs is not None:  # exact form: the copy is no longer needed
-        flops.model = None
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        model.train()
+        flops = TrainingFlops(model)
+        flops(batch)  # fits the coefficients now
+        if flops._coeffs is None:  # the form broke: later lengths need this model as loaded
+            flops.model = copy.deepcopy(model)
+        else:
+            flops.model = None
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
     return flops
 
 
