@@ -108,9 +108,9 @@ def main() -> None:
     if args.plain_loop:
         return plain_loop(args.plain_loop)
 
-    from fedpeft.runtime.flower_deploy import LoopbackDeployment
+    from fedpeft.runtime.flower.deploy import LoopbackDeployment
 
-    from fedpeft.runtime.flower_launch import usable_cpus
+    from fedpeft.runtime.flower.launch import usable_cpus
 
     cpus = usable_cpus()
     work = Path(tempfile.mkdtemp(prefix="fedpeft-runtimes-"))

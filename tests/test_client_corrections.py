@@ -324,7 +324,7 @@ def test_corrections_round_trip_through_config_toml(tmp_path, table):
     # unset options are left out (TOML has no null), so the file reloads under another label_skew
     assert ("fedlc_tau" in text) == ("fedlc_tau" in table) and ("fedrs_alpha" in text) == ("fedrs_alpha" in table)
     # the Flower runtime sends the config as this TOML text and rebuilds it the same way
-    flower_app = pytest.importorskip("fedpeft.runtime.flower_app")
+    flower_app = pytest.importorskip("fedpeft.runtime.flower.app")
     assert flower_app.config_from_text(text).federation == cfg.federation
 
 

@@ -16,8 +16,8 @@ from flwr.app.error import Error
 from fedpeft.results import RunDir
 from fedpeft.experiment import build_experiment, run_experiment
 from fedpeft.federation.strategy import RoundPlan
-from fedpeft.runtime.flower_app import FlowerClients
-from fedpeft.runtime.flower_wire import record_to_state, state_to_record
+from fedpeft.runtime.flower.app import FlowerClients
+from fedpeft.runtime.flower.wire import record_to_state, state_to_record
 from test_runs import csv_data, make_cfg  # noqa: F401 - fixture reused
 
 # ------------------------------------------------------------------ malformed replies (fake grid)
@@ -139,7 +139,7 @@ def test_nodes_are_asked_for_their_partition_once_before_the_server_loads_its_mo
 
 
 def test_the_server_polls_for_replies_often_at_first_then_backs_off(small_exp, monkeypatch):
-    from fedpeft.runtime import flower_app
+    from fedpeft.runtime.flower import app as flower_app
 
     cfg, exp = small_exp
     grid = FakeGrid(2, lambda cid, msg: reply_with(msg, trained(msg)))
@@ -256,7 +256,7 @@ def test_flower_simulation_with_heterogeneous_layer_depths_matches_the_in_proces
 
 
 def test_loopback_deployment_matches_the_in_process_runtime(csv_data, local_run, tmp_path):  # noqa: F811
-    from fedpeft.runtime.flower_deploy import LoopbackDeployment
+    from fedpeft.runtime.flower.deploy import LoopbackDeployment
 
     # submitted the user's way (fedpeft run) to a SuperLink that runs only a signed server worker
     with LoopbackDeployment(2, tmp_path / "deploy", superexec_secret=True) as dep:
@@ -296,7 +296,7 @@ def fedex_scaffold_cfg(csv_data, **runtime):  # noqa: F811
 
 
 def test_a_supernode_killed_mid_run_fails_its_rounds_and_the_run_goes_on(csv_data, tmp_path):  # noqa: F811
-    from fedpeft.runtime.flower_deploy import LoopbackDeployment
+    from fedpeft.runtime.flower.deploy import LoopbackDeployment
 
     out = tmp_path / "run"
     cfg = make_cfg(
@@ -330,7 +330,7 @@ def test_a_supernode_killed_mid_run_fails_its_rounds_and_the_run_goes_on(csv_dat
 def test_submitting_to_a_superlink_does_not_import_torch():
     """`fedpeft run` with runtime.kind = "flower" only submits (the ServerApp runs on the
     SuperLink), so it must not pay torch's ~5 s import."""
-    code = "import sys, fedpeft.cli, fedpeft.runner, fedpeft.runtime.flower_launch; print('torch' in sys.modules)"
+    code = "import sys, fedpeft.cli, fedpeft.runner, fedpeft.runtime.flower.launch; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "False", done.stderr
 
@@ -340,7 +340,7 @@ def test_the_repo_flower_app_is_the_packaged_one_and_names_importable_apps(tmp_p
     import tomllib
     from pathlib import Path
 
-    from fedpeft.runtime.flower_launch import write_app_dir
+    from fedpeft.runtime.flower.launch import write_app_dir
 
     root = Path(__file__).resolve().parents[1]
     written = write_app_dir(tmp_path / "app") / "pyproject.toml"
@@ -359,7 +359,7 @@ def test_the_repo_flower_app_is_the_packaged_one_and_names_importable_apps(tmp_p
 def test_idle_poll_caps_the_waits_of_the_installed_flower_supernode_loop(monkeypatch):
     import flwr.supernode.start_client_internal as node_loop
 
-    from fedpeft.runtime import flower_polling
+    from fedpeft.runtime.flower import polling as flower_polling
 
     monkeypatch.setattr(node_loop, "time", node_loop.time)  # restored after the test
     monkeypatch.setattr(node_loop, "pull_objects", node_loop.pull_objects)
@@ -376,7 +376,7 @@ def test_idle_poll_caps_the_waits_of_the_installed_flower_supernode_loop(monkeyp
 def test_fast_retries_pull_an_object_as_soon_as_it_is_uploaded(monkeypatch):
     from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
 
-    from fedpeft.runtime.flower_polling import fast_retries
+    from fedpeft.runtime.flower.polling import fast_retries
 
     waits, calls = [], {"n": 0}
 
@@ -396,7 +396,7 @@ def test_fast_retries_pull_an_object_as_soon_as_it_is_uploaded(monkeypatch):
 
 def test_flower_supernode_refuses_the_options_it_sets_itself():
     from fedpeft.errors import FedPeftError
-    from fedpeft.runtime.flower_supernode import run_supernode
+    from fedpeft.runtime.flower.supernode import run_supernode
 
     for args in (["--isolation", "subprocess"], ["--port=9999"]):
         with pytest.raises(FedPeftError, match="set by fedpeft flower-supernode"):
@@ -416,7 +416,7 @@ def test_a_worker_signs_its_task_requests_with_the_superexec_secret(tmp_path):
     from flwr.supercore.interceptors.http.superexec_auth import SuperExecAuthHttpInterceptor
 
     from fedpeft.errors import FedPeftError
-    from fedpeft.runtime.flower_worker import acquiring_client
+    from fedpeft.runtime.flower.worker import acquiring_client
 
     (tmp_path / "secret").write_bytes(b"0123456789abcdef0123456789abcdef")
     signed = acquiring_client("127.0.0.1:1", True, None, str(tmp_path / "secret"))
@@ -428,7 +428,7 @@ def test_a_worker_signs_its_task_requests_with_the_superexec_secret(tmp_path):
 
 
 def test_the_supernode_restarts_a_dead_worker_and_stops_it_with_the_node(tmp_path):
-    from fedpeft.runtime.flower_supernode import Worker
+    from fedpeft.runtime.flower.supernode import Worker
 
     starts = tmp_path / "starts"
     worker = Worker([sys.executable, "-c", f"open({str(starts)!r}, 'a').write('x'); import time; time.sleep(0.2)"])
@@ -449,7 +449,7 @@ def test_ray_is_sized_to_the_cpus_this_process_may_use_not_the_machine(tmp_path)
 
     if shutil.which("taskset") is None:
         pytest.skip("no taskset")
-    code = "from fedpeft.runtime.flower_launch import usable_cpus; print(usable_cpus())"
+    code = "from fedpeft.runtime.flower.launch import usable_cpus; print(usable_cpus())"
     done = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "1", done.stderr
 
@@ -459,7 +459,7 @@ def test_the_server_grid_retries_uploading_replies_fast_and_wraps_once(monkeypat
 
     import flwr.superlink.grid.http_grid as http_grid
 
-    from fedpeft.runtime.flower_polling import fast_grid_pulls
+    from fedpeft.runtime.flower.polling import fast_grid_pulls
 
     original = getattr(http_grid.pull_objects, "func", http_grid.pull_objects)  # an earlier ServerApp here wrapped it
     monkeypatch.setattr(http_grid, "pull_objects", original)  # flwr's own; restored after the test
@@ -478,7 +478,7 @@ def test_a_node_reads_its_data_from_its_node_config_and_the_fingerprint_proves_i
     from flwr.app import Context
 
     from fedpeft.errors import DataError, FedPeftError
-    from fedpeft.runtime.flower_app import CONFIG_KEY, train
+    from fedpeft.runtime.flower.app import CONFIG_KEY, train
 
     moved = tmp_path / "server-data"
     shutil.copytree(csv_data, moved)

@@ -232,8 +232,13 @@ def test_fedex_with_scaffold_runs_the_same_in_flower_simulation(csv_data, tmp_pa
 
     run_experiment(cfg(), out=tmp_path / "local")
     run_experiment(cfg(kind="flower-sim"), out=tmp_path / "sim")
-    assert_same_run(tmp_path / "local", tmp_path / "sim")
+    assert_same_run(tmp_path / "local", tmp_path / "sim")  # round 2 uses each node's c_i of round 1
     summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
     assert summary["total_wire_bytes_down"] > summary["total_bytes_down"]
-    c = {k for k in RunDir(tmp_path / "local").latest_checkpoint().server_state if k.startswith("scaffold_c/")}
-    assert c and not any("base_layer" in k for k in c)
+    local, sim = (RunDir(tmp_path / d).latest_checkpoint() for d in ("local", "sim"))
+    c_local = {k: v for k, v in local.server_state.items() if k.startswith("scaffold_c/")}
+    assert c_local and not any("base_layer" in k for k in c_local)
+    assert c_local.keys() == {k for k in sim.server_state if k.startswith("scaffold_c/")}
+    for k, v in c_local.items():
+        np.testing.assert_allclose(sim.server_state[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    assert local.client_state and sim.client_state is None  # on the nodes, not in the server's checkpoint

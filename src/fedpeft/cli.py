@@ -289,7 +289,7 @@ def flower_worker(
     The model is loaded on the first round and kept for the rest of the run.
     `fedpeft flower-supernode` starts one for you.
     """
-    from fedpeft.runtime.flower_worker import serve
+    from fedpeft.runtime.flower.worker import serve
 
     _start_service(insecure, root_certificates)
     if parent_pid is not None:
@@ -312,7 +312,7 @@ def flower_server_worker(
 
     torch and the model code are imported once, not at the start of every run.
     """
-    from fedpeft.runtime.flower_server_worker import serve_server_apps
+    from fedpeft.runtime.flower.server_worker import serve_server_apps
 
     _start_service(insecure, root_certificates)
     serve_server_apps(runtime_api_address, insecure, _str(root_certificates), _str(ready_file),
@@ -331,7 +331,7 @@ def flower_supernode(
     Example: fedpeft flower-supernode --idle-poll 0.25 -- --superlink HOST:9092
     --node-config "partition-id=0 num-partitions=4" --root-certificates ca.crt
     """
-    from fedpeft.runtime.flower_supernode import run_supernode
+    from fedpeft.runtime.flower.supernode import run_supernode
 
     logging.getLogger("fedpeft").setLevel(os.environ.get("FEDPEFT_LOG", "INFO"))
     run_supernode(ctx.args, idle_poll, runtime_port, _str(ready_file))

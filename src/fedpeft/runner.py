@@ -26,7 +26,7 @@ def run_experiment(
     runs made one after another in one process (a sweep, a benchmark) each report their own peak.
     """
     if cfg.runtime.kind == "flower":
-        from fedpeft.runtime.flower_launch import run_flower_deployment
+        from fedpeft.runtime.flower.launch import run_flower_deployment
 
         return run_flower_deployment(cfg, out, resume, console)
     from fedpeft.experiment import run_with_clients
@@ -35,7 +35,7 @@ def run_experiment(
     gc.collect()  # what a previous run in this process left is not this run's
     reset_peak_rss()
     if cfg.runtime.kind == "flower-sim":
-        from fedpeft.runtime.flower_launch import run_flower_simulation
+        from fedpeft.runtime.flower.launch import run_flower_simulation
 
         return run_flower_simulation(cfg, out, resume, console)
     from fedpeft.runtime.local import InProcessClients

@@ -8,7 +8,7 @@ How
     ClientApp tasks: it acquires a task token from the SuperNode's Runtime API, pulls the
     message, runs the ClientApp and pushes the reply (what ``flower-superexec`` + ``flwr-clientapp``
     do, one process per task). ``fedpeft flower-worker`` does the same in a loop, in one process,
-    so :data:`fedpeft.runtime.flower_app._CLIENT_EXPERIMENTS` (model + encoded partition) survives
+    so :data:`fedpeft.runtime.flower.app._CLIENT_EXPERIMENTS` (model + encoded partition) survives
     from round to round. It only ever runs fedpeft's own ClientApp.
 
     flower-supernode --isolation process --port 9094 ... &
@@ -88,7 +88,7 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context]:
 
 def run_task(address: str, token: str, insecure: bool, root_certificates: bytes | None) -> str:
     """Execute one ClientApp task in this process; return its final status and where the time went."""
-    from fedpeft.runtime.flower_app import client_app
+    from fedpeft.runtime.flower.app import client_app
 
     client = _client(address, insecure, root_certificates, [
         RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token),

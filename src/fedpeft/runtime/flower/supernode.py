@@ -3,14 +3,14 @@
 It runs Flower's own SuperNode (``flower-supernode``, every option passed through) in
 ``--isolation process`` mode with its Runtime API on loopback, plus a ``fedpeft flower-worker``
 child that executes the ClientApp tasks and keeps the backbone loaded across rounds (see
-:mod:`fedpeft.runtime.flower_worker`). The worker is restarted if it dies and stopped with the node.
+:mod:`fedpeft.runtime.flower.worker`). The worker is restarted if it dies and stopped with the node.
 
 Idle pull interval
     An idle flwr 1.41 SuperNode waits a fixed 3 s between requests for work, so each round starts
     up to 3 s late on every node: nothing next to rounds of minutes, a quarter of a 12 s round.
     ``--idle-poll S`` caps that wait and the node's other internal waits at ``S`` and retries a
     message's arrays that are still uploading after ``S / 5`` s instead of 1 s
-    (:mod:`fedpeft.runtime.flower_polling`; if the installed flwr does not look as expected, the
+    (:mod:`fedpeft.runtime.flower.polling`; if the installed flwr does not look as expected, the
     node runs unchanged with a warning). Each idle poll is one small request to the SuperLink:
     keep Flower's 3 s with many nodes or long rounds, lower it for a few nodes and short rounds.
 
@@ -86,7 +86,7 @@ def run_supernode(flower_args: Sequence[str], idle_poll: float, runtime_port: in
     from flwr.supercore.logger import console_handler
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    from fedpeft.runtime.flower_polling import shorten_idle_wait
+    from fedpeft.runtime.flower.polling import shorten_idle_wait
 
     shorten_idle_wait(idle_poll)
     console_handler.timestamps = True  # a service's log

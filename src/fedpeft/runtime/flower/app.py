@@ -6,7 +6,7 @@ in-process runtime (:class:`~fedpeft.federation.strategy.FedAvgStrategy`,
 
 Wire format
     ``TRAIN`` server -> client: ``arrays`` (ArrayRecord: the global exchanged state, packed by
-    :func:`~fedpeft.runtime.flower_wire.state_to_record` into a ``layout`` of names, dtypes and
+    :func:`~fedpeft.runtime.flower.wire.state_to_record` into a ``layout`` of names, dtypes and
     shapes + one buffer per dtype) and
     ``config`` (ConfigRecord: ``round``, ``partition-id``, ``fedpeft-config`` = the experiment
     config as TOML text; ``assigned``, a list of names, when the client is assigned part of the
@@ -49,8 +49,8 @@ from fedpeft.federation.scaffold import advance, zeros_like
 from fedpeft.federation.strategy import ClientResult, RoundPlan
 from fedpeft.history import CLIENT_METRICS
 from fedpeft.methods.base import NamedArrays
-from fedpeft.runtime.flower_polling import fast_grid_pulls
-from fedpeft.runtime.flower_wire import record_to_state, state_to_record, wire_bytes
+from fedpeft.runtime.flower.polling import fast_grid_pulls
+from fedpeft.runtime.flower.wire import record_to_state, state_to_record, wire_bytes
 from fedpeft.runtime.rounds import Delivery
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """Start an experiment on Flower: its simulation engine (``flower-sim``) or a SuperLink (``flower``).
 
-Both reuse :mod:`fedpeft.runtime.flower_app`; nothing here knows the algorithm.
+Both reuse :mod:`fedpeft.runtime.flower.app`; nothing here knows the algorithm.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from fedpeft.config import Config
 from fedpeft.errors import FedPeftError
 from fedpeft.results import RunDir
 
-APP_PYPROJECT = "flower_pyproject.toml"  # the Flower app definition shipped with fedpeft
+APP_PYPROJECT = "pyproject.toml"  # the Flower app definition shipped with fedpeft
 
 
 def write_app_dir(path: Path) -> Path:
     """Write fedpeft's Flower app definition (a pyproject.toml) into ``path``; return ``path``."""
     path.mkdir(parents=True, exist_ok=True)
-    text = resources.files("fedpeft.runtime").joinpath(APP_PYPROJECT).read_text()
+    text = resources.files("fedpeft.runtime.flower").joinpath(APP_PYPROJECT).read_text()
     (path / "pyproject.toml").write_text(text)
     return path
 
@@ -49,7 +49,7 @@ def run_flower_simulation(
     """
     from flwr.simulation import run_simulation
 
-    from fedpeft.runtime.flower_app import client_app, make_server_app
+    from fedpeft.runtime.flower.app import client_app, make_server_app
 
     outcome: dict[str, Any] = {}
     server_app = make_server_app(cfg.to_toml(), str(out) if out is not None else None, resume, outcome)

@@ -6,7 +6,7 @@ Why
 How
     ``flower-superlink --isolation process`` lets an external process execute its ServerApp
     tasks, as ``flower-supernode --isolation process`` does for ClientApps (see
-    :mod:`fedpeft.runtime.flower_worker`). ``fedpeft flower-server-worker`` acquires each run's
+    :mod:`fedpeft.runtime.flower.worker`). ``fedpeft flower-server-worker`` acquires each run's
     ServerApp task from the SuperLink's Runtime API and runs fedpeft's ServerApp in this process,
     one run after another. Its output goes to the run's log, so ``flwr run --stream`` (and
     ``fedpeft run``) show it as usual. It only ever runs fedpeft's own ServerApp.
@@ -37,15 +37,15 @@ from flwr.supercore.logger import flush_logs, mirror_output_to_queue, start_log_
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import HttpGrid
 
-from fedpeft.runtime.flower_launch import APP_PYPROJECT
-from fedpeft.runtime.flower_worker import acquiring_client, poll_forever, warm_up
+from fedpeft.runtime.flower.launch import APP_PYPROJECT
+from fedpeft.runtime.flower.worker import acquiring_client, poll_forever, warm_up
 
 log = logging.getLogger(__name__)
 
 
 def app_config_defaults() -> dict:
     """The run config defaults of fedpeft's Flower app (``[tool.flwr.app.config]``)."""
-    text = resources.files("fedpeft.runtime").joinpath(APP_PYPROJECT).read_text()
+    text = resources.files("fedpeft.runtime.flower").joinpath(APP_PYPROJECT).read_text()
     return dict(tomllib.loads(text)["tool"]["flwr"]["app"]["config"])
 
 
@@ -61,7 +61,7 @@ def _drain(log_queue: queue.Queue) -> None:
 def run_server_task(address: str, token: str, insecure: bool, certs: bytes | None, log_queue: queue.Queue) -> str:
     """Execute one run's ServerApp task in this process; return its final status."""
     from fedpeft.federation.costs import reset_peak_rss
-    from fedpeft.runtime.flower_app import server_app
+    from fedpeft.runtime.flower.app import server_app
 
     grid = HttpGrid(runtime_api_address=address, insecure=insecure, root_certificates=certs, token=token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(grid._runtime_client))
