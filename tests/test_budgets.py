@@ -108,6 +108,34 @@ def test_a_resumed_run_reassigns_the_same_depths(csv_data, tmp_path):  # noqa: F
     assert sorted(c["k"] for c in two["clients"]) == [1, 1, 2, 2]
 
 
+def test_measured_memory_sits_next_to_the_prediction_per_depth_and_changes_no_result(csv_data, tmp_path):  # noqa: F811
+    """runtime.measure_memory: one real step per depth (torch's memory profiler), within the cost
+    model's stated peak tolerance (docs/budgets.md: 25%), deeper clients measure more, and the run
+    ends in exactly the state of the unmeasured run (values, flags and random state restored)."""
+    from test_runs import final_state
+
+    costs = [top_k_costs(make_cfg(csv_data), k) for k in (1, 2)]
+    profiles = [{"name": "low", "memory_mb": between(costs[0].memory.peak, costs[1].memory.peak) / MIB}, {"name": "high"}]
+
+    def cfg(measure):
+        return make_cfg(csv_data, method={"name": "layers"}, federation={"rounds": 1, "clients_per_round": 4},
+                        runtime={"measure_memory": measure},
+                        budgets={"profiles": profiles, "assign": "fractions", "fractions": [0.5, 0.5]})
+
+    plain, measured = (run_experiment(cfg(m), out=tmp_path / str(m)) for m in (False, True))
+    assert plain["client_peak_memory_mb"]["measured"] is None
+    summary = measured["client_peak_memory_mb"]
+    assert summary["measured"] == pytest.approx(summary["predicted"], rel=0.25)
+    clients = json.loads((tmp_path / "True" / "budgets.json").read_text())["clients"]
+    assert all(c["measured_memory_mb"] is None for c in json.loads((tmp_path / "False" / "budgets.json").read_text())["clients"])
+    by_k = {c["k"]: c["measured_memory_mb"] for c in clients}
+    assert sorted(by_k) == [1, 2] and by_k[1] < by_k[2]
+    for c in clients:
+        assert c["measured_memory_mb"] == pytest.approx(c["memory_mb"], rel=0.25), c
+    a, b = final_state(tmp_path / "False"), final_state(tmp_path / "True")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
 def test_the_round_plan_never_sends_work_to_infeasible_clients():
     """Every runtime (in process, flower-sim, flower) sends work to ``plan.training`` only."""
     from fedpeft.config import FederationConfig

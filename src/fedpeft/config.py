@@ -305,6 +305,7 @@ class RuntimeConfig:
     connect_timeout: float = 300.0  # flower*: seconds for every partition's SuperNode to connect and load
     sim_cpus_per_client: float = 1.0  # flower-sim: Ray CPUs per virtual client (parallelism)
     frozen_cache_mb: float = 512.0  # memory for each process's cache of frozen-prefix outputs (head, layers); 0: none
+    measure_memory: bool = False  # measure a client's peak memory on one real step next to the prediction (slower start)
 
     def validate(self) -> None:
         _check(self.round_timeout > 0, "runtime.round_timeout", "must be > 0")
@@ -753,6 +754,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 # data.data_dir, data.train, data.test may move: data.fingerprint proves it is the same data
 DATA_LOCATION_KEYS = ("data.data_dir", "data.train", "data.test", "data.cache_dir")
 RESUMABLE_CHANGES = {"federation.rounds", "runtime.progress", "runtime.threads", "runtime.frozen_cache_mb",
+                     "runtime.measure_memory",
                      "output.dir", *DATA_LOCATION_KEYS}  # frozen_cache_mb: speed only, same results
 
 

@@ -131,9 +131,10 @@ class Experiment:
     def predicted_costs(self) -> dict[str, Any]:
         """``client_peak_memory_mb`` and ``client_flops`` of the cost model
         (:func:`fedpeft.budgets.predict`) for the mean client, at ``federation.batch_size`` x
-        ``model.max_length``. Predicted only: a run does not measure them (``measured`` is None).
+        ``model.max_length``. ``measured``: the peak of one real training step on that batch
+        (:func:`fedpeft.budgets.measure_client`) with ``runtime.measure_memory``, else None.
         A model the shape-only trace cannot follow gets ``predicted: None`` and the reason."""
-        from fedpeft.budgets import predict
+        from fedpeft.budgets import measure_client, predict
 
         mean_samples = max(1, round(float(np.mean([len(p) for p in self.parts])))) if self.parts else 1
         fedex = self.strategy.fedex
@@ -145,6 +146,7 @@ class Experiment:
             return {"client_peak_memory_mb": {"predicted": None, "measured": None, "error": reason},
                     "client_flops": {"predicted_per_round": None, "error": reason}}
         mib = 2**20
+        measured = measure_client(self.model, self.info, self.cfg).peak / mib if self.cfg.runtime.measure_memory else None
         describes = f"a client of {mean_samples} rows (the mean client) that trains every exchanged name"
         if self.budgets is not None:
             describes += (f" ({'k = ' + str(self.budgets.max_k) + ', ' if self.budgets.max_k is not None else ''}"
@@ -153,7 +155,7 @@ class Experiment:
             "client_peak_memory_mb": {
                 "describes": describes,
                 "predicted": costs.memory.peak / mib,
-                "measured": None,
+                "measured": measured,
                 "breakdown": {k: v / mib for k, v in costs.memory.as_dict().items()},
                 "batch_size": costs.batch_size,
                 "seq_len": costs.seq_len,

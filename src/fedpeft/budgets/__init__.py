@@ -8,8 +8,8 @@ See :mod:`fedpeft.budgets.costmodel` for what is modelled and the tolerance, and
 """
 
 from fedpeft.budgets.costmodel import ClientCosts, MemoryBreakdown, PartCosts, predict, top_blocks_memory
-from fedpeft.budgets.measure import Measured, measure_step
+from fedpeft.budgets.measure import Measured, measure_client, measure_step
 from fedpeft.budgets.trace import SavedTensors, synthetic_batch, trace_module, trace_saved
 
-__all__ = ["ClientCosts", "MemoryBreakdown", "PartCosts", "predict", "top_blocks_memory", "Measured", "measure_step",
+__all__ = ["ClientCosts", "MemoryBreakdown", "PartCosts", "predict", "top_blocks_memory", "Measured", "measure_client", "measure_step",
            "SavedTensors", "synthetic_batch", "trace_module", "trace_saved"]

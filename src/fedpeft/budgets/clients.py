@@ -89,11 +89,14 @@ class ClientFit:
     upload_bytes: int
     download_bytes: int
     trainable_params: int
+    measured_memory_bytes: int | None = None  # runtime.measure_memory: one real step (None: not measured)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key, unit in (("memory_bytes", MIB), ("upload_bytes", MB), ("download_bytes", MB)):
-            out[key.replace("_bytes", "_mb")] = out.pop(key) / unit
+        for key, unit in (("memory_bytes", MIB), ("measured_memory_bytes", MIB), ("upload_bytes", MB),
+                          ("download_bytes", MB)):
+            value = out.pop(key)
+            out[key.replace("_bytes", "_mb")] = None if value is None else value / unit
         return out
 
 
@@ -138,6 +141,7 @@ class DepthCosts:
         self.names, self.download_names = names, download_names or names
         self.max_k: int | None = method.depth(info) if hasattr(method, "names_for_depth") else None
         self._cache: dict[int | None, ClientCosts] = {}
+        self._measured: dict[int | None, int] = {}
 
     def at(self, k: int | None = None) -> ClientCosts:
         """Costs of a client of depth ``k`` (None: the method's own prepared flags)."""
@@ -150,6 +154,16 @@ class DepthCosts:
                     self._cache[k] = predict(self.model, self.info, self.cfg, names, self.download_names)
         return self._cache[k]
 
+    def measured(self, k: int | None = None) -> int:
+        """Peak bytes of one real training step at depth ``k`` (:func:`~fedpeft.budgets.measure.
+        measure_client`), measured once per depth."""
+        from fedpeft.budgets.measure import measure_client
+
+        if k not in self._measured:
+            names = None if k is None or k == self.max_k else self.method.names_for_depth(self.model, k)
+            self._measured[k] = measure_client(self.model, self.info, self.cfg, names).peak
+        return self._measured[k]
+
     def fit(self, client: int, profile: ProfileConfig | None, samples: int) -> ClientFit:
         """The client's :class:`ClientFit`: the deepest ``k`` that fits (layers), or whether the
         method fits at all."""
@@ -158,9 +172,10 @@ class DepthCosts:
             costs = self.at(k)
             broken = exceeded(profile, costs, samples)
             if not broken or k in (None, 0):
+                measured = self.measured(k) if self.cfg.runtime.measure_memory and not broken else None
                 return ClientFit(client, profile.name if profile else NO_PROFILE, samples, k, not broken, broken,
                                  costs.memory.peak, costs.flops_per_round(samples), costs.upload_bytes,
-                                 costs.download_bytes, costs.trainable_params)
+                                 costs.download_bytes, costs.trainable_params, measured)
         raise AssertionError("unreachable: the last depth returns")
 
 

@@ -227,12 +227,18 @@ def _flops_per_sample(model: nn.Module, info: ModelInfo, seq_len: int) -> int:
     """Exact training FLOPs of one row at ``seq_len`` (TrainingFlops' probe on synthetic rows)."""
     from fedpeft.federation.costs import TrainingFlops
 
-    batch = synthetic_batch(model, info, 1, seq_len)
+    return TrainingFlops(model)(probe_batch(model, info, 1, seq_len))
+
+
+def probe_batch(model: nn.Module, info: ModelInfo, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """A real batch of the cost model's shape: :func:`~fedpeft.budgets.trace.synthetic_batch` with
+    a real token id in every position (no padding) and positions ``0 .. L-1``."""
+    batch = synthetic_batch(model, info, batch_size, seq_len)
     if "input_ids" in batch:
         batch["input_ids"].fill_(100)  # any real token id
-        batch["position_ids"] = torch.arange(seq_len).unsqueeze(0) if "position_ids" in batch else None
-        batch = {k: v for k, v in batch.items() if v is not None}
-    return TrainingFlops(model)(batch)
+        if "position_ids" in batch:
+            batch["position_ids"] = torch.arange(seq_len).expand(batch_size, seq_len)
+    return batch
 
 
 def top_blocks_memory(model: nn.Module, info: ModelInfo, cfg, batch_size: int | None = None,

@@ -110,6 +110,26 @@ def measure_step(model: nn.Module, batch: dict[str, torch.Tensor], fed) -> Measu
     return Measured(baseline + peak, after_forward if after_forward is not None else total, baseline)
 
 
+def measure_client(model: nn.Module, info, cfg, names: list[str] | None = None) -> Measured:
+    """:func:`measure_step` for a run's client: the cost model's batch (``federation.batch_size``
+    rows of ``model.max_length`` real tokens, :func:`~fedpeft.budgets.costmodel.probe_batch`), only
+    ``names`` trainable (default: the prepared flags), the flags, values and random state restored."""
+    from fedpeft.budgets.costmodel import probe_batch
+
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        if names is not None:
+            keep = set(names)
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in keep)
+        batch = probe_batch(model, info, cfg.federation.batch_size, cfg.model.max_length)
+        with torch.random.fork_rng(devices=[]):
+            return measure_step(model, batch, cfg.federation)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+
+
 class _null:
     def __enter__(self):
         return self
