@@ -229,24 +229,23 @@ def local_run(csv_data, tmp_path_factory):  # noqa: F811
     return out
 
 
-def test_flower_simulation_matches_the_in_process_runtime(csv_data, local_run, tmp_path):  # noqa: F811
-    summary = run_experiment(parity_cfg(csv_data, kind="flower-sim"), out=tmp_path / "sim")
-    assert summary["runtime"] == "flower-sim" and summary["total_wire_bytes_up"] > summary["total_bytes_up"]
-    assert_same_run(local_run, tmp_path / "sim")
-
-
+# Ray simulations cost ~40 s each in the suite, so each one checks several things: LoRA + FedEx +
+# SCAFFOLD (tests/test_lora_aggregation.py), an attack under MultiKrum (tests/test_robust_rounds.py),
+# and here FedAdam's server state over layer assignments of different depths.
 def test_flower_simulation_with_heterogeneous_layer_depths_matches_the_in_process_runtime(
         csv_data, tmp_path, monkeypatch):  # noqa: F811
     from fedpeft.methods import layers
 
     # client 0 trains the head part only, client 1 the last block too, nobody block 0: the
-    # assignment travels in the TRAIN config, each reply carries its own names (FedAdam steps those)
+    # assignment travels in the TRAIN config, each reply carries its own names (FedAdam steps those:
+    # a server optimizer with state, the same server step in every runtime)
     assign = layers.Layers.assignment
     monkeypatch.setattr(layers.Layers, "assignment", lambda self, model, n, depths=None: assign(self, model, n, [0, 1]))
     cfg = dict(method={"name": "layers"}, partition={"num_clients": 2},
                federation={"rounds": 2, "clients_per_round": 2, "server_optimizer": "fedadam", "server_lr": 0.05})
     run_experiment(make_cfg(csv_data, runtime={"threads": 1}, **cfg), out=tmp_path / "local")
-    run_experiment(make_cfg(csv_data, runtime={"threads": 1, "kind": "flower-sim"}, **cfg), out=tmp_path / "sim")
+    summary = run_experiment(make_cfg(csv_data, runtime={"threads": 1, "kind": "flower-sim"}, **cfg), out=tmp_path / "sim")
+    assert summary["runtime"] == "flower-sim" and summary["total_wire_bytes_up"] > summary["total_bytes_up"]
     assert_same_run(tmp_path / "local", tmp_path / "sim")
     up = [[(c["k"], c["bytes_up"]) for c in r["clients"]] for r in rows_of(tmp_path / "sim")]
     assert up[0] == up[1] and [k for k, _ in up[0]] == [0, 1] and up[0][0][1] < up[0][1][1]
