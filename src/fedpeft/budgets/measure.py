@@ -15,6 +15,10 @@ the worst moment, temporaries included.
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -82,8 +86,14 @@ def measure_step(model: nn.Module, batch: dict[str, torch.Tensor], fed) -> Measu
         optimizer.zero_grad(set_to_none=True)  # before the profiler: it sees no frees of older blocks
         state = [t for s in optimizer.state.values() for t in s.values()]
         baseline = _alive_bytes([*model.parameters(), *model.buffers(), *state, *batch.values()])
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        with _quiet_stderr():  # kineto prints "USDT: ... profiler_start/stop" lines to fd 2
+            prof.__enter__()
+        try:
             step(mark=True)
+        finally:
+            with _quiet_stderr():
+                prof.__exit__(None, None, None)
         allocs, forward_end = [], None
         stack = list(prof.profiler.kineto_results.experimental_event_tree())
         while stack:
@@ -128,6 +138,20 @@ def measure_client(model: nn.Module, info, cfg, names: list[str] | None = None) 
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null inside (C++ code writes there, not to ``sys.stderr``)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class _null:
