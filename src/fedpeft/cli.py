@@ -319,6 +319,31 @@ def flower_server_worker(
                       _str(superexec_auth_secret_file))
 
 
+@app.command("flower-keys")
+def flower_keys(
+    directory: Annotated[Path, typer.Argument(help="Folder to write the credentials into.")],
+    nodes: Annotated[int, typer.Option(help="SuperNode key pairs to make (nodes/node-0 ... node-<N-1>).")] = 2,
+    host: Annotated[Optional[list[str]], typer.Option(help="A name or IP address of the SuperLink for its certificate, besides localhost/127.0.0.1 (repeatable).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace credentials already in the folder.")] = False,
+) -> None:
+    """Make development credentials for a secure Flower deployment, as Flower's examples do.
+
+    A CA (ca.crt), the SuperLink's TLS certificate and key (server.pem, server.key), one EC key
+    pair per SuperNode (nodes/node-<i>, nodes/node-<i>.pub: register the .pub with `flwr supernode
+    register`) and a SuperExec secret (superexec.secret). See README: Flower deployment.
+    """
+    from fedpeft.runtime.flower.keys import make_deployment_keys
+
+    keys = make_deployment_keys(directory, nodes, tuple(host or ()), overwrite=force)
+    out = make_console()
+    out.print(f"fedpeft flower-keys: {keys.directory}", markup=False, highlight=False, soft_wrap=True)
+    for what, path in (("CA certificate", keys.ca_cert), ("SuperLink certificate", keys.server_cert),
+                       ("SuperLink key", keys.server_key), ("SuperExec secret", keys.superexec_secret)):
+        out.print(f"  {what}: {path}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"  SuperNode keys: {keys.node_key(0).parent}/node-{{0..{nodes - 1}}}(.pub)", markup=False,
+              highlight=False, soft_wrap=True)
+
+
 @app.command("flower-supernode", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def flower_supernode(
     ctx: typer.Context,

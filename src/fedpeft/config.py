@@ -298,9 +298,9 @@ class RuntimeConfig:
     seed: int = 0  # every random draw derives from it: same seed, same result
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
     progress: bool = True  # rich progress bar over rounds and clients
-    superlink: str = "127.0.0.1:9093"  # flower: the SuperLink's Control API address
-    insecure: bool = False  # flower: plain-text gRPC to the SuperLink (loopback trials only)
-    root_certificates: str | None = None  # flower: CA certificate (PEM) of the SuperLink's TLS
+    superlink: str = "127.0.0.1:9093"  # flower: the SuperLink's host:port (Fleet, Control, Runtime APIs)
+    insecure: bool = False  # flower: plain text to the SuperLink (loopback trials only)
+    root_certificates: str | None = None  # flower: CA certificate (PEM) that signed the SuperLink's TLS certificate
     round_timeout: float = 600.0  # flower*: seconds to wait for a round's replies; then silent clients fail
     connect_timeout: float = 300.0  # flower*: seconds for every partition's SuperNode to connect and load
     sim_cpus_per_client: float = 1.0  # flower-sim: Ray CPUs per virtual client (parallelism)
@@ -308,6 +308,9 @@ class RuntimeConfig:
     measure_memory: bool = False  # measure a client's peak memory on one real step next to the prediction (slower start)
 
     def validate(self) -> None:
+        _check(not (self.insecure and self.root_certificates), "runtime.insecure",
+               "is true and runtime.root_certificates is set: choose TLS (root_certificates, the CA of the "
+               "SuperLink's certificate) or plain text (insecure = true, loopback trials only)")
         _check(self.round_timeout > 0, "runtime.round_timeout", "must be > 0")
         _check(self.connect_timeout > 0, "runtime.connect_timeout", "must be > 0")
         _check(self.sim_cpus_per_client > 0, "runtime.sim_cpus_per_client", "must be > 0")

@@ -18,7 +18,7 @@ import tomli_w
 from rich.console import Console
 
 from fedpeft.config import Config
-from fedpeft.errors import FedPeftError
+from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.results import RunDir
 
 APP_PYPROJECT = "pyproject.toml"  # the Flower app definition shipped with fedpeft
@@ -65,14 +65,66 @@ def run_flower_simulation(
     return outcome["summary"]
 
 
+def check_root_certificates(path: str) -> Path:
+    """The CA file of ``runtime.root_certificates``, made absolute, if it holds PEM certificates.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, when the file is missing or holds no PEM certificate (a private key, DER).
+    """
+    from cryptography import x509
+
+    cert = Path(path).expanduser().resolve()
+    if not cert.is_file():
+        raise ConfigError(f"runtime.root_certificates: no such file: {cert}")
+    try:
+        x509.load_pem_x509_certificates(cert.read_bytes())
+    except ValueError as exc:
+        raise ConfigError(f"runtime.root_certificates: {cert} holds no PEM certificate ({exc}); give the CA "
+                          "certificate of the SuperLink (ca.crt of fedpeft flower-keys)") from None
+    return cert
+
+
+def check_superlink_tls(address: str, root_certificates: str | None, timeout: float = 10.0) -> None:
+    """Shake hands with the SuperLink at ``address`` over TLS as ``flwr run`` will, verifying its
+    certificate with ``root_certificates`` (None: the system's CAs), so that an untrusted or
+    misnamed certificate is named here (``flwr`` only says the connection is unavailable).
+    A SuperLink that does not answer is left to ``flwr run`` to report.
+
+    Raises
+    ------
+    FedPeftError
+        When the SuperLink's certificate does not verify, or it does not speak TLS.
+    """
+    import socket
+    import ssl
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.create_default_context(cafile=root_certificates)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            with context.wrap_socket(sock, server_hostname=host):
+                return
+    except ssl.SSLCertVerificationError as exc:
+        ca = f"runtime.root_certificates = {root_certificates}" if root_certificates else \
+            "the system's CAs (runtime.root_certificates is not set)"
+        raise FedPeftError(f"TLS: the SuperLink at {address} presented a certificate that does not verify with {ca}: "
+                           f"{exc.verify_message} (CERTIFICATE_VERIFY_FAILED); set runtime.root_certificates to the "
+                           "CA that signed it (ca.crt of fedpeft flower-keys)") from None
+    except ssl.SSLError as exc:
+        raise FedPeftError(f"TLS: no TLS handshake with the SuperLink at {address} ({exc.reason}): does it run with "
+                           "--insecure? Then set runtime.insecure = true (loopback trials only)") from None
+    except (OSError, ValueError):
+        return  # unreachable: flwr run says so
+
+
 def flower_home(cfg: Config, path: Path) -> Path:
     """A FLWR_HOME whose default SuperLink connection is ``runtime.superlink``."""
     conn: dict[str, Any] = {"address": cfg.runtime.superlink, "insecure": cfg.runtime.insecure}
     if cfg.runtime.root_certificates:
-        cert = Path(cfg.runtime.root_certificates).expanduser().resolve()
-        if not cert.is_file():
-            raise FedPeftError(f"runtime.root_certificates: no such file: {cert}")
-        conn["root-certificates"] = str(cert)
+        conn["root-certificates"] = str(check_root_certificates(cfg.runtime.root_certificates))
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "fedpeft", "fedpeft": conn}}))
     return path
@@ -92,6 +144,9 @@ def run_flower_deployment(
         raise FedPeftError(
             f"{run_dir.path} already holds a run; continue it with --resume {run_dir.path} or choose another --out"
         )
+    if not cfg.runtime.insecure:
+        check_superlink_tls(cfg.runtime.superlink, str(check_root_certificates(cfg.runtime.root_certificates))
+                            if cfg.runtime.root_certificates else None)
     flwr = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
     with tempfile.TemporaryDirectory(prefix="fedpeft-flwr-") as tmp:
         app = write_app_dir(Path(tmp) / "app")

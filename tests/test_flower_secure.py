@@ -1,0 +1,106 @@
+"""A secure Flower deployment, tested: ``fedpeft flower-keys`` credentials, TLS on the SuperLink,
+SuperNode authentication with registered public keys and the SuperExec secret on a loopback
+deployment; an unregistered node and a client without the CA are refused."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from fedpeft.config import ConfigError
+from fedpeft.errors import FedPeftError
+from fedpeft.runtime.flower.keys import DeploymentKeys, make_deployment_keys
+from test_flower import assert_same_run, local_run, parity_cfg  # noqa: F401 - fixture reused
+from test_runs import csv_data  # noqa: F401 - fixture reused
+
+
+def cli(*args, timeout=600):
+    done = subprocess.run([sys.executable, "-m", "fedpeft.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_flower_keys_makes_a_ca_a_server_certificate_and_node_keys_flower_loads(tmp_path):
+    code, out = cli("flower-keys", tmp_path / "k", "--nodes", "2", "--host", "superlink.example.org", "--host", "10.1.2.3")
+    assert code == 0, out
+    keys = DeploymentKeys(tmp_path / "k")
+    ca = x509.load_pem_x509_certificate(keys.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(keys.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(sans.get_values_for_type(x509.DNSName)) == {"localhost", "superlink.example.org"}
+    assert {str(a) for a in sans.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1", "10.1.2.3"}
+    for i in range(2):  # the loaders flower-supernode and `flwr supernode register` use
+        private = load_ssh_private_key(keys.node_key(i).read_bytes(), None)
+        public = load_ssh_public_key(keys.node_public_key(i).read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+        assert private.public_key().public_numbers() == public.public_numbers()
+        assert keys.node_key(i).stat().st_mode & 0o077 == 0  # private keys: owner only
+    assert not keys.node_key(2).exists() and len(keys.superexec_secret.read_bytes()) == 32
+    code, out = cli("flower-keys", tmp_path / "k")  # new keys would lock out registered nodes
+    assert code == 2 and "already holds credentials" in out and "--force" in out
+    with pytest.raises(FedPeftError, match="without scheme or port"):
+        make_deployment_keys(tmp_path / "bad", 1, ["superlink:9093"])
+    with pytest.raises(FedPeftError, match="--nodes"):
+        make_deployment_keys(tmp_path / "bad", 0)
+
+
+def test_tls_settings_are_checked_before_anything_is_submitted(csv_data, tmp_path):  # noqa: F811
+    from fedpeft.runtime.flower.launch import flower_home
+
+    with pytest.raises(ConfigError, match="runtime.insecure"):
+        parity_cfg(csv_data, kind="flower", insecure=True, root_certificates="ca.crt")
+    with pytest.raises(ConfigError, match="runtime.root_certificates: no such file"):
+        flower_home(parity_cfg(csv_data, kind="flower", root_certificates=str(tmp_path / "ca.crt")), tmp_path / "h")
+    keys = make_deployment_keys(tmp_path / "k", 1)
+    with pytest.raises(ConfigError, match="holds no PEM certificate"):
+        flower_home(parity_cfg(csv_data, kind="flower", root_certificates=str(keys.node_key(0))), tmp_path / "h")
+    home = flower_home(parity_cfg(csv_data, kind="flower", root_certificates=str(keys.ca_cert)), tmp_path / "h")
+    assert str(keys.ca_cert) in (home / "config.toml").read_text()
+
+
+def wait_exit(proc, timeout):
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+@pytest.mark.integration  # 100-110 s here on 2 busy cores: 3 warm processes load torch, 2 `flwr` CLI calls
+def test_a_tls_and_node_authenticated_deployment_runs_as_the_insecure_one_and_refuses_strangers(
+        csv_data, local_run, tmp_path):  # noqa: F811
+    from fedpeft.runtime.flower.deploy import LoopbackDeployment
+
+    # the README's production steps: credentials from flower-keys (node-2's key is never registered)
+    code, out = cli("flower-keys", tmp_path / "keys", "--nodes", "3")
+    assert code == 0, out
+    keys = DeploymentKeys(tmp_path / "keys")
+    with LoopbackDeployment(2, tmp_path / "deploy", keys=keys, superexec_secret=True) as dep:
+        stranger = dep.start_probe_node("unregistered", 1, private_key=keys.node_key(2))
+        no_ca = dep.start_probe_node("no-ca", 1, root_certificates=False)
+        cfg = parity_cfg(csv_data, kind="flower", superlink=dep.superlink, root_certificates=str(keys.ca_cert),
+                         connect_timeout=60)
+        (tmp_path / "run.toml").write_text(cfg.to_toml())
+        code, out = cli("run", tmp_path / "run.toml", "--out", tmp_path / "run")
+        assert code == 0, out[-3000:]
+        assert "round 2/2" in out  # the ServerApp's output reached `fedpeft run` over TLS
+        # a submitter without the CA: TLS refuses the SuperLink's certificate, nothing runs
+        cfg.runtime.root_certificates = None
+        (tmp_path / "no-ca.toml").write_text(cfg.to_toml())
+        code, out = cli("run", tmp_path / "no-ca.toml", "--out", tmp_path / "no-ca", timeout=120)
+        assert code == 2 and "CERTIFICATE_VERIFY_FAILED" in out and "runtime.root_certificates" in out, out[-3000:]
+        assert not (tmp_path / "no-ca" / "summary.json").exists()
+        for name, proc in (("unregistered", stranger), ("no-ca", no_ca)):
+            assert wait_exit(proc, 60) not in (None, 0), f"{name} was not refused: {dep.log(name)[-2000:]}"
+        time.sleep(0.5)
+        superlink_log = dep.log("superlink")
+    assert "Failed to activate SuperNode" in dep.log("unregistered")
+    assert "No SuperNode found with the given public key" in superlink_log  # the SuperLink says why
+    assert "CERTIFICATE_VERIFY_FAILED" in dep.log("no-ca")
+    assert "Activated node_id" in superlink_log and superlink_log.count("Activated node_id") == 2
+    assert_same_run(local_run, tmp_path / "run")
