@@ -1,21 +1,26 @@
 """A secure Flower deployment, tested: ``fedpeft flower-keys`` credentials, TLS on the SuperLink,
 SuperNode authentication with registered public keys and the SuperExec secret on a loopback
-deployment; an unregistered node and a client without the CA are refused."""
+deployment; an unregistered node and a client without the CA are refused; SecAgg+ over it."""
 
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from cryptography.hazmat.primitives.serialization import (
+    load_ssh_private_key,
+    load_ssh_public_key,
+)
+from test_flower import assert_same_run, final_state, local_run, parity_cfg, rows_of  # noqa: F401 - fixture reused
+from test_runs import csv_data, make_cfg  # noqa: F401 - fixture reused
 
 from fedpeft.config import ConfigError
 from fedpeft.errors import FedPeftError
+from fedpeft.experiment import run_experiment
 from fedpeft.runtime.flower.keys import DeploymentKeys, make_deployment_keys
-from test_flower import assert_same_run, local_run, parity_cfg  # noqa: F401 - fixture reused
-from test_runs import csv_data  # noqa: F401 - fixture reused
 
 
 def cli(*args, timeout=600):
@@ -50,7 +55,7 @@ def test_flower_keys_makes_a_ca_a_server_certificate_and_node_keys_flower_loads(
         make_deployment_keys(tmp_path / "bad", 0)
 
 
-def test_tls_settings_are_checked_before_anything_is_submitted(csv_data, tmp_path):  # noqa: F811
+def test_tls_settings_are_checked_before_anything_is_submitted(csv_data, tmp_path):
     from fedpeft.runtime.flower.launch import flower_home
 
     with pytest.raises(ConfigError, match="runtime.insecure"):
@@ -73,7 +78,7 @@ def wait_exit(proc, timeout):
 
 @pytest.mark.integration  # 100-110 s here on 2 busy cores: 3 warm processes load torch, 2 `flwr` CLI calls
 def test_a_tls_and_node_authenticated_deployment_runs_as_the_insecure_one_and_refuses_strangers(
-        csv_data, local_run, tmp_path):  # noqa: F811
+        csv_data, local_run, tmp_path):
     from fedpeft.runtime.flower.deploy import LoopbackDeployment
 
     # the README's production steps: credentials from flower-keys (node-2's key is never registered)
@@ -89,6 +94,12 @@ def test_a_tls_and_node_authenticated_deployment_runs_as_the_insecure_one_and_re
         code, out = cli("run", tmp_path / "run.toml", "--out", tmp_path / "run")
         assert code == 0, out[-3000:]
         assert "round 2/2" in out  # the ServerApp's output reached `fedpeft run` over TLS
+        # the same deployment with SecAgg+ (privacy.secure_aggregation): one FedAvg round
+        secure = secure_round_cfg(csv_data, True, kind="flower", superlink=dep.superlink,
+                                  root_certificates=str(keys.ca_cert), connect_timeout=60)
+        (tmp_path / "secure.toml").write_text(secure.to_toml())
+        code, out = cli("run", tmp_path / "secure.toml", "--out", tmp_path / "secure")
+        assert code == 0, out[-3000:]
         # a submitter without the CA: TLS refuses the SuperLink's certificate, nothing runs
         cfg.runtime.root_certificates = None
         (tmp_path / "no-ca.toml").write_text(cfg.to_toml())
@@ -104,3 +115,18 @@ def test_a_tls_and_node_authenticated_deployment_runs_as_the_insecure_one_and_re
     assert "CERTIFICATE_VERIFY_FAILED" in dep.log("no-ca")
     assert "Activated node_id" in superlink_log and superlink_log.count("Activated node_id") == 2
     assert_same_run(local_run, tmp_path / "run")
+    # under SecAgg+ the aggregate is the plain one within the row's stated quantization bound
+    run_experiment(secure_round_cfg(csv_data, False), out=tmp_path / "plain")
+    (row,) = rows_of(tmp_path / "secure")
+    info = row["secure_aggregation"]
+    assert info["message_rounds"] == 4 and info["clipped_values"] == 0 and 0 < info["error_bound"] < 1e-4
+    assert {c["aggregation"] for c in row["clients"]} == {"secure"} and row["clients_reported"] == 2
+    assert row["wire_bytes_up"] > rows_of(tmp_path / "run")[0]["wire_bytes_up"]  # 4 message rounds, masks
+    plain, got = final_state(tmp_path / "plain"), final_state(tmp_path / "secure")
+    for k in plain:
+        np.testing.assert_allclose(got[k], plain[k], rtol=1e-6, atol=info["error_bound"], err_msg=k)
+
+
+def secure_round_cfg(csv_data, secure, **runtime):
+    return make_cfg(csv_data, partition={"num_clients": 2}, runtime={"threads": 1, **runtime},
+                    privacy={"secure_aggregation": secure}, federation={"rounds": 1, "clients_per_round": 2})

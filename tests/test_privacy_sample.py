@@ -170,7 +170,6 @@ def test_every_method_trains_under_dp_sgd(csv_data, family, method):
     ({"privacy": {"mode": "client-central", "noise_multiplier": 1.0, "clip_norm": 1.0, "max_grad_norm": 1.0}},
      "privacy.max_grad_norm"),
     ({"privacy": SAMPLE, "method": {"name": "sfprompt"}}, "method.name"),
-    ({"privacy": SAMPLE, "runtime": {"kind": "flower-sim"}}, "runtime.kind"),
     ({"privacy": SAMPLE, "federation": {"scaffold": True}}, "federation.scaffold"),
 ])
 def test_config_errors_name_the_key(csv_data, sections, key):

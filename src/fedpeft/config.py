@@ -497,10 +497,12 @@ class PrivacyConfig:
     target_clipped_quantile: float | None = None  # adaptive: quantile of unclipped norms the clip tracks (0.5)
     clip_norm_lr: float | None = None  # adaptive: geometric learning rate of the clip norm (0.2)
     clipped_count_stddev: float | None = None  # adaptive: noise std of the unclipped count (clients per round / 20)
-    secure_aggregation: bool = False  # SecAgg+ (not built yet)
+    secure_aggregation: bool = False  # Flower runtimes: Flower's SecAgg+, the server learns only the sum of updates
+    secagg_clipping_range: float | None = None  # SecAgg+: c, each weighted delta value is clipped to [-c, c] (8.0)
+    secagg_quantization_bits: int | None = None  # SecAgg+: values quantized to 2**bits levels over [-c, c] (22)
 
     def validate(self) -> None:
-        _check(not self.secure_aggregation, "privacy.secure_aggregation", "secure aggregation (SecAgg+) is not built yet")
+        self._validate_secure()
         _check(self.max_grad_norm is None or self.mode == "sample", "privacy.max_grad_norm",
                'is the per-sample clip of privacy.mode = "sample" (DP-SGD); client-level modes use privacy.clip_norm')
         _check(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}")
@@ -534,6 +536,43 @@ class PrivacyConfig:
         _check(lr is None or (math.isfinite(lr) and lr > 0), "privacy.clip_norm_lr", "must be > 0")
         _check(std is None or (math.isfinite(std) and std >= 0), "privacy.clipped_count_stddev", "must be >= 0")
 
+    def _validate_secure(self) -> None:
+        """``secure_aggregation`` and its keys on their own (the rest: :meth:`_check_secure`)."""
+        c, bits = self.secagg_clipping_range, self.secagg_quantization_bits
+        if not self.secure_aggregation:
+            given = [k for k in ("secagg_clipping_range", "secagg_quantization_bits") if getattr(self, k) is not None]
+            _check(not given, f"privacy.{given[0] if given else ''}", "is only used with privacy.secure_aggregation = true")
+            return
+        _check(c is None or (math.isfinite(c) and c > 0), "privacy.secagg_clipping_range", f"must be > 0, got {c}")
+        _check(bits is None or 8 <= bits <= 30, "privacy.secagg_quantization_bits", f"must be in [8, 30], got {bits}")
+        _check(self.mode in ("none", "client-local"), "privacy.secure_aggregation",
+               f'with privacy.mode = "{self.mode}": ' + (
+                   "the server clips every client's delta, which SecAgg+ hides from it; use mode = \"client-local\" "
+                   "(each client clips and adds its share of the noise: distributed noise)" if self.mode == "client-central"
+                   else "each node's DP-SGD accountant travels as arrays, which secaggplus_mod clears from the reply; not built"))
+
+    def _check_secure(self, cfg: "Config") -> None:
+        """``secure_aggregation`` against the other sections: a Flower runtime, at least 2 clients
+        a round whose quantized sum fits the 32-bit modulus, and only the plain mean."""
+        if not self.secure_aggregation:
+            return
+        fed = cfg.federation
+        _check(cfg.runtime.kind in ("flower-sim", "flower"), "privacy.secure_aggregation",
+               f'needs runtime.kind = "flower-sim" or "flower" (Flower\'s SecAgg+), not "{cfg.runtime.kind}"')
+        m = fed.clients_per_round_count(cfg.partition.num_clients)
+        bits = 22 if self.secagg_quantization_bits is None else self.secagg_quantization_bits
+        _check(m >= 2, "federation.clients_per_round", f"must be >= 2 with privacy.secure_aggregation (got {m})")
+        _check(m * 2 ** bits < 2 ** 32, "privacy.secagg_quantization_bits",
+               f"{bits}: {m} clients' sum of {bits}-bit values overflows the 32-bit modulus; use at most "
+               f"{32 - math.ceil(math.log2(m + 1))} bits")
+        for key, ok, why in (
+                ("federation.aggregator", fed.aggregator == "mean", f'"{fed.aggregator}" needs every update; SecAgg+ gives the sum only'),
+                ("federation.max_update_norm", fed.max_update_norm is None, "clips every update on the server, which SecAgg+ hides"),
+                ("federation.scaffold", not fed.scaffold, "each client's delta_c_i would need a secure sum too; not built"),
+                ("method.aggregation", getattr(cfg.method.options, "aggregation", "fedavg") != "fedex",
+                 "FedEx-LoRA needs every client's A and B; SecAgg+ gives the sum only")):
+            _check(ok, key, f"with privacy.secure_aggregation: {why}")
+
     def _validate_sample(self) -> None:
         """``mode = "sample"`` (DP-SGD, :mod:`fedpeft.privacy.sample_level`): ``max_grad_norm`` and
         exactly one of ``target_epsilon`` / ``noise_multiplier``; no client-level key."""
@@ -558,16 +597,14 @@ class PrivacyConfig:
 
         _check(cfg.method.name not in REFUSED_METHODS, "method.name",
                f'"{cfg.method.name}" with privacy.mode = "sample": {REFUSED_METHODS.get(cfg.method.name)}')
-        _check(cfg.runtime.kind == "local", "runtime.kind",
-               f'"{cfg.runtime.kind}" with privacy.mode = "sample": each client\'s accountant would live on its '
-               'Flower node, which is not built; use runtime.kind = "local"')
         _check(not cfg.federation.scaffold, "federation.scaffold",
                'with privacy.mode = "sample" is not supported (its per-client control variates and the per-client '
                "accountant would share the client checkpoint); set scaffold = false")
 
     def check_federation(self, cfg: "Config") -> None:
         """Checks against the other sections (``mode`` != none), then the accountant's: the
-        target epsilon must be reachable, the adaptive noise split must fit."""
+        target epsilon must be reachable, the adaptive noise split must fit; secure aggregation's."""
+        self._check_secure(cfg)
         if self.mode == "none":
             return
         if self.mode == "sample":

@@ -75,6 +75,20 @@ class ClientResult:
 
 
 @dataclass
+class AggregateResult:
+    """The weighted average of several clients' deltas, computed where the server could not see
+    any one of them (secure aggregation, :mod:`fedpeft.runtime.flower.secagg`): ``mean_delta`` =
+    ``sum_i w_i (state_i - global) / sum_i w_i`` over ``clients``, ``weight`` = ``sum_i w_i``
+    (rows, or one each under client-level DP); ``info`` goes into the round row as
+    ``secure_aggregation``."""
+
+    clients: list[int]
+    mean_delta: NamedArrays  # float64
+    weight: float
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
 class RoundOutcome:
     state: NamedArrays  # the new global state (the previous one if nothing was aggregated)
     aggregated: bool
@@ -279,9 +293,12 @@ class RoundAggregation:
         self.info: dict[int, dict] = {}  # accepted client -> update_norm, aggregation
         self.held: list[tuple[NamedArrays, float]] = []  # rules but mean: (delta, weight) per accepted client
         self.dp_round = privacy.start_round(rnd, self.reference) if privacy is not None else None  # [privacy]
+        self.secure: dict | None = None  # a secure aggregate's row fields (AggregateResult.info)
 
-    def add(self, res: ClientResult) -> bool:
-        """Validate and fold in one result; True if it was accepted."""
+    def add(self, res: "ClientResult | AggregateResult") -> bool:
+        """Validate and fold in one result (or a secure aggregate of several); True if accepted."""
+        if isinstance(res, AggregateResult):
+            return self.add_aggregate(res)
         try:
             validate_update(res.state, self.reference, assigned=self.assigned.get(res.client))
             if res.num_samples <= 0:
@@ -310,6 +327,35 @@ class RoundAggregation:
         if self.scaffold is not None:
             self.deltas.add(res.control, 1.0)
         self.accepted.append(res.client)
+        return True
+
+    def add_aggregate(self, agg: AggregateResult) -> bool:
+        """Fold in a secure aggregate: its mean delta is checked (names, shapes, finite values)
+        as one update; every client in it counts as accepted (``aggregation = "secure"``: no
+        norm is known). Only the plain mean and client-level DP's fixed-denominator sum take
+        it (``Config`` refuses the rest: robust rules, SCAFFOLD, FedEx-LoRA, max_update_norm)."""
+        if self.rule.holds_updates or self.scaffold is not None or self.fedex_round is not None or self.assigned:
+            raise ValueError("a secure aggregate combines only with the plain mean (no robust rule, SCAFFOLD, "
+                             "FedEx-LoRA or per-client names)")
+        try:
+            validate_update({k: v.astype(self.reference[k].dtype) for k, v in agg.mean_delta.items()
+                             if k in self.reference}, self.reference)
+            if set(agg.mean_delta) != set(self.reference) or not all(np.all(np.isfinite(v)) for v in agg.mean_delta.values()):
+                raise UpdateRejected("the secure aggregate does not match the global state's names or is not finite")
+        except UpdateRejected as exc:
+            for cid in agg.clients:
+                self.rejected[cid] = f"secure aggregate: {exc}"
+            log.warning("round %d: rejected the secure aggregate of clients %s: %s", self.round, agg.clients, exc)
+            return False
+        if self.dp_round is not None:  # client-local: each delta clipped and noised on its client, weight 1
+            self.dp_round.add_sum({k: d * len(agg.clients) for k, d in agg.mean_delta.items()}, len(agg.clients))
+        else:
+            ref = self.reference
+            self.running.add({k: (np.asarray(ref[k], np.float64) + d).astype(np.asarray(ref[k]).dtype)
+                              for k, d in agg.mean_delta.items()}, agg.weight)
+        self.accepted.extend(agg.clients)
+        self.info.update({cid: {"aggregation": "secure"} for cid in agg.clients})
+        self.secure = agg.info
         return True
 
     def finish(self, rejected_before: dict[int, str] | None = None) -> RoundOutcome:
@@ -342,6 +388,8 @@ class RoundAggregation:
         if self.scaffold is not None:
             self.scaffold.step(self.deltas)
         privacy = self.dp_round.close(True) if self.dp_round is not None else {}
+        if self.secure is not None:
+            privacy = {**privacy, "secure_aggregation": self.secure}
         return RoundOutcome(state, True, list(self.accepted), rejected, note, self.info, self._held_bytes(), privacy)
 
     def _unchanged(self, rejected: dict[int, str], message: str) -> RoundOutcome:
@@ -349,6 +397,8 @@ class RoundAggregation:
         log.warning(message)
         self._record_fedex(0)
         privacy = self.dp_round.close(False) if self.dp_round is not None else {}
+        if self.secure is not None:
+            privacy = {**privacy, "secure_aggregation": self.secure}
         return RoundOutcome(self.global_state, False, list(self.accepted), rejected, message, self.info,
                             self._held_bytes(), privacy)
 

@@ -227,6 +227,16 @@ class DPRound:
         self.unclipped += not clipped
         return {"update_norm": norm, "aggregation": "clipped" if clipped else "kept"}
 
+    def add_sum(self, delta_sum: Mapping[str, np.ndarray], count: int) -> None:
+        """Fold in the sum of ``count`` clients' deltas that secure aggregation computed
+        (``client-local`` only: each was clipped and noised on its client, the server never saw it)."""
+        if self.dp.mode != "client-local":
+            raise ValueError(f'a secure sum needs privacy.mode = "client-local", not "{self.dp.mode}"')
+        for k, d in delta_sum.items():
+            self.sum[k] += np.asarray(d, np.float64)
+        self.count += count
+        self.unclipped += count
+
     def noise_std(self) -> float:
         """The server noise's std per coordinate of the average."""
         if self.dp.mode != "client-central":

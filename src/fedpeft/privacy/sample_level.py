@@ -253,6 +253,31 @@ class SampleAccountant:
     def max_epsilon(self) -> float:
         return max((self.epsilon(c) for c in self.steps), default=0.0)
 
+    def client_state(self, client: int) -> NamedArrays:
+        """Client ``client``'s entries of :meth:`state_dict` (empty if it never trained): what a
+        Flower node keeps for its client between rounds (:mod:`fedpeft.runtime.flower.app`)."""
+        if client not in self.steps:
+            return {}
+        return {f"{STEPS_KEY}{client}": np.asarray(self.steps[client], np.int64),
+                f"{RATE_KEY}{client}": np.asarray(self.rates[client], np.float64)}
+
+    def load_client_state(self, client: int, state: Mapping[str, np.ndarray]) -> None:
+        """Replace client ``client``'s history with ``state`` (:meth:`client_state`; empty: none).
+
+        Raises
+        ------
+        ValueError
+            When ``state`` holds another client's entries or not both of steps and rate.
+        """
+        keys = {f"{STEPS_KEY}{client}", f"{RATE_KEY}{client}"}
+        if state and set(state) != keys:
+            raise ValueError(f"sample-level accountant of client {client}: keys {sorted(state)}, expected {sorted(keys)}")
+        self.steps.pop(client, None)
+        self.rates.pop(client, None)
+        if state:
+            self.steps[client] = int(np.asarray(state[f"{STEPS_KEY}{client}"]))
+            self.rates[client] = float(np.asarray(state[f"{RATE_KEY}{client}"]))
+
     def state_dict(self) -> NamedArrays:
         out: NamedArrays = {}
         for c in sorted(self.steps):

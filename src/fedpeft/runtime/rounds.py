@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedpeft.checkpoint import Checkpoint
 from fedpeft.errors import RunInterrupted
-from fedpeft.federation.strategy import ClientResult, RoundPlan
+from fedpeft.federation.strategy import AggregateResult, ClientResult, RoundPlan
 from fedpeft.history import round_row, summarize
 from fedpeft.methods.base import NamedArrays
 from fedpeft.results import RunDir
@@ -45,6 +45,8 @@ class Clients(Protocol):
 
     ``fit_round`` hands every decoded result to ``on_result`` as soon as it arrives (the round
     folds it into the aggregate there) and keeps only ``result.without_state()`` in the delivery;
+    under secure aggregation it hands one :class:`AggregateResult` (the clients' mean delta)
+    instead, and the delivery's results carry the clients' metrics only;
     ``control`` (SCAFFOLD's ``c``, None without it) travels with ``state``.
 
     Per-client state (SCAFFOLD's ``c_i``) lives wherever the runtime's clients live:
@@ -110,11 +112,12 @@ def run_rounds(
                 progress.reset(clients_task, total=len(plan.training), description=f"round {rnd} clients")
                 aggregation = exp.strategy.start_round(rnd, state)
 
-                def on_result(res: ClientResult) -> None:
+                def on_result(res: ClientResult | AggregateResult) -> None:
                     aggregation.add(res)  # sequential aggregation: folded in as it arrives
-                    progress.advance(clients_task)
-                    if log_clients is not None:
-                        log_clients.finished(plan, res.client)
+                    for client in res.clients if isinstance(res, AggregateResult) else [res.client]:
+                        progress.advance(clients_task)
+                        if log_clients is not None:
+                            log_clients.finished(plan, client)
 
                 delivery = clients.fit_round(plan, state, on_result, aggregation.control)
                 compute_s = sum(r.metrics.get("compute_s", 0.0) for r in delivery.results)

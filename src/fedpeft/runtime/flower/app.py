@@ -21,6 +21,17 @@ SCAFFOLD (``federation.scaffold``)
     :data:`CLIENT_CONTROL_KEY` (an ArrayRecord), which Flower keeps for the node across the
     messages of one run (a SuperNode's NodeState; the simulation engine's per-node context) and
     not beyond: a resumed run, or a restarted SuperNode, starts its ``c_i`` at 0.
+Sample-level DP (``privacy.mode = "sample"``, :mod:`fedpeft.privacy.sample_level`)
+    The node keeps its client's DP-SGD accountant (steps, sampling rate) in ``context.state``
+    under :data:`ACCOUNTANT_KEY`, like SCAFFOLD's ``c_i``, and reports it in the reply's
+    ``client-state`` record (with ``epsilon`` in its metrics). The server keeps that copy in its
+    checkpoints and sends it back in ``client-state`` of TRAIN: a node that has none in its
+    ``context.state`` (a resumed run, a restarted SuperNode: a new Flower run's node state is
+    empty) continues from it, so the epsilon is the uninterrupted run's.
+Secure aggregation (``privacy.secure_aggregation``)
+    A round is Flower's SecAgg+ workflow driven by :func:`~fedpeft.runtime.flower.secagg.secure_fit_round`
+    (four message rounds); the ClientApp's mod :func:`~fedpeft.runtime.flower.secagg.secagg_mod`
+    hands those messages to Flower's ``secaggplus_mod``.
 Run config (deployment)
     ``fedpeft-config`` (TOML text), ``out`` (run folder on the ServerApp's machine), ``resume``.
 Backbone reuse
@@ -50,6 +61,7 @@ from fedpeft.federation.strategy import ClientResult, RoundPlan
 from fedpeft.history import CLIENT_METRICS
 from fedpeft.methods.base import NamedArrays
 from fedpeft.runtime.flower.polling import fast_grid_pulls
+from fedpeft.runtime.flower.secagg import plan_secagg, secagg_mod, secure_fit_round
 from fedpeft.runtime.flower.wire import record_to_state, state_to_record, wire_bytes
 from fedpeft.runtime.rounds import Delivery
 
@@ -62,6 +74,8 @@ POLL_S = (0.05, 1.0)  # the ServerApp asks for replies after 0.05 s, backing off
 OVERSIZE_FACTOR = 1.5  # a reply larger than this x the global state's wire size is not decoded
 CLIENT_CONTROL_KEY = "fedpeft.scaffold.c_i"  # SCAFFOLD: the node's c_i in context.state
 ASSIGNED_KEY = "assigned"  # TRAIN config: the names the client trains and sends (absent: every name)
+ACCOUNTANT_KEY = "fedpeft.privacy.sample_accountant"  # DP-SGD: the node's client's accountant in context.state
+CLIENT_STATE = "client-state"  # TRAIN and reply record: the client's DP-SGD accountant (privacy.mode = "sample")
 
 
 def config_from_text(text: str) -> Config:
@@ -74,7 +88,7 @@ def config_from_text(text: str) -> Config:
 
 # --------------------------------------------------------------------------------------- client
 
-client_app = ClientApp()
+client_app = ClientApp(mods=[secagg_mod])  # SecAgg+ messages to Flower's secaggplus_mod, the rest as is
 _CLIENT_EXPERIMENTS: dict[str, "Experiment"] = {}
 
 
@@ -122,21 +136,31 @@ def report_partition(msg: Message, context: Context) -> Message:
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train this node's partition from the global state in ``msg``; reply with the new state."""
+    return Message(train_content(msg.content, context), reply_to=msg)
+
+
+def train_content(received: RecordDict, context: Context) -> RecordDict:
+    """:func:`train` on records: the TRAIN message's content in, the reply's content out (also
+    what :mod:`fedpeft.runtime.flower.secagg` trains with inside SecAgg+)."""
     pid, num = node_partition(context)
-    config = msg.content["config"]
+    config = received["config"]
     if int(config["partition-id"]) != pid:
         raise FedPeftError(f"asked to train partition {config['partition-id']} but this node holds {pid}")
     exp = client_experiment(str(config[CONFIG_KEY]), context.node_config)
     if num != len(exp.parts):
         raise FedPeftError(f"node config num-partitions={num} but partition.num_clients={len(exp.parts)}")
-    state, rnd = record_to_state(msg.content["arrays"]), int(config["round"])
+    state, rnd = record_to_state(received["arrays"]), int(config["round"])
     names = [str(n) for n in config[ASSIGNED_KEY]] if ASSIGNED_KEY in config else None
+    accountant = getattr(exp.trainer, "sample_accountant", None)  # privacy.mode = "sample"
+    if accountant is not None:  # this node's own history, else the server's copy (a new Flower run)
+        kept = context.state.array_records.get(ACCOUNTANT_KEY, received.array_records.get(CLIENT_STATE))
+        accountant.load_client_state(pid, {} if kept is None else record_to_state(kept))
     if not exp.cfg.federation.scaffold:
         res = exp.trainer.fit(pid, exp.parts[pid], state, rnd, names=names)
     else:
-        if "control" not in msg.content.array_records:
+        if "control" not in received.array_records:
             raise FedPeftError("federation.scaffold is on but the TRAIN message carries no 'control' record")
-        c = record_to_state(msg.content["control"])
+        c = record_to_state(received["control"])
         kept = context.state.array_records.get(CLIENT_CONTROL_KEY)
         c_i = zeros_like(c) if kept is None else record_to_state(kept)
         res = exp.trainer.fit(pid, exp.parts[pid], state, rnd, controls=(c, c_i))
@@ -145,7 +169,9 @@ def train(msg: Message, context: Context) -> Message:
     content = {"arrays": state_to_record(res.state), "metrics": MetricRecord(metrics)}
     if exp.cfg.federation.scaffold:
         content["control"] = state_to_record(res.control)
-    return Message(RecordDict(content), reply_to=msg)
+    if accountant is not None:
+        context.state[ACCOUNTANT_KEY] = content[CLIENT_STATE] = state_to_record(accountant.client_state(pid))
+    return RecordDict(content)
 
 
 # --------------------------------------------------------------------------------------- server
@@ -164,9 +190,18 @@ class FlowerClients:
         self.nodes: dict[int, int] = {}  # partition id -> node id
         self.asked: dict[str, int] = {}  # message id -> node id of queries not answered yet
         self.asked = self._ask_new_nodes()
+        self.accountant = None  # privacy.mode = "sample": the server's copy of the accountants (connect)
+        self.secagg = None  # privacy.secure_aggregation: SecAgg+ settings (connect)
 
-    def connect(self) -> "FlowerClients":
-        """Map every partition to a connected node, or fail naming the missing partitions."""
+    def connect(self, exp: "Experiment | None" = None) -> "FlowerClients":
+        """Map every partition to a connected node, or fail naming the missing partitions.
+
+        ``exp`` (the server's experiment): with ``privacy.mode = "sample"`` its trainer's
+        accountant holds the server's copy of every client's DP-SGD history (checkpointed,
+        restored on resume, sent to the nodes and updated from their replies).
+        """
+        self.accountant = getattr(exp.trainer, "sample_accountant", None) if exp is not None else None
+        self.secagg = plan_secagg(exp) if exp is not None else None  # privacy.secure_aggregation
         wanted = self.num_partitions
         deadline = time.monotonic() + self.runtime.connect_timeout
         while True:
@@ -205,8 +240,10 @@ class FlowerClients:
             self.nodes[pid] = reply.metadata.src_node_id
 
     def client_state(self) -> NamedArrays | None:
-        """None: each SuperNode keeps its own client state (SCAFFOLD's ``c_i``) in ``context.state``."""
-        return None
+        """The server's copy of every client's DP-SGD accountant (``privacy.mode = "sample"``);
+        otherwise None: each SuperNode keeps its own client state (SCAFFOLD's ``c_i``) in
+        ``context.state``."""
+        return None if self.accountant is None else self.accountant.state_dict()
 
     def load_client_state(self, state: NamedArrays | None) -> bool:
         """False: the client state of an earlier Flower run stayed on its nodes and is gone (a
@@ -219,6 +256,10 @@ class FlowerClients:
         if any(self.nodes.get(c) not in connected for c in plan.training):
             self.discover(self.runtime.connect_timeout)  # a restarted SuperNode has a new node id
             connected = set(self.grid.get_node_ids())
+        if self.secagg is not None:  # SecAgg+: the server learns only the clients' mean delta
+            if control is not None:
+                raise FedPeftError("privacy.secure_aggregation with SCAFFOLD is not built")
+            return secure_fit_round(self, plan, state, on_result, self.secagg)
         records = {"arrays": state_to_record(state)}
         if control is not None:  # SCAFFOLD: c travels with the state, packed the same way
             records["control"] = state_to_record(control)
@@ -230,7 +271,8 @@ class FlowerClients:
                 continue
             config = ConfigRecord({"round": plan.round, "partition-id": cid, CONFIG_KEY: self.text,
                                    **({ASSIGNED_KEY: list(plan.assigned[cid])} if cid in plan.assigned else {})})
-            content = RecordDict({**records, "config": config})
+            kept = self.accountant.client_state(cid) if self.accountant is not None else {}
+            content = RecordDict({**records, "config": config, **({CLIENT_STATE: state_to_record(kept)} if kept else {})})
             msgs[cid] = Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(plan.round))
             delivery.wire_down[cid] = wire_bytes(content)
         limit = OVERSIZE_FACTOR * wire_bytes(RecordDict(records)) + 64 * 1024
@@ -240,6 +282,11 @@ class FlowerClients:
                 delivery.failed[cid] = f"client error: {reply.error.reason}"
                 return
             delivery.wire_up[cid] = size = wire_bytes(reply.content)
+            if self.accountant is not None:  # the privacy it spent counts even if its update is refused
+                refused = keep_accountant(self.accountant, cid, reply.content)
+                if refused:
+                    delivery.rejected[cid] = refused
+                    return
             decoded = decode_reply(cid, reply.content, size, limit, control is not None)
             if isinstance(decoded, str):
                 delivery.rejected[cid] = decoded
@@ -307,6 +354,19 @@ def decode_reply(cid: int, content: RecordDict, size: int, limit: float, with_co
     return ClientResult(cid, decoded["arrays"], num, metric_values, decoded.get("control", {}))
 
 
+def keep_accountant(accountant: Any, cid: int, content: RecordDict) -> str | None:
+    """Take client ``cid``'s DP-SGD accountant from a reply's ``client-state`` into the server's
+    copy; the reason to reject the reply when it is missing or malformed, else None."""
+    record = content.array_records.get(CLIENT_STATE)
+    if record is None or len(record) > 3:  # a layout + 2 buffers at most
+        return f"malformed reply: privacy.mode = \"sample\" and no valid {CLIENT_STATE!r} record (the node's accountant)"
+    try:
+        accountant.load_client_state(cid, record_to_state(record))
+    except Exception as exc:  # noqa: BLE001 - a client's bytes can be anything
+        return f"malformed reply: {CLIENT_STATE!r} does not decode ({type(exc).__name__}: {exc})"
+    return None
+
+
 def make_server_app(config_text: str | None = None, out: str | None = None, resume: bool = False,
                     outcome: dict[str, Any] | None = None) -> ServerApp:
     """A ServerApp for one experiment. Without arguments it reads ``fedpeft-config``, ``out`` and
@@ -329,7 +389,7 @@ def make_server_app(config_text: str | None = None, out: str | None = None, resu
             again = resume or bool(context.run_config.get("resume", False))
             cfg = config_from_text(text)
             clients = FlowerClients(grid, text, cfg.partition.num_clients, cfg.runtime)  # nodes start loading
-            summary = run_with_clients(cfg, run_out, again, Console(stderr=True), lambda exp: clients.connect())
+            summary = run_with_clients(cfg, run_out, again, Console(stderr=True), clients.connect)
             if outcome is not None:
                 outcome["summary"] = summary
         except BaseException as exc:

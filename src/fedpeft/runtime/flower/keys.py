@@ -137,7 +137,7 @@ def make_deployment_keys(directory: str | Path, num_nodes: int, hosts: tuple[str
     if existing and not overwrite:
         raise FedPeftError(f"{keys.directory} already holds credentials ({existing[0].name}); "
                            "choose another folder or pass --force to replace them")
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     start = now - datetime.timedelta(minutes=5)  # clock skew between machines
 
     ca_key = ec.generate_private_key(CURVE())
