@@ -1,8 +1,8 @@
 """Differential privacy on the Flower runtimes: client-level DP-FedAvg on Flower's simulation engine
 equals the in-process run (state, epsilon, clip); sample-level DP-SGD keeps each client's
 accountant on its node (``context.state``) across rounds and, through the server's copy, across a
-resume, with the epsilon of the uninterrupted in-process run."""
-
+resume, with the epsilon of the uninterrupted in-process run; under SecAgg+ the server-side code
+is handed only the clients' mean delta, which equals the plain one within the stated bound."""
 
 import numpy as np
 import pytest

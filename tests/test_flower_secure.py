@@ -130,3 +130,12 @@ def test_a_tls_and_node_authenticated_deployment_runs_as_the_insecure_one_and_re
 def secure_round_cfg(csv_data, secure, **runtime):
     return make_cfg(csv_data, partition={"num_clients": 2}, runtime={"threads": 1, **runtime},
                     privacy={"secure_aggregation": secure}, federation={"rounds": 1, "clients_per_round": 2})
+
+
+def test_a_supernode_started_with_the_superexec_secret_gives_it_to_its_worker(tmp_path):
+    from fedpeft.runtime.flower.supernode import secret_file, worker_command
+
+    for args in (["--superlink", "h:1", "--superexec-auth-secret-file", "s.secret"], ["--superexec-auth-secret-file=s.secret"]):
+        cmd = worker_command(9094, None, secret_file(args))
+        assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == "s.secret"
+    assert "--superexec-auth-secret-file" not in worker_command(9094, None, secret_file(["--superlink", "h:1"]))

@@ -35,9 +35,25 @@ log = logging.getLogger(__name__)
 RESERVED = ("--isolation", "--host", "--port")  # set by this command
 
 
-def worker_command(runtime_port: int, ready_file: str | None) -> list[str]:
+SECRET_OPTION = "--superexec-auth-secret-file"  # flower-supernode's; its worker must sign with the same file
+
+
+def secret_file(flower_args: Sequence[str]) -> str | None:
+    """The value of ``--superexec-auth-secret-file`` among ``flower_args`` (``--opt v`` or ``--opt=v``)."""
+    for i, arg in enumerate(flower_args):
+        if arg == SECRET_OPTION and i + 1 < len(flower_args):
+            return flower_args[i + 1]
+        if arg.startswith(SECRET_OPTION + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def worker_command(runtime_port: int, ready_file: str | None, auth_secret_file: str | None = None) -> list[str]:
+    """The ``fedpeft flower-worker`` child: a node started with the SuperExec secret hands tasks
+    only to a worker that signs with it, so the worker gets the same file."""
     cmd = [sys.executable, "-m", "fedpeft.cli", "flower-worker", "--insecure", "--parent-pid", str(os.getpid()),
            "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
+    cmd += [SECRET_OPTION, auth_secret_file] if auth_secret_file else []
     return cmd + (["--ready-file", ready_file] if ready_file else [])
 
 
@@ -92,7 +108,7 @@ def run_supernode(flower_args: Sequence[str], idle_poll: float, runtime_port: in
     console_handler.timestamps = True  # a service's log
     if ready_file:
         Path(ready_file).unlink(missing_ok=True)
-    worker = Worker(worker_command(runtime_port, ready_file))
+    worker = Worker(worker_command(runtime_port, ready_file, secret_file(flower_args)))
     add_exit_handler(worker.stop)
     worker.start()
     sys.argv = ["flower-supernode", *flower_args, "--isolation", "process",
