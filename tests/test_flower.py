@@ -254,37 +254,8 @@ def test_flower_simulation_with_heterogeneous_layer_depths_matches_the_in_proces
     assert block0 and all(np.array_equal(final_state(tmp_path / "sim")[n], initial[n]) for n in block0)
 
 
-def test_loopback_deployment_matches_the_in_process_runtime(csv_data, local_run, tmp_path):  # noqa: F811
-    from fedpeft.runtime.flower.deploy import LoopbackDeployment
-
-    # submitted the user's way (fedpeft run) to a SuperLink that runs only a signed server worker
-    with LoopbackDeployment(2, tmp_path / "deploy", superexec_secret=True) as dep:
-        cfg = parity_cfg(csv_data, kind="flower", superlink=dep.superlink, insecure=True, connect_timeout=60)
-        (tmp_path / "run.toml").write_text(cfg.to_toml())
-        bad = parity_cfg(csv_data, kind="flower", superlink=dep.superlink, insecure=True, connect_timeout=60)
-        bad.partition.num_clients = 3  # the nodes hold 2 partitions: the ServerApp fails at discovery
-        (tmp_path / "bad.toml").write_text(bad.to_toml())
-        # SCAFFOLD (each node's c_i in its context.state across messages) with FedEx-LoRA (the
-        # corrected base weights in the TRAIN message) on the same deployment
-        fx = fedex_scaffold_cfg(csv_data, kind="flower", superlink=dep.superlink, insecure=True, connect_timeout=60)
-        (tmp_path / "fx.toml").write_text(fx.to_toml())
-        # run, a run whose ServerApp fails, then again on the same long-lived server and client workers
-        for out, toml in (("run", "run.toml"), ("bad", "bad.toml"), ("again", "run.toml"), ("fx", "fx.toml")):
-            cli = [sys.executable, "-m", "fedpeft.cli", "run", str(tmp_path / toml), "--out", str(tmp_path / out)]
-            done = subprocess.run(cli, capture_output=True, text=True, timeout=600)
-            output = done.stdout + done.stderr
-            if out == "bad":
-                assert done.returncode != 0 and "num-partitions=2" in output, output[-3000:]
-                continue
-            assert done.returncode == 0, output[-3000:]
-            assert "round 2/2" in output  # the ServerApp's output reached `fedpeft run`
-    for out in ("run", "again"):
-        summary = json.loads((tmp_path / out / "summary.json").read_text())
-        assert summary["runtime"] == "flower" and summary["clients_failed_total"] == 0
-        assert_same_run(local_run, tmp_path / out)
-        assert (tmp_path / out / "model").is_dir()
-    run_experiment(fedex_scaffold_cfg(csv_data), out=tmp_path / "fx-local")
-    assert_same_run(tmp_path / "fx-local", tmp_path / "fx")
+# The loopback deployment parity runs (plain, failing ServerApp, warm workers again, SCAFFOLD +
+# FedEx-LoRA) run on the TLS deployment: tests/test_flower_secure.py.
 
 
 def fedex_scaffold_cfg(csv_data, **runtime):  # noqa: F811

@@ -1,7 +1,11 @@
 """A secure Flower deployment, tested: ``fedpeft flower-keys`` credentials, TLS on the SuperLink,
 SuperNode authentication with registered public keys and the SuperExec secret on a loopback
-deployment; an unregistered node and a client without the CA are refused; SecAgg+ over it."""
+deployment; an unregistered node and a client without the CA are refused; SecAgg+ over it. The
+suite's only deployment of the parity run (the same result as in process, the user's way with
+``fedpeft run``, warm workers reused, a failing ServerApp, SCAFFOLD + FedEx-LoRA): the insecure
+path is the killed-node test's (tests/test_flower.py)."""
 
+import json
 import subprocess
 import sys
 import time
@@ -14,7 +18,14 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_private_key,
     load_ssh_public_key,
 )
-from test_flower import assert_same_run, final_state, local_run, parity_cfg, rows_of  # noqa: F401 - fixture reused
+from test_flower import (  # noqa: F401 - fixture reused
+    assert_same_run,
+    fedex_scaffold_cfg,
+    final_state,
+    local_run,
+    parity_cfg,
+    rows_of,
+)
 from test_runs import csv_data, make_cfg  # noqa: F401 - fixture reused
 
 from fedpeft.config import ConfigError
@@ -76,7 +87,7 @@ def wait_exit(proc, timeout):
         return None
 
 
-@pytest.mark.integration  # 100-110 s here on 2 busy cores: 3 warm processes load torch, 2 `flwr` CLI calls
+@pytest.mark.integration  # the suite's one TLS deployment: 3 warm processes load torch, 5 `fedpeft run`s
 def test_a_tls_and_node_authenticated_deployment_runs_as_the_insecure_one_and_refuses_strangers(
         csv_data, local_run, tmp_path):
     from fedpeft.runtime.flower.deploy import LoopbackDeployment
@@ -88,12 +99,24 @@ def test_a_tls_and_node_authenticated_deployment_runs_as_the_insecure_one_and_re
     with LoopbackDeployment(2, tmp_path / "deploy", keys=keys, superexec_secret=True) as dep:
         stranger = dep.start_probe_node("unregistered", 1, private_key=keys.node_key(2))
         no_ca = dep.start_probe_node("no-ca", 1, root_certificates=False)
-        cfg = parity_cfg(csv_data, kind="flower", superlink=dep.superlink, root_certificates=str(keys.ca_cert),
-                         connect_timeout=60)
+        tls = dict(kind="flower", superlink=dep.superlink, root_certificates=str(keys.ca_cert), connect_timeout=60)
+        cfg = parity_cfg(csv_data, **tls)
         (tmp_path / "run.toml").write_text(cfg.to_toml())
-        code, out = cli("run", tmp_path / "run.toml", "--out", tmp_path / "run")
-        assert code == 0, out[-3000:]
-        assert "round 2/2" in out  # the ServerApp's output reached `fedpeft run` over TLS
+        bad = parity_cfg(csv_data, **tls)
+        bad.partition.num_clients = 3  # the nodes hold 2 partitions: the ServerApp fails at discovery
+        (tmp_path / "bad.toml").write_text(bad.to_toml())
+        # SCAFFOLD (each node's c_i in its context.state across messages) with FedEx-LoRA (the
+        # corrected base weights in the TRAIN message) on the same deployment
+        (tmp_path / "fx.toml").write_text(fedex_scaffold_cfg(csv_data, **tls).to_toml())
+        # submitted the user's way (fedpeft run) to a SuperLink that runs only a signed server worker:
+        # a run, a run whose ServerApp fails, then again on the same long-lived server and client workers
+        for name in ("run", "bad", "again", "fx"):
+            code, out = cli("run", tmp_path / f"{'run' if name == 'again' else name}.toml", "--out", tmp_path / name)
+            if name == "bad":
+                assert code != 0 and "num-partitions=2" in out, out[-3000:]
+                continue
+            assert code == 0, out[-3000:]
+            assert "round 2/2" in out  # the ServerApp's output reached `fedpeft run` over TLS
         # the same deployment with SecAgg+ (privacy.secure_aggregation): one FedAvg round
         secure = secure_round_cfg(csv_data, True, kind="flower", superlink=dep.superlink,
                                   root_certificates=str(keys.ca_cert), connect_timeout=60)
@@ -114,7 +137,13 @@ def test_a_tls_and_node_authenticated_deployment_runs_as_the_insecure_one_and_re
     assert "No SuperNode found with the given public key" in superlink_log  # the SuperLink says why
     assert "CERTIFICATE_VERIFY_FAILED" in dep.log("no-ca")
     assert "Activated node_id" in superlink_log and superlink_log.count("Activated node_id") == 2
-    assert_same_run(local_run, tmp_path / "run")
+    for name in ("run", "again"):
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["runtime"] == "flower" and summary["clients_failed_total"] == 0
+        assert_same_run(local_run, tmp_path / name)
+        assert (tmp_path / name / "model").is_dir()
+    run_experiment(fedex_scaffold_cfg(csv_data), out=tmp_path / "fx-local")
+    assert_same_run(tmp_path / "fx-local", tmp_path / "fx")
     # under SecAgg+ the aggregate is the plain one within the row's stated quantization bound
     run_experiment(secure_round_cfg(csv_data, False), out=tmp_path / "plain")
     (row,) = rows_of(tmp_path / "secure")
