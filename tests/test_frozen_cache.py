@@ -269,3 +269,22 @@ def test_a_layers_client_below_blocks_others_train_recomputes_when_they_change(c
 def test_frozen_cache_mb_must_be_non_negative(csv_data):  # noqa: F811
     with pytest.raises(ConfigError, match="runtime.frozen_cache_mb: must be >= 0"):
         make_cfg(csv_data, runtime={"frozen_cache_mb": -1})
+
+
+@pytest.mark.parametrize("family", ["tiny-bert", "tiny-gpt2"])
+def test_step_and_prefix_flops_are_memoised_apart(csv_data, family):  # noqa: F811
+    """A training step's FLOPs and its frozen prefix's forward FLOPs are fitted on the same model
+    structure but are different counts: the memo must keep them apart (it once handed the first
+    one fitted, the prefix's in a client round, to both, so a cached round counted 0 FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    exp = build_experiment(cache_cfg(csv_data, family, "layers-1", 64))
+    prefix = exp.trainer.prefix(None, exp.parts[0])
+    batch = exp.train.batch(exp.parts[0][:4])
+    forward = prefix.flops(batch)  # fitted first, as in a client's round (the cache is filled before the steps)
+    step = exp.trainer.flops(batch)
+    exp.model.train()
+    with FlopCounterMode(display=False) as counter:
+        exp.model(**batch).loss.backward()
+    exp.model.zero_grad(set_to_none=True)
+    assert step == counter.get_total_flops() > forward > 0

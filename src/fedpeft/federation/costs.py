@@ -40,7 +40,7 @@ def model_message_bytes(model: nn.Module) -> int:
     )
 
 
-_FITTED: dict[tuple, tuple] = {}  # (structure_key, input names) -> (coeffs, exact form?, per-row FLOPs)
+_FITTED: dict[tuple, tuple] = {}  # (what is measured, structure_key, input names) -> (coeffs, exact form?, per-row FLOPs)
 
 
 class TrainingFlops:
@@ -89,13 +89,19 @@ class TrainingFlops:
         """The coefficients, measured or, for a model of the same structure, remembered."""
         from fedpeft.models import structure_key
 
-        key = (structure_key(self.model), tuple(sorted(batch)))
+        key = (*self.measures(), structure_key(self.model), tuple(sorted(batch)))
         if key not in _FITTED:
             if "input_ids" not in batch:
                 _FITTED[key] = ((Fraction(self._measure(_one_row(batch, None))),), True, {})
             else:
                 _FITTED[key] = self._fit_text(batch)
         self._coeffs, self._exact_form, self._per_row = _FITTED[key]  # per_row: shared, grows
+
+    def measures(self) -> tuple:
+        """What :meth:`_measure` counts, beside the model's structure: part of the memo key, so a
+        subclass measuring something else on the same model (a frozen prefix's forward) keeps its
+        own coefficients. Here: a training step (forward + backward)."""
+        return ("step",)
 
     def _fit_text(self, batch: dict[str, torch.Tensor]) -> tuple:
         f1, f2, f3, f4 = (self._measure(_one_row(batch, n)) for n in (1, 2, 3, 4))

@@ -156,6 +156,10 @@ class PrefixFlops(TrainingFlops):
         super().__init__(prefix.model)
         self.prefix = prefix
 
+    def measures(self) -> tuple:
+        """The forward to this cut (memoised apart from the model's training-step FLOPs)."""
+        return ("prefix", self.prefix.cut)
+
     def _measure(self, batch: dict[str, torch.Tensor]) -> int:
         from torch.utils.flop_counter import FlopCounterMode
 
