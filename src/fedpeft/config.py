@@ -1,6 +1,6 @@
 """Typed, validated experiment configuration, read from TOML.
 
-A config has the sections ``model``, ``data``, ``partition``, ``method``, ``federation``,
+A config has the sections ``model``, ``task``, ``data``, ``partition``, ``method``, ``federation``,
 ``runtime``, ``output``, ``attack``, ``budgets`` and ``privacy``; each is a dataclass below. Every key is checked where the config is
 built: unknown keys are rejected with the list of valid ones, wrong types and out-of-range values
 name the key. ``method`` holds ``name`` plus the options of that method (see
@@ -50,6 +50,87 @@ class ModelConfig:
         _check(self.image_size is None or self.image_size >= 8, "model.image_size", "must be >= 8")
 
 
+TASK_KINDS = ("classification", "causal-lm")
+GENERATION_DEFAULTS = {"max_new_tokens": 32, "generation_samples": 32, "saved_generations": 5}
+# data keys that only instruction data (task.kind = "causal-lm") reads, and classification's own
+INSTRUCTION_DATA_KEYS = ("prompt_column", "response_column", "format", "category_column")
+CLASSIFICATION_DATA_KEYS = ("text_column", "label_column", "image_column")
+ENCODER_ALIASES = ("minilm", "tiny-bert", "tiny-vit")  # no causal LM for these aliases
+
+
+@dataclass
+class TaskConfig:
+    """What the model learns: ``classification`` (a head over the labels, the default) or
+    ``causal-lm`` (instruction tuning of a decoder: the loss on the response tokens, evaluated by
+    token loss, perplexity and greedy generation; :mod:`fedpeft.data.instructions`,
+    :mod:`fedpeft.federation.generative`). The generation keys apply to ``causal-lm`` only.
+    """
+
+    kind: Literal["classification", "causal-lm"] = "classification"  # classification | causal-lm
+    max_new_tokens: int | None = None  # causal-lm: tokens generated per held-out prompt (unset: 32)
+    generation_samples: int | None = None  # causal-lm: held-out rows generated on per evaluation (unset: 32; 0: none)
+    saved_generations: int | None = None  # causal-lm: of those, written to DIR/generations/round_N.jsonl (unset: 5)
+
+    def validate(self) -> None:
+        given = [k for k in GENERATION_DEFAULTS if getattr(self, k) is not None]
+        _check(self.kind == "causal-lm" or not given, f"task.{given[0] if given else ''}",
+               f'is only used with task.kind = "causal-lm" (it is "{self.kind}")')
+        _check(self.max_new_tokens is None or self.max_new_tokens >= 1, "task.max_new_tokens", "must be >= 1")
+        for key in ("generation_samples", "saved_generations"):
+            _check(getattr(self, key) is None or getattr(self, key) >= 0, f"task.{key}", "must be >= 0")
+
+    @property
+    def generative(self) -> bool:
+        return self.kind == "causal-lm"
+
+    def generation(self, key: str) -> int:
+        """``max_new_tokens``, ``generation_samples`` or ``saved_generations``, or its default."""
+        value = getattr(self, key)
+        return GENERATION_DEFAULTS[key] if value is None else value
+
+    def check_sections(self, cfg: "Config") -> None:
+        """The other sections against the task: instruction-data keys only with ``causal-lm``, and
+        what ``causal-lm`` does not support yet refused, naming the key."""
+        data = cfg.data
+        if not self.generative:
+            given = [k for k in INSTRUCTION_DATA_KEYS if getattr(data, k) is not None]
+            _check(not given, f"data.{given[0] if given else ''}",
+                   'is read for instruction data only: set task.kind = "causal-lm" (or remove it)')
+            return
+        from fedpeft.methods import get_method_class
+
+        given = [k for k in CLASSIFICATION_DATA_KEYS if getattr(data, k) is not None]
+        _check(not given, f"data.{given[0] if given else ''}",
+               'is a classification key; with task.kind = "causal-lm" give data.prompt_column and '
+               'data.response_column (data.format = "columns"), or data.format = "alpaca" / "chat"')
+        fmt = data.format or "columns"
+        for key in ("prompt_column", "response_column"):
+            _check(getattr(data, key) is None or fmt == "columns", f"data.{key}",
+                   f'is only read with data.format = "columns" (it is "{fmt}": its columns have fixed names)')
+        _check(cfg.model.name not in ENCODER_ALIASES, "model.name",
+               f'"{cfg.model.name}" has no causal LM (task.kind = "causal-lm" needs a decoder: tiny-gpt2, '
+               "tiny-llama, or a hub id / folder of a GPT-2, LLaMA, Qwen, Mistral ... model)")
+        _check(cfg.model.max_length >= 4, "model.max_length",
+               'must be >= 4 with task.kind = "causal-lm" (room for a prompt token, a response token and EOS)')
+        refused = get_method_class(cfg.method.name).causal_lm_refused
+        _check(refused is None, "method.name", f'"{cfg.method.name}" with task.kind = "causal-lm": {refused}')
+        _check(cfg.runtime.kind == "local", "runtime.kind",
+               f'"{cfg.runtime.kind}" with task.kind = "causal-lm" is not built yet (the Flower runtimes '
+               'carry classification only so far); use runtime.kind = "local"')
+        _check(cfg.partition.scheme == "iid" or data.category_column is not None, "partition.scheme",
+               f'"{cfg.partition.scheme}" with task.kind = "causal-lm" skews clients over a category: set '
+               'data.category_column (e.g. a task or domain column), or use scheme = "iid"')
+        _check(cfg.federation.label_skew == "none", "federation.label_skew",
+               f'"{cfg.federation.label_skew}" corrects a classifier\'s logits by label counts; with task.kind = '
+               '"causal-lm" there are no labels: use label_skew = "none"')
+        _check(cfg.attack.kind != "label_flip", "attack.kind",
+               '"label_flip" flips class labels; with task.kind = "causal-lm" there are none: use "scale", '
+               '"sign_flip" or "gaussian"')
+        _check(cfg.privacy.mode != "sample", "privacy.mode",
+               '"sample" (DP-SGD) with task.kind = "causal-lm" is not built yet (per-token losses of a row '
+               'would need one clip per row); use a client-level mode or "none"')
+
+
 @dataclass
 class DataConfig:
     """Where the labelled data comes from.
@@ -71,6 +152,11 @@ class DataConfig:
     validation_fraction: float | None = None  # evaluate on this seeded share of the train rows; test unread
     cache_dir: str | None = None  # tokenized-data cache; default ~/.cache/fedpeft
     fingerprint: str | None = None  # set by a run: hash of the data loaded; checked when set
+    # instruction data (task.kind = "causal-lm"; fedpeft.data.instructions)
+    format: Literal["columns", "alpaca", "chat"] | None = None  # causal-lm: columns (unset), alpaca or chat
+    prompt_column: str | None = None  # causal-lm, format "columns": the prompt (default "prompt")
+    response_column: str | None = None  # causal-lm, format "columns": the response (default "response")
+    category_column: str | None = None  # causal-lm: a task / domain column that dirichlet and shards skew over
 
     def validate(self) -> None:
         _check(
@@ -651,6 +737,7 @@ class Config:
     """A whole experiment; built by :func:`load_config` or :meth:`from_dict`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -700,6 +787,7 @@ class Config:
                 f"give at most {per_round}"
             )
 
+        self.task.check_sections(self)
         if self.method.name == "sfprompt" and self.runtime.kind != "local":
             raise ConfigError(f'runtime.kind = "{self.runtime.kind}": sfprompt runs in the local runtime; the Flower '
                               'body-server messages are not built yet (use runtime.kind = "local")')
@@ -736,6 +824,8 @@ class Config:
             del out["budgets"]  # no budgets: the config (and its saved copy) as before [budgets] existed
         if self.privacy == PrivacyConfig():
             del out["privacy"]  # no privacy: the config as before [privacy] existed (resume of older runs)
+        if self.task == TaskConfig():
+            del out["task"]  # classification: the config as before [task] existed
         return out
 
     def to_toml(self) -> str:

@@ -1,4 +1,5 @@
-"""Load a pre-trained (or tiny random) transformer with a classification head sized to the labels.
+"""Load a pre-trained (or tiny random) transformer: a classifier with a head sized to the labels,
+or, for ``task.kind = "causal-lm"``, a decoder with its language-model head (no classification head).
 
 ``model.name`` may be a Hugging Face hub id, a local folder, or an alias:
 
@@ -7,6 +8,9 @@
 - ``tiny-bert``, ``tiny-gpt2``, ``tiny-llama``, ``tiny-vit``: 2-layer models with hidden size 32,
   randomly initialised from a ``transformers`` config (seeded), for tests and smoke runs. The text
   ones use MiniLM's tokenizer, so they also run offline.
+
+For ``causal-lm`` the model is ``AutoModelForCausalLM`` (``tiny-gpt2``/``tiny-llama`` built randomly
+offline as above; a hub id or folder of any decoder family transformers has a causal LM for).
 
 A name that cannot load fails at once (:func:`check_model_name`): a path-like name with no
 folder there, a near miss of an alias, or a hub id while the hub is unreachable.
@@ -43,14 +47,15 @@ class ModelInfo:
 
     family: str  # config.model_type: "bert", "vit", "gpt2", "llama", ...
     modality: Literal["text", "image"]
-    head_names: list[str]  # module names of the classification head, e.g. ["classifier"]
+    head_names: list[str]  # module names of the classification head, e.g. ["classifier"]; causal-lm: none
     hidden_size: int
     num_layers: int
+    task: Literal["classification", "causal-lm"] = "classification"
 
 
 @dataclass
 class LoadedModel:
-    model: nn.Module  # a transformers *ForSequenceClassification / *ForImageClassification
+    model: nn.Module  # a transformers *ForSequenceClassification / *ForImageClassification / *ForCausalLM
     processor: Any  # a tokenizer (text) or an image processor (image)
     info: ModelInfo
 
@@ -106,13 +111,22 @@ def is_image_model(name: str) -> bool:
     return config.model_type in {"vit", "deit", "beit", "swin", "convnext", "dinov2", "resnet"}
 
 
-def load_model(cfg: ModelConfig, label_names: list[str], seed: int = 0) -> LoadedModel:
-    """Load ``cfg.name`` with a fresh classification head of ``len(label_names)`` outputs."""
+def load_model(cfg: ModelConfig, label_names: list[str], seed: int = 0, task: str = "classification") -> LoadedModel:
+    """Load ``cfg.name`` with a fresh classification head of ``len(label_names)`` outputs, or with
+    ``task = "causal-lm"`` as a causal language model (``label_names`` unused).
+
+    Raises
+    ------
+    ConfigError
+        For a name that cannot load, or (causal-lm) a model that is no decoder.
+    """
     import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if task == "causal-lm":
+        return _load_causal_lm(cfg, seed)
     labels = {
         "num_labels": len(label_names),
         "id2label": dict(enumerate(label_names)),
@@ -134,6 +148,43 @@ def load_model(cfg: ModelConfig, label_names: list[str], seed: int = 0) -> Loade
         _prepare_tokenizer(processor, model, info)
     model.eval()
     return LoadedModel(model=model, processor=processor, info=info)
+
+
+def _load_causal_lm(cfg: ModelConfig, seed: int) -> LoadedModel:
+    """``cfg.name`` as an ``AutoModelForCausalLM`` (tiny aliases built randomly, offline)."""
+    import transformers
+
+    name = cfg.name
+    if name in ("tiny-gpt2", "tiny-llama"):
+        model, tokenizer = _tiny_model(name, {}, seed, None, causal=True)
+    elif name in ALIASES:
+        raise ConfigError(f"model.name: {name!r} is no decoder: task.kind = \"causal-lm\" needs tiny-gpt2, tiny-llama, "
+                          "or a hub id / folder of a causal language model")
+    else:
+        check_model_name(name)
+        _check_causal(name)
+        tokenizer = _from_pretrained(transformers.AutoTokenizer, name)
+        model = _from_pretrained(transformers.AutoModelForCausalLM, name)
+    info = _model_info(model, "causal-lm")
+    _prepare_tokenizer(tokenizer, model, info)
+    model.eval()
+    return LoadedModel(model=model, processor=tokenizer, info=info)
+
+
+def _check_causal(name: str) -> None:
+    """Raise for a model whose type transformers has no causal LM for, or that is an encoder
+    (BERT-likes have an LM head class but are masked language models)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    try:
+        model_type = AutoConfig.from_pretrained(name).model_type
+    except OSError as exc:
+        raise _load_error(name, exc) from None
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
+            model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and model_type not in DECODER_FAMILIES):
+        raise ConfigError(f"model.name: {name!r} is a {model_type!r} model, not a decoder: task.kind = \"causal-lm\" "
+                          "needs a causal language model (GPT-2, LLaMA, Qwen, Mistral, Gemma, Phi, ...)")
 
 
 def _from_pretrained(auto_cls: Any, source: str, **labels: Any) -> Any:
@@ -252,19 +303,19 @@ def structure_key(model: nn.Module) -> str:
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()
 
 
-def _model_info(model: nn.Module) -> ModelInfo:
+def _model_info(model: nn.Module, task: str = "classification") -> ModelInfo:
     config = model.config
     family = config.model_type
     modality = "image" if "ImageClassification" in type(model).__name__ else "text"
-    head_names = [n for n in ("classifier", "score") if hasattr(model, n)]
-    if not head_names:
+    head_names = [] if task == "causal-lm" else [n for n in ("classifier", "score") if hasattr(model, n)]
+    if not head_names and task != "causal-lm":
         raise ConfigError(f"model.name: {type(model).__name__} has no 'classifier' or 'score' head")
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
-    return ModelInfo(family, modality, head_names, int(hidden), int(layers))
+    return ModelInfo(family, modality, head_names, int(hidden), int(layers), task)
 
 
-def _tiny_model(name: str, labels: dict, seed: int, image_size: int | None) -> tuple[nn.Module, Any]:
+def _tiny_model(name: str, labels: dict, seed: int, image_size: int | None, causal: bool = False) -> tuple[nn.Module, Any]:
     import transformers as tf  # attribute access keeps the slow image modules unimported for text
 
     size = dict(hidden=32, layers=2, heads=2, ffn=64)
@@ -299,4 +350,6 @@ def _tiny_model(name: str, labels: dict, seed: int, image_size: int | None) -> t
             intermediate_size=size["ffn"], max_position_embeddings=512,
             bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, **common,
         )
+    if causal:  # the same config (no labels): its language-model head instead of a classifier
+        return tf.AutoModelForCausalLM.from_config(config), tokenizer
     return tf.AutoModelForSequenceClassification.from_config(config), tokenizer

@@ -190,6 +190,7 @@ class Adapter(Method):
 
     name = "adapter"
     paper = "https://arxiv.org/abs/1902.00751"
+    causal_lm = "one bottleneck adapter per block after its feed-forward output (no head)"
     Options = AdapterOptions
 
     def prepare(self, model: nn.Module, info: ModelInfo) -> nn.Module:

@@ -31,11 +31,16 @@ class Method:
 
     Subclasses set ``name`` (the registry key), ``Options`` (a dataclass of the method's config
     keys, validated by :mod:`fedpeft.config`), ``paper`` (a link), and implement :meth:`prepare`.
+    Every method says what it does for ``task.kind = "causal-lm"``: ``causal_lm`` (what trains
+    there) or ``causal_lm_refused`` (why it refuses that task: a ``ConfigError`` when the config is
+    built, naming ``method.name``).
     """
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     paper: ClassVar[str] = ""
+    causal_lm: ClassVar[str] = ""  # task.kind = "causal-lm": what trains (and is exchanged) there
+    causal_lm_refused: ClassVar[str | None] = None  # or: why the method refuses causal-lm
 
     def __init__(self, options: object | None = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -45,7 +50,7 @@ class Method:
 
         The returned module may be a wrapper (e.g. a ``peft.PeftModel``). After this call,
         ``requires_grad`` is True for exactly the method's trainable parameters; the
-        classification head always trains.
+        classification head always trains (a causal LM has none: ``info.head_names`` is empty).
         """
         raise NotImplementedError
 

@@ -16,6 +16,7 @@ from fedpeft.models import ModelInfo
 class Full(Method):
     name = "full"
     paper = "https://arxiv.org/abs/1602.05629"
+    causal_lm = "every parameter, the language-model head (tied to the input embeddings in GPT-2) included"
 
     def prepare(self, model: nn.Module, info: ModelInfo) -> nn.Module:
         for p in model.parameters():

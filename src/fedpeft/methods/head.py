@@ -16,6 +16,10 @@ from fedpeft.models import ModelInfo
 class Head(Method):
     name = "head"
     paper = "https://arxiv.org/abs/2210.01708"
+    causal_lm_refused = (
+        "a causal LM has no task head: its output layer is the vocabulary projection (vocab x hidden, tied to "
+        "the input embeddings in GPT-2 and many others), neither small nor task-specific; use lora, prompt, "
+        "bias, adapter or layers")
 
     def prepare(self, model: nn.Module, info: ModelInfo) -> nn.Module:
         freeze_all(model)

@@ -62,6 +62,8 @@ class Layers(Method):
 
     name = "layers"
     paper = "https://arxiv.org/abs/2411.07826"
+    causal_lm = ("the last k blocks + what is registered above them: the final norm, and the LM head when it is "
+                 "not tied to the input embeddings (LLaMA; GPT-2's tied head stays frozen with the embeddings)")
     Options = LayersOptions
 
     def depth(self, info: ModelInfo) -> int:

@@ -117,7 +117,10 @@ def default_target_modules(model: nn.Module, family: str) -> list[str]:
 
 
 def peft_task_type(info: ModelInfo) -> str | None:
-    """``SEQ_CLS`` for text classifiers; None (a plain ``PeftModel``) for image classifiers."""
+    """``SEQ_CLS`` for text classifiers, ``CAUSAL_LM`` for causal LMs; None (a plain ``PeftModel``)
+    for image classifiers."""
+    if info.task == "causal-lm":
+        return "CAUSAL_LM"
     return "SEQ_CLS" if info.modality == "text" else None
 
 
@@ -170,6 +173,7 @@ class Lora(Method):
     name = "lora"
     paper = "https://arxiv.org/abs/2106.09685"
     Options = LoraOptions
+    causal_lm = "LoRA matrices on the attention projections (peft task CAUSAL_LM; no head)"
 
     def prepare(self, model: nn.Module, info: ModelInfo) -> nn.Module:
         from peft import LoraConfig

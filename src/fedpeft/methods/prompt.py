@@ -29,7 +29,7 @@ from torch import nn
 
 from fedpeft.errors import ConfigError
 from fedpeft.methods.base import Method, NamedArrays, freeze_all, unfreeze_head
-from fedpeft.methods.lora import peft_modules_to_save, save_peft_folder, wrap_with_peft
+from fedpeft.methods.lora import peft_modules_to_save, peft_task_type, save_peft_folder, wrap_with_peft
 from fedpeft.methods.registry import register
 from fedpeft.models import ModelInfo
 
@@ -117,6 +117,7 @@ class Prompt(Method):
     name = "prompt"
     paper = "https://arxiv.org/abs/2104.08691"
     Options = PromptOptions
+    causal_lm = "soft prompt tokens in front of the input (peft prompt tuning, task CAUSAL_LM; no head)"
 
     def prepare(self, model: nn.Module, info: ModelInfo) -> nn.Module:
         opts = self.options
@@ -130,7 +131,7 @@ class Prompt(Method):
         from peft import PromptTuningConfig
 
         config = PromptTuningConfig(
-            task_type="SEQ_CLS",
+            task_type=peft_task_type(info),
             num_virtual_tokens=opts.num_virtual_tokens,
             prompt_tuning_init="RANDOM" if opts.init == "random" else "SAMPLE_VOCAB",
             modules_to_save=peft_modules_to_save(info),

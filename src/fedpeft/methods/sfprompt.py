@@ -116,6 +116,8 @@ class SFPrompt(Method):
 
     name = "sfprompt"
     paper = "https://arxiv.org/abs/2407.17533"
+    causal_lm_refused = ("its split protocol and EL2N pruning are built on one label per row (a classifier's "
+                         "logits); not built for causal-lm yet: use prompt for soft prompts")
     Options = SFPromptOptions
 
     def prepare(self, model: nn.Module, info: ModelInfo) -> nn.Module:
