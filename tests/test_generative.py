@@ -171,3 +171,153 @@ def test_gradients_only_where_the_method_says(method, family):
         else:
             assert p.grad is None, name
     assert sum(float(p.grad.abs().sum()) for n, p in model.named_parameters() if n in names) > 0
+
+
+# --------------------------------------------------------------------------- instruction data
+
+
+def write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def load(tmp_path, train_rows, test_rows=None, **data):
+    from fedpeft.config import DataConfig
+    from fedpeft.data import load_instructions
+
+    cfg = DataConfig(train=write_jsonl(tmp_path / "train.jsonl", train_rows),
+                     test=write_jsonl(tmp_path / "test.jsonl", test_rows or train_rows), **data)
+    return load_instructions(cfg, seed=0)
+
+
+PAIRS = [("translate to french: cat", "chat"), ("what is two plus two", "four"),
+         ("name a color", "blue"), ("say hello to the federated world please now", "hello world")]
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_loss_counts_the_response_tokens_only(family, tmp_path):
+    """fedpeft's batch loss = cross-entropy over the response tokens (and EOS), computed here
+    independently: each row alone, its tokens assembled by hand, torch.nn.functional."""
+    from fedpeft.data import encode_instructions
+
+    loaded = causal(family)
+    tok, model = loaded.processor, loaded.model
+    data = load(tmp_path, [{"prompt": p, "response": r} for p, r in PAIRS])
+    split = encode_instructions(data.train, tok, "columns", 32, eos_id=102)
+    batch = split.batch(np.arange(len(split)))
+    assert batch["input_ids"].shape[1] < 32  # dynamically padded to the longest row
+    model.eval()
+    with torch.no_grad():
+        loss = model(**batch).loss
+    total, count, everything = 0.0, 0, 0.0
+    for prompt, response in zip(data.train["prompt"], data.train["response"]):
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        r = tok(response, add_special_tokens=False)["input_ids"] + [102]
+        ids = torch.tensor([p + r])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0]  # (T, V)
+        targets = ids[0, len(p):]  # predicted from positions len(p) - 1 .. T - 2
+        total += float(torch.nn.functional.cross_entropy(logits[len(p) - 1:-1], targets, reduction="sum"))
+        everything += float(torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="mean"))
+        count += len(r)
+    assert float(loss) == pytest.approx(total / count, rel=1e-5)
+    assert abs(float(loss) - everything / len(PAIRS)) > 1e-3  # the prompt tokens would change it
+
+
+def test_truncation_keeps_the_response():
+    from fedpeft.data.instruction_encode import fit_to_length
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        max_length = int(rng.integers(4, 20))
+        prefix = [1] * int(rng.integers(0, 2))
+        prompt = list(rng.integers(10, 99, int(rng.integers(1, 30))))
+        response = list(rng.integers(100, 199, int(rng.integers(1, 30))))
+        eos = [2]
+        ids, masked = fit_to_length(prefix, prompt, response, eos, max_length)
+        assert len(ids) <= max_length and ids[:len(prefix)] == prefix
+        kept_prompt, kept_answer = ids[len(prefix):masked], ids[masked:]
+        assert kept_answer, "the whole response was dropped"
+        assert kept_prompt and kept_prompt == prompt[len(prompt) - len(kept_prompt):]  # cut from the left
+        if len(prefix) + len(prompt) + len(response) + 1 <= max_length:
+            assert ids == prefix + prompt + response + eos
+        elif len(response) + 1 <= max_length - len(prefix) - 1:  # the response fits with one prompt token
+            assert kept_answer == response + eos and len(ids) == max_length
+        else:  # the response alone does not fit: cut from the right, no EOS, one prompt token
+            assert len(kept_prompt) == 1 and kept_answer == response[:len(kept_answer)] and len(ids) == max_length
+
+
+def test_long_rows_keep_their_response_when_encoded(tmp_path):
+    from fedpeft.data import encode_instructions
+
+    loaded = causal("tiny-gpt2")
+    rows = [{"prompt": "word " * 200, "response": "the answer is here"},
+            {"prompt": "short", "response": "very long answer " * 50}]
+    split = encode_instructions(load(tmp_path, rows).train, loaded.processor, "columns", 16, eos_id=102)
+    trained = (split.labels != -100).sum(-1)
+    assert trained.min() >= 1 and split.features["attention_mask"].sum(-1).max() == 16
+    answer = loaded.processor("the answer is here", add_special_tokens=False)["input_ids"] + [102]
+    row = [i for i, p in enumerate(load(tmp_path, rows).train["prompt"]) if p.startswith("word")][0]
+    assert split.labels[row][split.labels[row] != -100].tolist() == answer  # whole, prompt cut instead
+
+
+def test_alpaca_and_chat_prompts(tmp_path):
+    from fedpeft.data.instruction_encode import plain_chat_prompt, render_prompts
+    from fedpeft.data.instructions import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
+
+    rows = [{"instruction": "Add", "input": "2 and 3", "output": "5"}, {"instruction": "Greet", "output": "hi"}]
+    data = load(tmp_path, rows, format="alpaca")
+    prompts = dict(zip(data.train["response"], data.train["prompt"]))
+    assert prompts["5"] == ALPACA_PROMPT.format(instruction="Add", input="2 and 3")
+    assert prompts["hi"] == ALPACA_PROMPT_NO_INPUT.format(instruction="Greet")
+    assert prompts["5"].endswith("### Response:\n")
+
+    chat = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "hello"}]}]
+    data = load(tmp_path, chat, format="chat")
+    tok = causal("tiny-gpt2").processor
+    assert data.train["response"] == ["hello"]
+    prompts, responses, eos = render_prompts(data.train, "chat", tok)  # no chat template: the plain one
+    assert prompts == ["system: be brief\nuser: hi\nassistant: "] == [plain_chat_prompt(chat[0]["messages"][:2])]
+    assert responses == ["hello"] and eos
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    prompts, responses, eos = render_prompts(data.train, "chat", tok)
+    assert prompts == ["<system>be brief</s><user>hi</s><assistant>"] and responses == ["hello</s>"] and not eos
+
+
+@pytest.mark.parametrize("rows,data,message", [
+    ([{"prompt": "a", "answer": "b"}], {}, r"no column 'response' \(set data.response_column\); available columns: prompt, answer"),
+    ([{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "  "}], {}, r"response column 'response' is empty in 1 row \(line 2\)"),
+    ([{"prompt": "", "response": "b"}], {}, r"prompt column 'prompt' is empty in 1 row \(line 1\)"),
+    ([{"q": "a", "a": "b"}], {"prompt_column": "q", "response_column": "x"}, r"no column 'x' \(set data.response_column\)"),
+    ([{"instruction": "a"}], {"format": "alpaca"}, r"no column 'output'"),
+    ([{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}], {"format": "chat"},
+     r"not a usable conversation in 1 row \(line 1\): the last message \(the response\) must be the assistant's"),
+    ([{"messages": [{"role": "assistant", "content": "b"}]}], {"format": "chat"}, "at least one message before"),
+    ([{"messages": "not json"}], {"format": "chat"}, "not a JSON list"),
+    ([{"prompt": "a", "response": "b", "domain": ""}], {"category_column": "domain"}, "category column 'domain' is empty"),
+])
+def test_bad_instruction_data_is_a_clear_error(tmp_path, rows, data, message):
+    from fedpeft.errors import DataError
+
+    with pytest.raises(DataError, match=message):
+        load(tmp_path, rows, **data)
+
+
+def test_categories_partition_like_labels(tmp_path):
+    from fedpeft.config import PartitionConfig
+    from fedpeft.data import partition
+
+    rows = [{"prompt": f"q{i}", "response": f"a{i}", "domain": ["law", "med", "code"][i % 3]} for i in range(60)]
+    data = load(tmp_path, rows, category_column="domain")
+    assert data.category_names == ["code", "law", "med"] and "category" not in data.test.column_names
+    cats = data.categories()
+    assert np.bincount(cats).tolist() == [20, 20, 20]
+    for scheme in ("iid", "dirichlet", "shards"):
+        parts = partition(cats, PartitionConfig(scheme=scheme, num_clients=3, alpha=0.1, shards_per_client=1), 0)
+        assert sorted(np.concatenate(parts).tolist()) == list(range(60))
+    parts = partition(cats, PartitionConfig(scheme="shards", num_clients=3, shards_per_client=1), 0)
+    assert all(len(set(cats[p].tolist())) == 1 for p in parts)  # one domain per client

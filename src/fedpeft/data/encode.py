@@ -43,7 +43,7 @@ class EncodedSplit:
     # text: "input_ids" (N, L) int64 and "attention_mask" (N, L) int64, L = max_length;
     # image: "pixel_values" (N, C, H, W) float32
     features: dict[str, torch.Tensor]
-    labels: torch.Tensor  # (N,) int64
+    labels: torch.Tensor  # (N,) int64; causal-lm: (N, L), -100 where no loss (fedpeft.data.instruction_encode)
     padding_side: str = "right"
 
     def __len__(self) -> int:
@@ -53,13 +53,14 @@ class EncodedSplit:
         """Model inputs plus ``"labels"`` for rows ``index`` (LongTensor, numpy array or list).
 
         Text is trimmed to the longest row of the batch: columns that are padding in every row
-        are dropped from the padding side (dynamic padding).
+        are dropped from the padding side (dynamic padding); per-token labels (causal-lm) with them.
         """
         if isinstance(index, torch.Tensor):
             rows = index.to(torch.long)
         else:
             rows = torch.as_tensor(np.asarray(index, dtype=np.int64))
         out = {name: tensor[rows] for name, tensor in self.features.items()}
+        labels = self.labels[rows]
         mask = out.get("attention_mask")
         if mask is not None and mask.shape[0] > 0:
             used = mask.any(dim=0).nonzero().flatten()  # (L_used,) columns with a real token
@@ -69,10 +70,12 @@ class EncodedSplit:
                 else:
                     keep = slice(0, int(used[-1]) + 1)
                 out = {name: t[:, keep] if t.dim() == 2 else t for name, t in out.items()}
+                if labels.dim() == 2:  # a label per token (causal-lm): trimmed with its tokens
+                    labels = labels[:, keep]
             if self.padding_side == "left":
                 # decoders with absolute positions (GPT-2) must not count the left padding
                 out["position_ids"] = (out["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # (B, L)
-        out["labels"] = self.labels[rows]
+        out["labels"] = labels
         return out
 
 
