@@ -12,7 +12,11 @@ from fedpeft.errors import ConfigError
 from fedpeft.methods import get_method_class, method_names, trainable_names
 from fedpeft.models import load_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (conftest)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),  # tiny tensors: one torch thread (conftest)
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing"),  # peft 0.21 on transformers 5
+    pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`"),  # LoRA on lm_head saves it
+]
 
 DECODERS = ["tiny-gpt2", "tiny-llama"]
 CAUSAL_METHODS = [m for m in method_names() if get_method_class(m).causal_lm_refused is None]
@@ -321,3 +325,168 @@ def test_categories_partition_like_labels(tmp_path):
         assert sorted(np.concatenate(parts).tolist()) == list(range(60))
     parts = partition(cats, PartitionConfig(scheme="shards", num_clients=3, shards_per_client=1), 0)
     assert all(len(set(cats[p].tolist())) == 1 for p in parts)  # one domain per client
+
+
+# --------------------------------------------------------------------------- training and costs
+
+
+def small_split(loaded, tmp_path, n: int = 8):
+    from fedpeft.data import encode_instructions
+
+    rows = [{"prompt": PAIRS[i % 4][0], "response": PAIRS[i % 4][1]} for i in range(n)]
+    data = load(tmp_path, rows)
+    return encode_instructions(data.train, loaded.processor, "columns", 24, eos_id=102)
+
+
+FLOPS_CHECKED = ("full", "lora", "prompt")  # every parameter's backward; adapters on q/v; prompts shift L
+
+
+@pytest.mark.parametrize("method,family", MATRIX)
+def test_one_round_moves_exactly_the_exchanged_state(method, family, tmp_path):
+    """One FedAvg round of two clients on causal-lm batches moves every exchanged tensor and no
+    other, reports the exchanged bytes, and (FLOPS_CHECKED) counts each client's FLOPs exactly:
+    TrainingFlops' closed form = FlopCounterMode on the real (B, L)-labelled batches."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fedpeft.config import FederationConfig
+    from fedpeft.federation.client import ClientTrainer, client_seed
+    from fedpeft.federation.costs import message_bytes
+    from fedpeft.federation.strategy import FedAvgStrategy
+    from fedpeft.methods import get_state
+
+    loaded, m, model = prepared(method, family)
+    names = m.exchanged_names(model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in set(names)}
+    cfg = FederationConfig(clients_per_round=2, local_steps=2, batch_size=3, lr=1e-2)
+    split = small_split(loaded, tmp_path)
+    trainer = ClientTrainer(model, names, split, cfg, seed=0)
+    strategy = FedAvgStrategy(cfg, num_clients=2, seed=0)
+    parts = [np.arange(0, 4), np.arange(4, 8)]
+    start = get_state(model, names)
+    plan = strategy.plan_round(1)
+    results = [trainer.fit(c, parts[c], start, 1) for c in plan.training]
+    outcome = strategy.aggregate_round(1, start, results)
+    assert outcome.aggregated and set(outcome.state) == set(names)
+    assert not [n for n in names if np.array_equal(outcome.state[n], start[n])], "an exchanged tensor did not move"
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"frozen {n} changed"
+    assert all(message_bytes(r.state) == sum(a.nbytes + len(k.encode()) for k, a in start.items()) for r in results)
+    if method not in FLOPS_CHECKED:
+        return
+    # FLOPs: the client's count = the counter on the same batches (same order, same shapes)
+    client = plan.training[0]
+    order = trainer.batch_order(parts[client], 2, torch.Generator().manual_seed(client_seed(0, 1, client)))
+    counted = 0
+    for rows in order:
+        batch = split.batch(rows)
+        assert batch["labels"].shape == batch["input_ids"].shape  # (B, L), trimmed with the tokens
+        model.train()
+        with FlopCounterMode(display=False) as counter:
+            model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+        counted += counter.get_total_flops()
+    assert results[0].metrics["flops"] == counted > 0
+
+
+# --------------------------------------------------------------------------- a run that learns
+
+FACTS = {"sky": "light blue", "grass": "dark green", "snow": "pure white", "coal": "deep black", "blood": "bright red"}
+TRAIN_TEMPLATES = ["color of {}", "colour of {}", "the {}", "what {}"]
+TEST_TEMPLATES = ["name {}"]  # held-out phrasing
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """A few rounds of federated LoRA on tiny-llama over a synthetic instruction set it can learn:
+    a prompt ending in a thing ("what snow") answered by that thing's two-word colour ("pure
+    white"), held-out prompts phrased otherwise. LoRA also adapts the LM head: a random tiny
+    model's output layer (std 0.02 over 30k tokens) caps every logit near +-0.6, so LoRA on the
+    attention alone cannot make any token likely."""
+    root = tmp_path_factory.mktemp("learned")
+    rng = np.random.default_rng(0)
+
+    def rows(n, templates):
+        keys = rng.choice(sorted(FACTS), n)
+        return [{"prompt": str(rng.choice(templates)).format(k), "response": FACTS[k], "thing": k} for k in keys]
+
+    raw = {"model": {"name": "tiny-llama", "max_length": 16},
+           "task": {"kind": "causal-lm", "max_new_tokens": 4, "generation_samples": 20, "saved_generations": 3},
+           "data": {"train": write_jsonl(root / "train.jsonl", rows(80, TRAIN_TEMPLATES)),
+                    "test": write_jsonl(root / "test.jsonl", rows(20, TEST_TEMPLATES)), "category_column": "thing"},
+           "partition": {"scheme": "iid", "num_clients": 2},  # the category column: histograms in partition.json
+           "method": {"name": "lora", "r": 8, "target_modules": ["q_proj", "v_proj", "lm_head"]},
+           "federation": {"rounds": 4, "local_steps": 15, "batch_size": 4, "lr": 1e-2},
+           "runtime": {"seed": 0, "progress": False}}
+    from fedpeft.experiment import build_experiment, run_experiment
+
+    cfg = Config.from_dict(raw)
+    untrained_exp = build_experiment(cfg)
+    untrained = untrained_exp.evaluate(untrained_exp.initial_state())
+    summary = run_experiment(cfg, out=root / "run")
+    return root / "run", summary, untrained
+
+
+def test_lora_rounds_learn_the_instructions(learned):
+    import json
+
+    run, summary, untrained = learned
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert untrained["eval_loss"] > 9 and untrained["exact_match"] == 0 and untrained["rouge_l"] == 0
+    losses = [r["eval_loss"] for r in rows]
+    assert losses[-1] < 1.0 < untrained["eval_loss"] / 5 and losses[-1] < losses[0]
+    assert rows[-1]["exact_match"] >= 0.6 and rows[-1]["rouge_l"] >= 0.6
+    for r in rows:  # causal-lm metrics in place of accuracy
+        assert r["accuracy"] is None and r["macro_f1"] is None and r["loss"] == r["eval_loss"]
+        assert r["perplexity"] == pytest.approx(np.exp(r["eval_loss"]))
+        assert r["client_flops"] > 0 and r["bytes_up"] > 0
+    assert summary["task"] == "causal-lm" and summary["final_accuracy"] is None
+    assert summary["final_perplexity"] == rows[-1]["perplexity"] and summary["final_rouge_l"] == rows[-1]["rouge_l"]
+    assert summary["final_exact_match"] == rows[-1]["exact_match"] and summary["final_eval_loss"] == losses[-1]
+    assert summary["client_flops_total"] == sum(r["client_flops"] for r in rows)
+    assert summary["client_peak_memory_mb"]["predicted"] > 0  # the cost model traces a causal LM too
+    for rnd in range(1, 5):
+        saved = [json.loads(line) for line in (run / "generations" / f"round_{rnd}.jsonl").read_text().splitlines()]
+        assert len(saved) == 3 and set(saved[0]) == {"row", "prompt", "reference", "generation", "exact_match", "rouge_l"}
+    assert all(g["generation"] == g["reference"] for g in saved if g["exact_match"])
+    partition = json.loads((run / "partition.json").read_text())
+    assert partition["label_names"] == sorted(FACTS)
+    assert all(sum(c["label_histogram"]) == c["samples"] for c in partition["clients"])
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # the accuracy plots have no curve
+def test_eval_and_report_read_a_causal_lm_run(learned, tmp_path):
+    import shutil
+
+    from fedpeft.experiment import evaluate_run
+    from fedpeft.report import write_report
+    from fedpeft.results import RunDir
+
+    run, summary, _ = learned
+    again = evaluate_run(run)
+    assert again["round"] == 4 and again["eval_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-6)
+    assert again["exact_match"] == summary["final_exact_match"]
+    shutil.copytree(run, tmp_path / "runs" / "a", ignore=shutil.ignore_patterns("model"))
+    report = write_report(tmp_path / "runs")  # accuracy columns stay empty, nothing breaks
+    assert report.path.is_file() and len(report.rows) == 1
+    assert RunDir(run).latest_checkpoint().round == 4
+
+
+def test_tune_refuses_causal_lm(tmp_path):
+    from fedpeft.tune import run_tune
+
+    path = tmp_path / "c.toml"
+    Config.from_dict(cfg_dict()).save(path)
+    with pytest.raises(ConfigError, match='task.kind = "causal-lm": fedpeft tune scores validation macro-F1'):
+        run_tune(path, tmp_path / "t")
+
+
+def test_plan_prices_causal_lm_methods_and_refuses_head(learned, tmp_path):
+    from fedpeft.budgets.planner import plan
+    from fedpeft.results import RunDir, load_run_config
+
+    cfg, _ = load_run_config(RunDir(learned[0]))
+    rows = plan(cfg, methods=["lora", "prompt"]).rows
+    assert [r.method for r in rows] == ["lora", "prompt"] and all(r.memory_mb > 0 and r.flops_per_round > 0 for r in rows)
+    with pytest.raises(ConfigError, match='--methods: "head" with task.kind = "causal-lm"'):
+        plan(cfg, methods=["head"])

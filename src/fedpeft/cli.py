@@ -398,8 +398,10 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
         The run folder.
     """
     table = Table(show_header=False)
+    scores = ("final_eval_loss", "final_perplexity", "final_exact_match", "final_rouge_l") \
+        if summary.get("task") == "causal-lm" else ("final_accuracy", "best_accuracy", "final_macro_f1")
     for key in (
-        "method", "final_accuracy", "best_accuracy", "final_macro_f1", "trainable_params", "total_params",
+        "method", *scores, "trainable_params", "total_params",
         "bytes_per_client_update", "total_bytes_up", "total_bytes_down", "upload_reduction_vs_full",
         "client_flops_total", "peak_rss_mb", "wall_s",
     ):

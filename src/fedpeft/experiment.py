@@ -18,7 +18,8 @@ from torch import nn
 
 from fedpeft.config import DATA_LOCATION_KEYS, RESUMABLE_CHANGES, Config, DataConfig, apply_overrides, flatten_config
 from fedpeft.data import (
-    ClassificationData, EncodedSplit, absolute_path, encode, label_histograms, load_data, partition, resolved_config,
+    ClassificationData, EncodedSplit, InstructionData, absolute_path, encode, encode_instructions, label_histograms,
+    load_data, load_instructions, partition, resolved_config,
 )
 from fedpeft.checkpoint import Checkpoint
 from fedpeft.errors import ConfigError, FedPeftError, RunInterrupted, UpdateRejected
@@ -27,6 +28,7 @@ from fedpeft.federation.assignment import Assignment
 from fedpeft.federation.attacks import AttackingTrainer, malicious_clients
 from fedpeft.federation.client import ClientTrainer, evaluate
 from fedpeft.federation.costs import message_bytes, model_message_bytes, param_counts, train_state_bytes
+from fedpeft.federation.generative import eos_token_ids, evaluate_causal_lm
 from fedpeft.federation.strategy import FedAvgStrategy
 from fedpeft.methods import Method, NamedArrays, build_method, get_state, set_state
 from fedpeft.privacy.client_level import LocalDPTrainer, plan_client_dp
@@ -46,7 +48,7 @@ class Experiment:
     """Everything a runtime needs, built once from a :class:`Config`."""
 
     cfg: Config
-    data: ClassificationData
+    data: ClassificationData | InstructionData  # causal-lm: prompt/response pairs
     info: ModelInfo
     method: Method
     model: nn.Module  # the prepared model: backbone frozen as the method says
@@ -60,6 +62,7 @@ class Experiment:
     attackers: list[int] = field(default_factory=list)  # [attack]: the malicious clients' ids
     budgets: Any = None  # [budgets]: each client's profile, k and fit (fedpeft.budgets.clients.BudgetPlan)
     sample_dp: Any = None  # [privacy] mode = "sample": its SampleDP (fedpeft.privacy.sample_level)
+    eos_ids: list[int] = field(default_factory=list)  # causal-lm: the ids that end a response (first: appended)
 
     @property
     def assignment(self) -> Any:
@@ -74,8 +77,21 @@ class Experiment:
         return get_state(self.model, self.names + (fedex.base_names if fedex else []))
 
     def evaluate(self, state: dict[str, np.ndarray]) -> dict[str, float]:
+        """The global model's test metrics: accuracy, macro-F1, loss (classification); eval_loss,
+        perplexity, exact_match, rouge_l, loss (causal-lm, :mod:`fedpeft.federation.generative`)."""
+        return self.evaluate_and_sample(state)[0]
+
+    def evaluate_and_sample(self, state: dict[str, np.ndarray]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """:meth:`evaluate` and, for causal-lm, the first ``task.saved_generations`` generations
+        (prompt, reference, generation, scores); none for classification."""
         set_state(self.model, state)
-        return evaluate(self.model, self.test, self.cfg.federation.eval_batch_size, self.data.num_labels)
+        fed, task = self.cfg.federation, self.cfg.task
+        if not task.generative:
+            return evaluate(self.model, self.test, fed.eval_batch_size, self.data.num_labels), []
+        metrics, generations = evaluate_causal_lm(
+            self.model, self.test, self.data.test["response"], self.processor, fed.eval_batch_size, self.eos_ids,
+            task.generation("max_new_tokens"), task.generation("generation_samples"))
+        return metrics, generations[:task.generation("saved_generations")]
 
     def static_summary(self) -> dict[str, Any]:
         trainable, total = param_counts(self.model)
@@ -93,6 +109,7 @@ class Experiment:
             "train_samples": len(self.train),
             "test_samples": len(self.test),
             "num_labels": self.data.num_labels,
+            **({"task": "causal-lm", "data_format": self.data.format} if self.cfg.task.generative else {}),
             "trainable_params": trainable,
             "total_params": total,
             "exchanged_params": int(sum(a.size for a in state.values())),
@@ -169,13 +186,16 @@ class Experiment:
         }
 
     def partition_report(self) -> dict[str, Any]:
-        labels = self.train.labels.numpy()
-        hist = label_histograms(labels, self.parts, self.data.num_labels)
+        """Each client's samples and label histogram (causal-lm: the histogram over
+        ``data.category_column``'s categories, none without one)."""
+        labels = self.data.categories() if self.cfg.task.generative else self.train.labels.numpy()
+        hist = label_histograms(labels, self.parts, self.data.num_labels) if self.data.num_labels else None
         return {
             "scheme": self.cfg.partition.scheme,
             "num_clients": len(self.parts),
             "label_names": self.data.label_names,
-            "clients": [{"id": i, "samples": int(len(p)), "label_histogram": h} for i, (p, h) in enumerate(zip(self.parts, hist))],
+            "clients": [{"id": i, "samples": int(len(p)), **({} if hist is None else {"label_histogram": hist[i]})}
+                        for i, p in enumerate(self.parts)],
         }
 
 
@@ -223,24 +243,32 @@ def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
     seed = cfg.runtime.seed
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
-    image_model = is_image_model(cfg.model.name)
-    data = load_data(cfg.data, seed)
+    generative = cfg.task.generative  # causal-lm: instruction data, a decoder with its LM head
+    image_model = not generative and is_image_model(cfg.model.name)
+    data = load_instructions(cfg.data, seed) if generative else load_data(cfg.data, seed)
     cfg = replace(cfg, data=resolved_config(cfg.data, data))
     if (data.modality == "image") != image_model:
         raise ConfigError(
             f"model.name {cfg.model.name!r} does not take {data.modality} data ({data.source})"
         )
     torch.manual_seed(seed)
-    loaded = load_model(cfg.model, data.label_names, seed)
+    loaded = load_model(cfg.model, data.label_names, seed, task=cfg.task.kind)
+    eos_ids = eos_token_ids(loaded.processor, loaded.model) if generative else []
     method = build_method(cfg.method.name, cfg.method.options)
     torch.manual_seed(seed)
     model = method.prepare(loaded.model, loaded.info)
     model.eval()
     names = method.exchanged_names(model)
-    train = encode(data.train, loaded.processor, data.modality, cfg.model.max_length, cfg.data.cache_dir)
-    test_rows = data.test if with_test else data.test.select([])
-    test = encode(test_rows, loaded.processor, data.modality, cfg.model.max_length, cfg.data.cache_dir)
-    parts = partition(train.labels.numpy(), cfg.partition, seed)
+
+    def encode_split(rows: Any) -> EncodedSplit:
+        if generative:
+            return encode_instructions(rows, loaded.processor, data.format, cfg.model.max_length, eos_ids[0],
+                                       cfg.data.cache_dir)
+        return encode(rows, loaded.processor, data.modality, cfg.model.max_length, cfg.data.cache_dir)
+
+    train = encode_split(data.train)
+    test = encode_split(data.test if with_test else data.test.select([]))
+    parts = partition(data.categories() if generative else train.labels.numpy(), cfg.partition, seed)
     trainer = method.make_trainer(model, names, train, cfg.federation, seed, model_blocks(model, loaded.info),
                                   cfg.runtime.frozen_cache_mb)  # a ClientTrainer, or the method's own
     privacy = plan_client_dp(cfg)  # [privacy] (None: mode = "none")
@@ -266,7 +294,7 @@ def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
     strategy = FedAvgStrategy(cfg.federation, len(parts), seed, fedex, assignment,
                               budgets.infeasible if budgets is not None else None, privacy)
     return Experiment(cfg, data, loaded.info, method, model, names, train, test, parts, trainer, strategy,
-                      loaded.processor, attackers, budgets, sample_dp)
+                      loaded.processor, attackers, budgets, sample_dp, eos_ids)
 
 
 def _plan_budgets(cfg: Config, method: Method, model: nn.Module, info: ModelInfo, names: list[str], fedex: Any,

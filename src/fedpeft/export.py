@@ -2,7 +2,7 @@
 
 Layout of the folder (see ``docs/methods.md``, "Loading a saved model without fedpeft")::
 
-    config.json              the base model's config with this run's labels (id2label, label2id)
+    config.json              the base model's config with this run's labels (id2label, label2id; causal-lm: none)
     tokenizer files          text: the tokenizer, as fedpeft encoded the data
     preprocessor_config.json image: the image processor
     adapter_config.json      lora, text prompt: a peft adapter folder ...
@@ -11,6 +11,9 @@ Layout of the folder (see ``docs/methods.md``, "Loading a saved model without fe
     base/                    tiny-* models only: the randomly initialised base model itself
     fedpeft.json             method, options, base model reference, fedpeft version, labels
     README.md                the model card, with a loading snippet for this method
+
+A causal LM (``task.kind = "causal-lm"``) is exported the same way, loaded with
+``AutoModelForCausalLM``; its card generates instead of classifying (:mod:`fedpeft.export_lm`).
 
 The base model reference means the same thing on another machine: the hub id of the packaged
 MiniLM, the hub id or local folder the run was given, or ``base`` (relative to the folder).
@@ -93,7 +96,7 @@ def export_model(exp: Experiment, state: NamedArrays, directory: str | Path, sum
     set_state(exp.model, state)
     exp.method.save_pretrained(exp.model, directory, state)
     base = base_model_reference(exp.cfg.model.name)
-    _save_config(_transformers_model(exp.model), exp.data.label_names, directory)
+    _save_config(_transformers_model(exp.model), None if exp.cfg.task.generative else exp.data.label_names, directory)
     _save_processor(exp, directory)
     merged = _is_merged(directory)
     if base.kind == "included" and not merged:
@@ -117,6 +120,8 @@ def _facts(exp: Experiment, base: BaseModelRef) -> dict[str, Any]:
         "base_model_kind": base.kind,
         "modality": exp.info.modality,
         "label_names": list(exp.data.label_names),
+        **({"task": "causal-lm", "data_format": exp.data.format, "eos_token_ids": exp.eos_ids}
+           if exp.cfg.task.generative else {}),
         "fedpeft_version": __version__,
     }
 
@@ -124,7 +129,7 @@ def _facts(exp: Experiment, base: BaseModelRef) -> dict[str, Any]:
 def _save_tiny_base(exp: Experiment, folder: Path) -> None:
     """Rebuild the seeded random tiny model the run started from and save it as ``folder``."""
     with torch.random.fork_rng(devices=[]):  # the run's random state is left as it was
-        loaded = load_model(exp.cfg.model, exp.data.label_names, exp.cfg.runtime.seed)
+        loaded = load_model(exp.cfg.model, exp.data.label_names, exp.cfg.runtime.seed, task=exp.cfg.task.kind)
     loaded.model.save_pretrained(folder)
 
 
@@ -133,11 +138,13 @@ def _transformers_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _save_config(model: nn.Module, labels: list[str], directory: Path) -> None:
-    """``config.json``: the base model's config, naming this run's labels and head class."""
+def _save_config(model: nn.Module, labels: list[str] | None, directory: Path) -> None:
+    """``config.json``: the base model's config, naming this run's labels (None: a causal LM, no
+    labels) and head class."""
     config = copy.deepcopy(model.config)
-    config.id2label = dict(enumerate(labels))
-    config.label2id = {name: i for i, name in enumerate(labels)}
+    if labels is not None:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
     config.architectures = [type(model).__name__]
     config.save_pretrained(directory)
 
@@ -169,10 +176,11 @@ def _model_card(exp: Experiment, base: BaseModelRef, summary: dict[str, Any], di
     """The README.md of an export: what was trained, how well, at what cost, and how to load it."""
     is_peft = (directory / "adapter_config.json").is_file()
     rebuild = None if is_peft or merged else exp.method.rebuild_code(exp.model)
+    generative = exp.cfg.task.generative
     front = [
         "---", f"library_name: {'peft' if is_peft else 'transformers'}",
         *([f"base_model: {base.reference}"] if base.kind == "hub" else []),
-        f"pipeline_tag: {exp.info.modality}-classification",
+        f"pipeline_tag: {'text-generation' if generative else exp.info.modality + '-classification'}",
         f"tags: [fedpeft, federated-learning, {exp.method.name}]", "---", "",
     ]
     notes = []
@@ -185,9 +193,15 @@ def _model_card(exp: Experiment, base: BaseModelRef, summary: dict[str, Any], di
     if merged:
         notes += ["The adapter is merged: this folder is the whole model (the federation changed the base "
                   "weights of the adapted layers too), loaded with plain `transformers`.", ""]
-    load = _merged_load_code(exp) if merged else _load_code(exp, base, is_peft, rebuild)
+    if generative:
+        from fedpeft import export_lm
+
+        load, use = export_lm.load_code(base.kind, base.reference, is_peft, rebuild, merged), export_lm.generate_code(exp)
+    else:
+        load = _merged_load_code(exp) if merged else _load_code(exp, base, is_peft, rebuild)
+        use = _predict_code(exp)
     code = ["```python", load, "```", "",
-            "```python", _predict_code(exp), "```", ""]
+            "```python", use, "```", ""]
     title = f"# `{exp.method.name}` on {exp.cfg.model.name}: federated fine-tuning with fedpeft"
     return "\n".join([*front, title, "", *_results_table(exp, base, summary), "", "## How to load", "",
                       *notes, *code])
@@ -195,6 +209,18 @@ def _model_card(exp: Experiment, base: BaseModelRef, summary: dict[str, Any], di
 
 def _results_table(exp: Experiment, base: BaseModelRef, summary: dict[str, Any]) -> list[str]:
     options = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(exp.method.options).items())
+    if exp.cfg.task.generative:
+        from fedpeft.export_lm import results_rows
+
+        return [
+            "| | |", "|---|---|",
+            f"| method | `{exp.method.name}` ({options or 'no options'}), {exp.method.paper} |",
+            f"| base model | {_base_line(base, exp.cfg.model.name, exp.cfg.runtime.seed)} (causal LM) |",
+            *results_rows(exp, summary),
+            f"| bytes up / down, all clients and rounds | {summary.get('total_bytes_up', 0):,} / "
+            f"{summary.get('total_bytes_down', 0):,} |",
+            f"| trainable parameters | {summary.get('trainable_params', 0):,} |",
+        ]
     labels = exp.data.label_names
     shown = ", ".join(labels[:20]) + (f", ... ({len(labels)} in config.json)" if len(labels) > 20 else "")
     return [

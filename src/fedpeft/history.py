@@ -25,6 +25,8 @@ CLIENT_METRICS = ("train_loss", "steps", "samples_processed", "flops", "compute_
                   "activation_bytes_down", "client_flops_pct_of_full",
                   # [privacy] mode = "sample": the client's epsilon spent so far, its rows clipped
                   "epsilon", "dp_clipped_fraction")
+# causal-lm evaluation (fedpeft.federation.generative): in every row of such a run, in place of accuracy
+GENERATIVE_METRICS = ("eval_loss", "perplexity", "exact_match", "rouge_l")
 # split training (sfprompt, fedpeft.split.trainer): per-client metrics summed into the round row
 SPLIT_METRICS = ("server_flops", "activation_bytes_up", "activation_bytes_down")
 
@@ -41,6 +43,7 @@ def round_row(
     down_bytes: dict[int, int] | None = None,
     attackers: list[int] | None = None,
     labels: dict[int, dict[str, Any]] | None = None,
+    generative: bool = False,
 ) -> dict[str, Any]:
     """One ``metrics.jsonl`` row.
 
@@ -56,7 +59,9 @@ def round_row(
     payloads (FedEx-LoRA: the base-weight residuals each one has not received yet).
     ``attackers`` are the malicious clients (``[attack]``); ``clients_attacking`` lists those that
     trained this round. ``labels`` (client -> fields) adds what a per-client assignment chose to
-    each selected client's entry (``layers``: ``k``, the blocks it trains).
+    each selected client's entry (``layers``: ``k``, the blocks it trains). ``generative``
+    (causal-lm): the row also has :data:`GENERATIVE_METRICS` (None when not evaluated) and no
+    accuracy, macro-F1 or predicted classes (None).
     """
     results = delivery.results
     by_client = {r.client: r for r in results}
@@ -107,6 +112,7 @@ def round_row(
         "macro_f1": ev.get("macro_f1"),
         "predicted_classes": ev.get("predicted_classes"),
         "loss": ev.get("loss"),
+        **({k: ev.get(k) for k in GENERATIVE_METRICS} if generative else {}),
         "train_loss": train_loss,
         "aggregated": outcome.aggregated,
         "clients_selected": len(plan.selected),
@@ -139,8 +145,10 @@ def round_row(
 
 
 def summarize(rows: list[dict[str, Any]], static: dict[str, Any]) -> dict[str, Any]:
-    """The run summary: ``static`` facts plus totals and accuracies derived from ``rows``."""
-    evaluated = [r for r in rows if r.get("accuracy") is not None]
+    """The run summary: ``static`` facts plus totals and accuracies derived from ``rows`` (causal-lm:
+    ``final_eval_loss``, ``final_perplexity``, ``final_exact_match``, ``final_rouge_l``,
+    ``best_rouge_l`` instead of accuracies, which are None)."""
+    evaluated = [r for r in rows if r.get("accuracy") is not None or r.get("eval_loss") is not None]
     last = evaluated[-1] if evaluated else {}
     client_rounds = sum(r["clients_reported"] for r in rows)
     updates = [c["bytes_up"] for r in rows for c in r["clients"] if c.get("bytes_up")]
@@ -152,7 +160,7 @@ def summarize(rows: list[dict[str, Any]], static: dict[str, Any]) -> dict[str, A
         "final_macro_f1": last.get("macro_f1"),
         "predicted_classes": last.get("predicted_classes"),  # distinct classes the final model predicts
         "final_loss": last.get("loss"),
-        "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
+        "best_accuracy": max((r["accuracy"] for r in evaluated if r["accuracy"] is not None), default=None),
         "total_bytes_up": sum(r["bytes_up"] for r in rows),
         "total_bytes_down": sum(r["bytes_down"] for r in rows),
         "mb_up_per_round": sum(r["bytes_up"] for r in rows) / n / 1e6,
@@ -184,6 +192,9 @@ def summarize(rows: list[dict[str, Any]], static: dict[str, Any]) -> dict[str, A
         "eval_s": sum(r["eval_s"] for r in rows),
         "peak_rss_mb": max((r["peak_rss_mb"] for r in rows), default=peak_rss_mb()),
     }
+    if static.get("task") == "causal-lm":
+        summary.update({f"final_{k}": last.get(k) for k in GENERATIVE_METRICS})
+        summary["best_rouge_l"] = max((r["rouge_l"] for r in evaluated if r.get("rouge_l") is not None), default=None)
     summary.update(_split_summary(rows, static, client_rounds))
     if static.get("privacy") == "sample":  # DP-SGD: the largest epsilon any client has spent
         summary["epsilon"] = max((c["epsilon"] for r in rows for c in r["clients"] if "epsilon" in c), default=0.0)

@@ -8,6 +8,7 @@ Layout of ``DIR``::
     summary.json       the headline numbers, rewritten after every round
     checkpoint/        the two newest checkpoints, round-NNNNN/ each (see fedpeft.checkpoint)
     model/             the final model, self-contained: loads without fedpeft (fedpeft.export)
+    generations/       causal-lm: round_N.jsonl, a few held-out generations of each evaluated round
 
 Every file is written atomically (temporary file, then rename), so a kill never leaves a
 half-written file and never loses a finished round. The checkpoint is the source of truth: on
@@ -40,6 +41,7 @@ class RunDir:
         self.partition = self.path / "partition.json"
         self.checkpoint = self.path / "checkpoint"
         self.model = self.path / "model"
+        self.generations = self.path / "generations"
 
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -70,6 +72,13 @@ class RunDir:
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Replace ``metrics.jsonl`` with ``rows`` (on resume: the rows the checkpoint holds)."""
         write_text_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def write_generations(self, rnd: int, generations: list[dict[str, Any]]) -> None:
+        """``generations/round_<rnd>.jsonl``: one JSON object per generation (causal-lm), written
+        atomically (a resumed run that recomputes the round rewrites it)."""
+        self.generations.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations)
+        write_text_atomic(self.generations / f"round_{rnd}.jsonl", text)
 
     # ------------------------------------------------------------------ json files
     def write_json(self, path: Path, obj: Any) -> None:

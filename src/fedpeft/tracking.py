@@ -19,6 +19,9 @@ SCALARS = {
     "bytes_up": "cost/bytes_up", "bytes_down": "cost/bytes_down", "cum_bytes_up": "cost/cum_bytes_up",
     "cum_bytes_down": "cost/cum_bytes_down", "client_flops": "cost/client_flops", "wall_s": "time/wall_s",
     "peak_rss_mb": "cost/peak_rss_mb", "clients_reported": "clients/reported", "clients_dropped": "clients/dropped",
+    # causal-lm rows (fedpeft.history.GENERATIVE_METRICS)
+    "eval_loss": "eval/token_loss", "perplexity": "eval/perplexity", "exact_match": "eval/exact_match",
+    "rouge_l": "eval/rouge_l",
 }
 
 

@@ -193,6 +193,9 @@ def run_tune(
     """
     sets, seeds, grid = sets or [], seeds or [0], grid or []
     base = load_config(config, sets)
+    if base.task.generative:
+        raise ConfigError('task.kind = "causal-lm": fedpeft tune scores validation macro-F1, which a causal LM does not '
+                          "have; tuning on the held-out token loss is not built yet (run a sweep over federation.lr)")
     stages = halving_stages(min(rounds, base.federation.rounds), halving)
     methods = methods or [base.method.name]
     plans = {(m, r): plan_sweep(config, method_grid(m, base, grid), [*sets, *proxy_sets(validation_fraction, r)], seeds)

@@ -77,9 +77,13 @@ class Planning:
 
 
 def _method_config(cfg: Config, name: str) -> MethodConfig:
-    if name == cfg.method.name:
-        return cfg.method
-    return MethodConfig.from_table({"name": name})  # its defaults; raises ConfigError for an unknown name
+    from fedpeft.methods import get_method_class
+
+    mcfg = cfg.method if name == cfg.method.name else MethodConfig.from_table({"name": name})  # unknown: ConfigError
+    refused = get_method_class(mcfg.name).causal_lm_refused if cfg.task.generative else None
+    if refused:
+        raise ConfigError(f'--methods: "{mcfg.name}" with task.kind = "causal-lm": {refused}')
+    return mcfg
 
 
 def plan(cfg: Config, methods: list[str] | None = None, models: list[str] | None = None) -> Planning:
@@ -102,13 +106,18 @@ def plan(cfg: Config, methods: list[str] | None = None, models: list[str] | None
     ConfigError
         For an unknown method or a model that cannot load.
     """
-    from fedpeft.data import load_data, partition
+    from fedpeft.data import load_data, load_instructions, partition
     from fedpeft.methods import build_method
     from fedpeft.models import load_model
 
     seed = cfg.runtime.seed
-    data = load_data(cfg.data, seed)
-    parts = partition(np.asarray(data.train["label"], dtype=np.int64), cfg.partition, seed)
+    if cfg.task.generative:  # causal-lm: instruction data, partitioned over its categories
+        data = load_instructions(cfg.data, seed)
+        labels = data.categories()
+    else:
+        data = load_data(cfg.data, seed)
+        labels = np.asarray(data.train["label"], dtype=np.int64)
+    parts = partition(labels, cfg.partition, seed)
     samples = [len(p) for p in parts]
     assigned = assign_profiles(cfg.budgets, len(samples), seed)
     profiles: list[ProfileConfig | None] = list(cfg.budgets.profiles) or [None]
@@ -135,7 +144,7 @@ def plan(cfg: Config, methods: list[str] | None = None, models: list[str] | None
 
 def _costs(cfg: Config, mcfg: MethodConfig, labels: list[str], seed: int, load_model, build_method) -> DepthCosts:
     torch.manual_seed(seed)
-    loaded = load_model(cfg.model, labels, seed)
+    loaded = load_model(cfg.model, labels, seed, task=cfg.task.kind)
     method = build_method(mcfg.name, mcfg.options)
     torch.manual_seed(seed)
     model = method.prepare(loaded.model, loaded.info)

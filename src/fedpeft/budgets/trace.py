@@ -132,18 +132,21 @@ def synthetic_batch(model: nn.Module, info: ModelInfo, batch_size: int, seq_len:
     """Model inputs + ``labels`` shaped like a real training batch of fedpeft (values arbitrary).
 
     Text: ``input_ids``, ``attention_mask`` ``(B, L)`` and, for left-padded decoders,
-    ``position_ids`` (what :meth:`fedpeft.data.EncodedSplit.batch` gives). Images:
+    ``position_ids`` (what :meth:`fedpeft.data.EncodedSplit.batch` gives); a causal LM's rows are
+    right-padded and have ``(B, L)`` labels. Images:
     ``pixel_values`` ``(B, C, S, S)`` at the model's image size. Create it inside a
     ``FakeTensorMode`` to get fakes.
     """
     config = model.config
-    labels = torch.zeros(batch_size, dtype=torch.long)  # (B,)
+    labels = torch.zeros(batch_size, dtype=torch.long)  # (B,); causal-lm: (B, L), below
     if info.modality == "image":
         size = config.image_size
         return {"pixel_values": torch.zeros(batch_size, config.num_channels, size, size), "labels": labels}
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long)  # (B, L)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    if info.family in DECODER_FAMILIES:
+    if info.task == "causal-lm":  # a label per token, right-padded rows: no position ids
+        batch["labels"] = torch.zeros_like(ids)
+    elif info.family in DECODER_FAMILIES:
         batch["position_ids"] = torch.zeros_like(ids)
     return batch
 

@@ -48,8 +48,10 @@ class TrainingFlops:
 
     Every op :class:`~torch.utils.flop_counter.FlopCounterMode` counts in a transformer is a
     matmul over the batch rows: per row it costs a constant (head, pooler), a term linear in the
-    sequence length ``L`` (projections, FFN, LoRA, the head of every token) and one quadratic in
-    ``L`` (attention scores); soft prompts only shift ``L``. So a text batch of shape ``(B, L)``
+    sequence length ``L`` (projections, FFN, LoRA, the head of every token; a causal LM's
+    vocabulary projection of every token) and one quadratic in ``L`` (attention scores); soft
+    prompts only shift ``L``. A causal LM's labels are ``(B, L)`` (its cross-entropy costs no
+    matmul, whatever positions are masked); a classifier's ``(B,)``. So a text batch of shape ``(B, L)``
     costs ``B * (c0 + c1 * L + c2 * L**2)`` and an image batch ``B * c0``. The coefficients are
     measured once, on synthetic one-row batches of 1, 2 and 3 tokens, and checked on a fourth
     length; a model that breaks the form is measured at each new length instead. Measured once
@@ -133,7 +135,8 @@ class TrainingFlops:
 
 
 def _one_row(batch: dict[str, torch.Tensor], length: int | None) -> dict[str, torch.Tensor]:
-    """A synthetic batch of one row shaped like ``batch``'s rows, text cut or padded to ``length``."""
+    """A synthetic batch of one row shaped like ``batch``'s rows, text cut or padded to ``length``
+    (per-token labels, causal-lm, as many as its tokens: its own ids, every one a target)."""
     out = {"labels": batch["labels"][:1]}
     for name, value in batch.items():
         if name == "labels":
@@ -148,6 +151,8 @@ def _one_row(batch: dict[str, torch.Tensor], length: int | None) -> dict[str, to
             out[name] = torch.arange(length, dtype=value.dtype).unsqueeze(0)
         else:
             out[name] = torch.zeros(1, length, dtype=value.dtype)  # e.g. token_type_ids
+    if out["labels"].dim() == 2 and length is not None:  # (1, L) labels of a causal LM
+        out["labels"] = out["input_ids"].clone()
     return out
 
 

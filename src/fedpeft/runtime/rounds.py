@@ -129,12 +129,15 @@ def run_rounds(
                 eval_metrics, eval_s = None, 0.0
                 if rnd % fed.eval_every == 0 or rnd == fed.rounds:
                     t_eval = time.perf_counter()
-                    eval_metrics = exp.evaluate(outcome.state)
+                    eval_metrics, generations = exp.evaluate_and_sample(outcome.state)
+                    if generations:  # causal-lm: what the model says, for a reader
+                        run_dir.write_generations(rnd, generations)
                     eval_s = time.perf_counter() - t_eval
                 timings = {"wall_s": time.perf_counter() - t0, "client_compute_s": compute_s, "eval_s": eval_s}
                 row = round_row(plan, delivery, outcome, state, eval_metrics, timings, rows[-1] if rows else None,
                                 aggregation.control, exp.strategy.download_bytes(plan, state, aggregation.control),
-                                exp.attackers, exp.assignment.labels if exp.assignment is not None else None)
+                                exp.attackers, exp.assignment.labels if exp.assignment is not None else None,
+                                generative=exp.cfg.task.generative)
                 rows.append(row)
                 run_dir.append_metrics(row)
                 tracker.log(row)
@@ -180,6 +183,10 @@ class ClientLog:
 def format_row(row: dict[str, Any], rounds: int) -> str:
     """One human line per round for the console log."""
     acc = "" if row["accuracy"] is None else f"acc {row['accuracy']:.4f}  f1 {row['macro_f1']:.4f}  "
+    if row.get("perplexity") is not None:  # causal-lm
+        em, rouge = row["exact_match"], row["rouge_l"]
+        acc = f"loss {row['eval_loss']:.4f}  ppl {row['perplexity']:.4g}  " + (
+            "" if em is None else f"em {em:.3f}  rougeL {rouge:.3f}  ")
     note = "" if row["aggregated"] else "  [yellow]not aggregated[/]"
     failed = f"  [red]{row['clients_failed']} failed[/]" if row.get("clients_failed") else ""
     if row.get("clients_infeasible"):
