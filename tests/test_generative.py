@@ -490,3 +490,80 @@ def test_plan_prices_causal_lm_methods_and_refuses_head(learned, tmp_path):
     assert [r.method for r in rows] == ["lora", "prompt"] and all(r.memory_mb > 0 and r.flops_per_round > 0 for r in rows)
     with pytest.raises(ConfigError, match='--methods: "head" with task.kind = "causal-lm"'):
         plan(cfg, methods=["head"])
+
+
+# --------------------------------------------------------------------------- export
+
+
+@pytest.fixture(scope="module")
+def prompt_run(tmp_path_factory):
+    """One short round of soft-prompt tuning on tiny-gpt2 (its export is a peft prompt folder)."""
+    from fedpeft.experiment import run_experiment
+
+    root = tmp_path_factory.mktemp("prompt")
+    rows = [{"prompt": p, "response": r} for p, r in PAIRS * 2]
+    raw = cfg_dict(model={"name": "tiny-gpt2", "max_length": 24},
+                   data={"train": write_jsonl(root / "train.jsonl", rows), "test": write_jsonl(root / "test.jsonl", rows)},
+                   method={"name": "prompt", "num_virtual_tokens": 4},
+                   task={"max_new_tokens": 5, "generation_samples": 4},
+                   federation={"rounds": 1, "local_steps": 2, "batch_size": 4, "lr": 1e-1},
+                   runtime={"seed": 0, "progress": False})
+    run_experiment(Config.from_dict(raw), out=root / "run")
+    return root / "run"
+
+
+@pytest.mark.filterwarnings("ignore:Position ids are not supported")
+@pytest.mark.parametrize("which", ["lora", "prompt"])
+def test_exported_adapter_generates_fedpeft_tokens_with_plain_transformers_and_peft(which, learned, prompt_run,
+                                                                                   tmp_path, monkeypatch):
+    """model/ moved elsewhere, loaded with AutoModelForCausalLM + PeftModel only, generates greedily
+    the tokens fedpeft's final global model generates on the held-out prompts; the card's code runs."""
+    import json
+    import re
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedpeft.experiment import build_experiment
+    from fedpeft.federation.generative import greedy_generate
+    from fedpeft.data.instruction_encode import prompt_lengths
+    from fedpeft.results import RunDir, load_run_config
+
+    run = learned[0] if which == "lora" else prompt_run
+    folder = tmp_path / "model"
+    shutil.copytree(run / "model", folder)
+    facts = json.loads((folder / "fedpeft.json").read_text())
+    assert facts["task"] == "causal-lm" and json.loads((folder / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+    exp = build_experiment(load_run_config(RunDir(run))[0])
+    state = RunDir(run).latest_checkpoint().state
+    from fedpeft.methods import set_state
+
+    set_state(exp.model, state)
+    lengths = prompt_lengths(exp.test)
+    n = 4
+    prompts = [exp.test.features["input_ids"][i, :int(lengths[i])].tolist() for i in range(n)]
+    expected = [greedy_generate(exp.model, [p], exp.processor.pad_token_id, exp.eos_ids, 5, 1)[0] for p in prompts]
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    texts = exp.data.test["prompt"][:n]
+    assert [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts] == prompts  # encodes as fedpeft
+    base = AutoModelForCausalLM.from_pretrained(folder / "base")
+    model = PeftModel.from_pretrained(base, folder).eval()
+    for p, want in zip(prompts, expected):
+        ids = torch.tensor([p])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                             eos_token_id=exp.eos_ids, pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist()
+        cut = next((k for k, t in enumerate(out) if t in exp.eos_ids), len(out))
+        assert out[:cut] == want
+    if which == "lora":  # the saved generations are the global model's
+        saved = [json.loads(line) for line in (run / "generations" / "round_4.jsonl").read_text().splitlines()]
+        assert [g["generation"] for g in saved] == [tokenizer.decode(t, skip_special_tokens=True).strip() for t in expected[:3]]
+    card = (folder / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and "AutoModelForCausalLM" in card
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    for code in re.findall(r"```python\n(.*?)```", card, re.S):
+        exec(code, scope)  # loads from "model", generates from a prompt
+    assert isinstance(scope["model"], PeftModel)
