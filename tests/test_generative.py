@@ -492,6 +492,55 @@ def test_plan_prices_causal_lm_methods_and_refuses_head(learned, tmp_path):
         plan(cfg, methods=["head"])
 
 
+def test_resumed_run_ends_as_the_uninterrupted_one(tmp_path, monkeypatch):
+    import json
+
+    from fedpeft.errors import FedPeftError
+    from fedpeft.experiment import run_experiment
+    from fedpeft.federation.client import ClientTrainer
+    from fedpeft.results import RunDir
+
+    rows = [{"prompt": p, "response": r} for p, r in PAIRS * 3]
+    raw = cfg_dict(data={"train": write_jsonl(tmp_path / "train.jsonl", rows), "test": write_jsonl(tmp_path / "t.jsonl", rows)},
+                   task={"max_new_tokens": 3, "generation_samples": 2, "saved_generations": 2},
+                   federation={"rounds": 2, "local_steps": 2, "batch_size": 4, "lr": 1e-2, "dropout": 0.3},
+                   runtime={"seed": 0, "progress": False}, output={"save_model": False})
+    cfg = Config.from_dict(raw)
+    full = run_experiment(cfg, out=tmp_path / "full")
+    real_fit = ClientTrainer.fit
+
+    def failing_fit(self, client, indices, state, rnd, **kwargs):
+        if rnd == 2:
+            raise KeyboardInterrupt
+        return real_fit(self, client, indices, state, rnd, **kwargs)
+
+    monkeypatch.setattr(ClientTrainer, "fit", failing_fit)
+    with pytest.raises(FedPeftError, match="interrupted after round 1"):
+        run_experiment(cfg, out=tmp_path / "cut")
+    monkeypatch.setattr(ClientTrainer, "fit", real_fit)
+    resumed = run_experiment(cfg, out=tmp_path / "cut", resume=True)
+    a, b = RunDir(tmp_path / "full").latest_checkpoint().state, RunDir(tmp_path / "cut").latest_checkpoint().state
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    for key in ("final_eval_loss", "final_perplexity", "final_exact_match", "final_rouge_l", "total_bytes_up",
+                "client_flops_total"):
+        assert resumed[key] == full[key], key
+    for rnd in (1, 2):
+        name = f"generations/round_{rnd}.jsonl"
+        assert (tmp_path / "cut" / name).read_text() == (tmp_path / "full" / name).read_text()
+    assert [json.loads(x)["round"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_validation_fraction_holds_out_train_rows(tmp_path):
+    from fedpeft.config import DataConfig
+    from fedpeft.data import load_instructions
+
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(20)]
+    cfg = DataConfig(train=write_jsonl(tmp_path / "train.jsonl", rows), validation_fraction=0.25)
+    data = load_instructions(cfg, seed=0)  # no data.test: never read
+    assert len(data.train) == 15 and len(data.test) == 5
+    assert not set(data.train["prompt"]) & set(data.test["prompt"])
+
+
 # --------------------------------------------------------------------------- export
 
 
