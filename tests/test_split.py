@@ -18,6 +18,7 @@ from fedpeft.experiment import build_experiment, run_experiment
 from fedpeft.methods.sfprompt import SFPrompt, SFPromptOptions
 from fedpeft.models import LoadedModel, _model_info, _prepare_tokenizer, minilm_dir, transformer_blocks
 from fedpeft.split import InProcessBodyServer, Message, SplitModel, el2n_scores, forward_message, keep_highest
+from fedpeft.split.session import SplitSession
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,23 +127,79 @@ def test_shortcut_is_the_model_without_its_body_and_pruning_keeps_the_top_el2n_r
 
 
 def test_bytes_counted_are_the_tensors_that_crossed():
+    from fedpeft.data import EncodedSplit
+    from fedpeft.split.trainer import SplitTrainer
+
     loaded, method = prepared("bert")
     model, split = loaded.model, method.split
     batch = make_batch(loaded, n=4)  # texts of different lengths: padded, so a mask crosses
-    fed = FederationConfig(batch_size=4, lr=1e-2)
-    from fedpeft.split.trainer import SplitTrainer
-
-    trainer = SplitTrainer(model, [n for n, p in model.named_parameters() if p.requires_grad], None, fed, 0,
+    labels = batch.pop("labels")
+    train = EncodedSplit({k: v for k, v in batch.items()}, labels)  # one batch of these 4 rows: one split step
+    fed = FederationConfig(batch_size=4, lr=1e-2, local_steps=1)
+    method.options.prune = method.options.local_loss = False
+    trainer = SplitTrainer(model, [n for n, p in model.named_parameters() if p.requires_grad], train, fed, 0,
                            split, method.options)
-    optimizer = trainer.make_optimizer()
-    trainer.split_step(batch, optimizer, "step0")
+    res = trainer.fit(0, np.arange(4), {}, 1)
     B, H = 4, 32
     L = batch["input_ids"].shape[1] + 3  # + the prompt tokens
     t = trainer.server.traffic
     assert t.hidden_up == t.hidden_down == t.grad_up == t.grad_down == B * L * H * 4  # float32
     assert t.context_up == B * 1 * L * L * 1  # BERT's boolean attention mask (B, 1, L, L)
     assert (t.up, t.down) == (2 * B * L * H * 4 + B * L * L, 2 * B * L * H * 4)  # + grad up; grad down
-    assert trainer.server.flops > 0
+    assert (res.metrics["activation_bytes_up"], res.metrics["activation_bytes_down"]) == (t.up, t.down)
+    assert trainer.server.flops > 0 and res.metrics["server_flops"] == trainer.server.flops
+    assert res.metrics["recompute_flops"] == 0  # a live session keeps the head's graph
+
+
+def restored(session, trainer):
+    """``session`` continued from its snapshot (JSON and cloned tensors), as a ClientApp gets it
+    at its next message: the model holds another client's values meanwhile, the random state moved."""
+    tensors, meta = session.snapshot()
+    tensors, meta = {k: v.clone() for k, v in tensors.items()}, json.loads(json.dumps(meta))
+    with torch.no_grad():
+        for _, p in trainer.trainable:
+            p.add_(1.0)
+            p.grad = torch.ones_like(p)
+    torch.manual_seed(12345)
+    return SplitSession.restore(trainer, tensors, meta)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_session_restored_at_every_message_trains_bit_for_bit_like_the_live_one(family):
+    from fedpeft.data import EncodedSplit
+    from fedpeft.methods.base import get_state
+    from fedpeft.split.trainer import SplitTrainer
+
+    loaded, method = prepared(family)  # 4 blocks: head 1, body 2, tail 1; dropout on (BERT, GPT-2)
+    model, split = loaded.model, method.split
+    batch = make_batch(loaded, n=12, seed=1)
+    labels = batch.pop("labels")
+    train = EncodedSplit(batch, labels, getattr(loaded.processor, "padding_side", "right"))
+    method.options.prune_keep, method.options.local_loss_steps = 0.75, 1
+    fed = FederationConfig(batch_size=4, lr=5e-2, local_steps=3)  # AdamW: its moments are restored too
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    trainer = SplitTrainer(model, names, train, fed, 0, split, method.options, method.full_flops)
+    start = get_state(model, names)
+    live = trainer.fit(1, np.arange(12), start, 2)
+
+    server = InProcessBodyServer(split)
+    session = SplitSession.begin(trainer, 1, np.arange(12), start, 2)
+    while not session.done:
+        session = restored(session, trainer)
+        request, forward = session.request, session.forward_request()
+        session = restored(session, trainer)
+        up = session.on_body_output(server.forward(request, forward))
+        session = restored(session, trainer)
+        session.on_cut_grad(server.backward(request, up))
+    cold = session.result()
+    assert any(not np.array_equal(live.state[n], start[n]) for n in names)
+    for name in names:
+        np.testing.assert_array_equal(cold.state[name], live.state[name], err_msg=name)
+    for key in ("train_loss", "local_loss", "flops", "client_flops_pct_of_full", "kept_rows", "samples_processed"):
+        assert cold.metrics[key] == live.metrics[key], key
+    assert live.metrics["recompute_flops"] == 0 < cold.metrics["recompute_flops"] < cold.metrics["flops"]
+    assert (server.traffic.up, server.traffic.down) == (live.metrics["activation_bytes_up"],
+                                                          live.metrics["activation_bytes_down"])
 
 
 def csv_cfg(tmp_path, **method):

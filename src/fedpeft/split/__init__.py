@@ -4,6 +4,8 @@
 - :mod:`.protocol`: the transport-free body-server protocol (:class:`BodyServer`, named-tensor
   :class:`Message`, :class:`InProcessBodyServer` counting every byte that crosses);
 - :mod:`.pruning`: EL2N scores and top-k row selection;
+- :mod:`.session`: a client's round as a resumable state machine, one body-server exchange at a
+  time (:class:`~fedpeft.split.session.SplitSession`: snapshot / restore between messages);
 - :mod:`.trainer`: a client's SFPrompt round (:class:`~fedpeft.split.trainer.SplitTrainer`).
 """
 

@@ -133,6 +133,17 @@ class SplitModel:
 
     def head(self, inputs: Mapping[str, torch.Tensor]) -> HeadOutput:
         """Run the head on model ``inputs`` (``labels`` are ignored: they stay with the tail)."""
+        return self._run_until(inputs, self.head_blocks)
+
+    def embedded(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Only what the tail replays (:attr:`HeadOutput.embedded`): the model's forward pass up to
+        block 0. From the same random state it equals the head's (dropout draws in forward order,
+        and this pass is the head's first part), so a client that kept no head output can feed its
+        tail without running the head blocks again."""
+        return self._run_until(inputs, 0).embedded
+
+    def _run_until(self, inputs: Mapping[str, torch.Tensor], block: int) -> HeadOutput:
+        """The model's forward pass on ``inputs`` stopped before block ``block``."""
         captured: dict[str, Any] = {}
         embedded: dict[str, Any] = {}
 
@@ -148,7 +159,7 @@ class SplitModel:
             return hook
 
         handles = [m.register_forward_hook(record(n)) for n, m in self.embedding_modules.items()]
-        handles.append(self.blocks.modules[self.head_blocks].register_forward_pre_hook(at_cut, with_kwargs=True))
+        handles.append(self.blocks.modules[block].register_forward_pre_hook(at_cut, with_kwargs=True))
         try:
             self.model(**{k: v for k, v in inputs.items() if k != "labels"})
         except _Stop:
@@ -157,7 +168,7 @@ class SplitModel:
             for handle in handles:
                 handle.remove()
         if "hidden" not in captured:
-            raise RuntimeError(f"block {self.head_blocks} did not run in the model's forward pass")
+            raise RuntimeError(f"block {block} did not run in the model's forward pass")
         return HeadOutput(captured["hidden"], captured["context"], embedded)
 
     def body(self, hidden: torch.Tensor, context: BlockInputs) -> torch.Tensor:

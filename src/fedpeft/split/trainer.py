@@ -9,7 +9,11 @@ interface runtimes call (:meth:`ClientTrainer.fit` -> :class:`ClientResult`); a 
     and the tail through the shortcut, no server traffic;
 (c) split training on the kept rows for ``federation.local_epochs`` / ``local_steps``: head
     forward -> server body -> tail + loss -> gradient at the body's output -> server backward ->
-    gradient at the cut -> head backward -> one optimizer step.
+    gradient at the cut -> head backward -> one optimizer step. Dropout in each batch's head
+    and tail passes is seeded per ``(seed, round, client, batch, pass)``
+    (:func:`~fedpeft.split.session.pass_seed`), so a client that runs its head again from the
+    same parameters (a Flower ClientApp between messages: :mod:`fedpeft.split.session`) gets the
+    same activations.
 
 Costs in the result's metrics: ``flops`` (= ``client_flops``: head + tail, forward and backward,
 every phase, measured by :class:`~torch.utils.flop_counter.FlopCounterMode` around the
@@ -17,13 +21,12 @@ client-side work only), ``server_flops`` (body forward + backward), ``activation
 ``activation_bytes_down`` (:class:`~fedpeft.split.protocol.Traffic`), ``client_flops_pct_of_full``
 (``client_flops`` over full fine-tuning's training FLOPs on the same training batches, those of
 phases b and c, by :class:`~fedpeft.federation.costs.TrainingFlops` of an unsplit, unprompted
-copy with every parameter trainable), and ``kept_rows``.
+copy with every parameter trainable), ``kept_rows``, and ``recompute_flops`` (head passes a
+restored session ran again: 0 in process; not part of ``flops``).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,22 +36,14 @@ from torch import nn
 from fedpeft.config import FederationConfig
 from fedpeft.data import EncodedSplit
 from fedpeft.errors import ConfigError
-from fedpeft.federation.client import ClientTrainer, client_seed
+from fedpeft.federation.client import ClientTrainer
 from fedpeft.federation.costs import TrainingFlops
 from fedpeft.federation.strategy import ClientResult
-from fedpeft.methods.base import NamedArrays, get_state, set_state
+from fedpeft.methods.base import NamedArrays
 from fedpeft.split.model import SplitModel
-from fedpeft.split.protocol import BodyServer, InProcessBodyServer, Message, forward_message
-from fedpeft.split.pruning import el2n_scores, keep_highest
-
-
-def _counted(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """``fn()`` and the FLOPs it ran (FlopCounterMode)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        out = fn()
-    return out, int(counter.get_total_flops())
+from fedpeft.split.protocol import BodyServer, InProcessBodyServer
+from fedpeft.split.pruning import el2n_scores
+from fedpeft.split.session import SplitSession
 
 
 class SplitTrainer(ClientTrainer):
@@ -86,56 +81,25 @@ class SplitTrainer(ClientTrainer):
     def fit(self, client: int, indices: np.ndarray, global_state: NamedArrays, rnd: int,
             controls: tuple[NamedArrays, NamedArrays] | None = None,
             names: list[str] | tuple[str, ...] | None = None) -> ClientResult:
-        """One client's SFPrompt round (module docstring); ``controls`` and ``names`` must be None."""
+        """One client's SFPrompt round (module docstring); ``controls`` and ``names`` must be None.
+
+        Drives a :class:`~fedpeft.split.session.SplitSession` against :attr:`server`, one batch
+        after another; the result's metrics add the server's counts for this client
+        (:func:`body_metrics`)."""
         if controls is not None or names is not None:
             raise ValueError("sfprompt trains every exchanged name and takes no SCAFFOLD controls")
-        start = time.perf_counter()
-        seed = client_seed(self.seed, rnd, client)
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        set_state(self.model, global_state)
-        opts = self.options
         server_start, traffic_start = getattr(self.server, "flops", 0), _traffic(self.server)
-        client_flops, full_flops = 0, 0
-        kept = np.asarray(indices)
-        if opts.prune and len(kept):  # (a) EL2N through the shortcut
-            scores, flops = _counted(lambda: self.scores(kept))
-            client_flops += flops
-            kept = keep_highest(kept, scores, opts.prune_keep)
-        optimizer = self.make_optimizer()
-        self.model.train()
-        local_sum, local_steps = 0.0, opts.local_loss_steps if opts.local_loss else 0
-        for batch_rows in self.batch_order(kept, local_steps, generator) if local_steps else []:  # (b)
-            batch = self.train.batch(batch_rows)
-            loss, flops = _counted(lambda: self._shortcut_step(batch, optimizer))
-            local_sum, client_flops = local_sum + loss, client_flops + flops
-            full_flops += self._full(batch)
-        steps, loss_sum, samples = self.num_steps(len(kept)), 0.0, 0
-        for i, batch_rows in enumerate(self.batch_order(kept, steps, generator)):  # (c) split training
-            batch = self.train.batch(batch_rows)
-            loss, flops = self.split_step(batch, optimizer, f"{rnd}/{client}/{i}")
-            loss_sum, client_flops, samples = loss_sum + loss, client_flops + flops, samples + len(batch_rows)
-            full_flops += self._full(batch)
-        self.model.eval()
-        traffic = _traffic(self.server)
-        metrics = {
-            "train_loss": loss_sum / steps,
-            "local_loss": local_sum / local_steps if local_steps else 0.0,
-            "steps": float(steps),
-            "local_loss_steps": float(local_steps),
-            "kept_rows": float(len(kept)),
-            "samples_processed": float(samples),
-            "flops": float(client_flops),  # the client's FLOPs: head + tail, every phase
-            "server_flops": float(getattr(self.server, "flops", 0) - server_start),
-            "activation_bytes_up": float(traffic[0] - traffic_start[0]),
-            "activation_bytes_down": float(traffic[1] - traffic_start[1]),
-            "compute_s": time.perf_counter() - start,
-        }
-        if self.full_flops is not None and full_flops:
-            metrics["client_flops_pct_of_full"] = 100.0 * client_flops / full_flops
-        return ClientResult(client, get_state(self.model, self.names), int(len(indices)), metrics)
+        session = SplitSession.begin(self, client, indices, global_state, rnd)
+        while not session.done:
+            request = session.request
+            reply = self.server.forward(request, session.forward_request())
+            session.on_cut_grad(self.server.backward(request, session.on_body_output(reply)))
+        res = session.result()
+        res.metrics.update(body_metrics(self.server, server_start, traffic_start))
+        return res
 
-    def _full(self, batch: dict[str, torch.Tensor]) -> int:
+    def full(self, batch: dict[str, torch.Tensor]) -> int:
+        """Full fine-tuning's training FLOPs of ``batch`` (0 without :attr:`full_flops`)."""
         return 0 if self.full_flops is None else self.full_flops(batch)
 
     @torch.no_grad()
@@ -152,38 +116,27 @@ class SplitTrainer(ClientTrainer):
         self.model.train(training)
         return torch.cat(out).numpy()
 
-    def _shortcut_step(self, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> float:
+    def shortcut_step(self, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> float:
         """One local-loss step: prompts + tail through ``tail(head(x))``, no server."""
         optimizer.zero_grad(set_to_none=True)
         loss = self.split.shortcut(batch).loss
         loss.backward()
-        self._clip_and_step(optimizer)
+        self.clip_and_step(optimizer)
         return float(loss.detach())
 
-    def split_step(self, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                   request: str) -> tuple[float, int]:
-        """One split-training step on ``batch`` through the body server; returns (loss, client FLOPs)."""
-        optimizer.zero_grad(set_to_none=True)
-        self.model.train()
-        head, f_head = _counted(lambda: self.split.head(batch))  # hidden (B, L, H)
-        reply = self.server.forward(request, forward_message(head.hidden, head.context))
-        body_out = reply.tensors["hidden"].detach().requires_grad_(True)  # (B, L, H)
-
-        def tail_backward() -> torch.Tensor:
-            loss = self.split.tail(body_out, batch, head.embedded).loss
-            loss.backward()
-            return loss
-
-        loss, f_tail = _counted(tail_backward)
-        grad = self.server.backward(request, Message({"grad": body_out.grad})).tensors["grad"]  # (B, L, H)
-        _, f_back = _counted(lambda: head.hidden.backward(grad) if head.hidden.requires_grad else None)
-        self._clip_and_step(optimizer)
-        return float(loss.detach()), f_head + f_tail + f_back
-
-    def _clip_and_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def clip_and_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         optimizer.step()
+
+
+def body_metrics(server: Any, flops_start: int = 0, traffic_start: tuple[int, int] = (0, 0)) -> dict[str, float]:
+    """What ``server`` (an :class:`~fedpeft.split.protocol.InProcessBodyServer`) counted since
+    ``flops_start`` / ``traffic_start``: ``server_flops``, ``activation_bytes_up`` / ``_down``."""
+    up, down = _traffic(server)
+    return {"server_flops": float(getattr(server, "flops", 0) - flops_start),
+            "activation_bytes_up": float(up - traffic_start[0]),
+            "activation_bytes_down": float(down - traffic_start[1])}
 
 
 def _traffic(server: Any) -> tuple[int, int]:
