@@ -789,8 +789,14 @@ class Config:
 
         self.task.check_sections(self)
         if self.method.name == "sfprompt" and self.runtime.kind != "local":
-            raise ConfigError(f'runtime.kind = "{self.runtime.kind}": sfprompt runs in the local runtime; the Flower '
-                              'body-server messages are not built yet (use runtime.kind = "local")')
+            # the Flower client runs the split session itself, message by message: no trainer wrapper
+            wrapped = [key for key, on in (("attack.kind", self.attack.kind != "none"),
+                                           ("privacy.mode", self.privacy.mode == "client-local")) if on]
+            if wrapped:
+                raise ConfigError(
+                    f'runtime.kind = "{self.runtime.kind}" with method.name = "sfprompt" and {" and ".join(wrapped)} '
+                    f'set: on Flower the split session runs message by message, without the client-side '
+                    f'{" / ".join(wrapped)} wrapper (not built); use runtime.kind = "local"')
         fedex = getattr(self.method.options, "aggregation", "fedavg") == "fedex"
         if fed.aggregator != "mean":
             from fedpeft.federation.robust import check_rule

@@ -22,13 +22,16 @@ CLIENT_METRICS = ("train_loss", "steps", "samples_processed", "flops", "compute_
                   "frozen_rows_computed", "frozen_cache_bytes",
                   # split training (sfprompt): see SPLIT_METRICS
                   "kept_rows", "local_loss", "local_loss_steps", "server_flops", "activation_bytes_up",
-                  "activation_bytes_down", "client_flops_pct_of_full",
+                  "activation_bytes_down", "client_flops_pct_of_full", "recompute_flops",
+                  "activation_wire_bytes_up", "activation_wire_bytes_down",
                   # [privacy] mode = "sample": the client's epsilon spent so far, its rows clipped
                   "epsilon", "dp_clipped_fraction")
 # causal-lm evaluation (fedpeft.federation.generative): in every row of such a run, in place of accuracy
 GENERATIVE_METRICS = ("eval_loss", "perplexity", "exact_match", "rouge_l")
 # split training (sfprompt, fedpeft.split.trainer): per-client metrics summed into the round row
-SPLIT_METRICS = ("server_flops", "activation_bytes_up", "activation_bytes_down")
+SPLIT_METRICS = ("server_flops", "activation_bytes_up", "activation_bytes_down", "recompute_flops")
+# ... and the serialized size of the split messages (Flower; None in process, like wire_bytes_*)
+SPLIT_WIRE_METRICS = ("activation_wire_bytes_up", "activation_wire_bytes_down")
 
 
 def round_row(
@@ -213,14 +216,19 @@ def _split_totals(results: list) -> dict[str, Any]:
     """A split round's sums of :data:`SPLIT_METRICS` over its clients (nothing for other methods)."""
     if not any("activation_bytes_up" in r.metrics for r in results):
         return {}
-    return {key: sum(r.metrics.get(key, 0.0) for r in results) for key in SPLIT_METRICS}
+    totals = {key: sum(r.metrics.get(key, 0.0) for r in results) for key in SPLIT_METRICS}
+    for key in SPLIT_WIRE_METRICS:
+        totals[key] = sum(r.metrics[key] for r in results) if all(key in r.metrics for r in results) else None
+    return totals
 
 
 def _split_summary(rows: list[dict[str, Any]], static: dict[str, Any], client_rounds: int) -> dict[str, Any]:
     """Split training's totals (``total_activation_bytes_up``/``_down``, ``server_flops_total``,
     ``client_flops_pct_of_full``: client FLOPs over full fine-tuning's on the same batches, the mean
     over client updates) and the measured mean client FLOPs per update in ``client_flops``
-    (``measured_per_round``, beside the cost model's ``predicted_per_round``)."""
+    (``measured_per_round``, beside the cost model's ``predicted_per_round``); on Flower also
+    ``total_activation_wire_bytes_up``/``_down`` (None in process) and ``recompute_flops_total``
+    (head passes its clients ran again between messages, not in ``client_flops``: 0 in process)."""
     split = [r for r in rows if "activation_bytes_up" in r]
     if not split:
         return {}
@@ -231,6 +239,9 @@ def _split_summary(rows: list[dict[str, Any]], static: dict[str, Any], client_ro
         "total_activation_bytes_up": sum(r["activation_bytes_up"] for r in split),
         "total_activation_bytes_down": sum(r["activation_bytes_down"] for r in split),
         "server_flops_total": sum(r["server_flops"] for r in split),
+        "total_activation_wire_bytes_up": _total_or_none(split, "activation_wire_bytes_up"),
+        "total_activation_wire_bytes_down": _total_or_none(split, "activation_wire_bytes_down"),
+        "recompute_flops_total": sum(r.get("recompute_flops", 0.0) for r in split),
         "client_flops_pct_of_full": sum(pct) / len(pct) if pct else None,
         "client_flops": {**(flops if isinstance(flops, dict) else {}), "measured_per_round": measured},
     }

@@ -32,6 +32,10 @@ Secure aggregation (``privacy.secure_aggregation``)
     A round is Flower's SecAgg+ workflow driven by :func:`~fedpeft.runtime.flower.secagg.secure_fit_round`
     (four message rounds); the ClientApp's mod :func:`~fedpeft.runtime.flower.secagg.secagg_mod`
     hands those messages to Flower's ``secaggplus_mod``.
+Split training (``sfprompt``)
+    The TRAIN message starts a chain of ``train.split`` messages, per batch a forward and a
+    backward exchange with the body on the ServerApp: :mod:`fedpeft.runtime.flower.split`
+    (hooked in by :func:`train`, :func:`train_split` and :func:`make_server_app`).
 Run config (deployment)
     ``fedpeft-config`` (TOML text), ``out`` (run folder on the ServerApp's machine), ``resume``.
 Backbone reuse
@@ -149,6 +153,10 @@ def train_content(received: RecordDict, context: Context) -> RecordDict:
     exp = client_experiment(str(config[CONFIG_KEY]), context.node_config)
     if num != len(exp.parts):
         raise FedPeftError(f"node config num-partitions={num} but partition.num_clients={len(exp.parts)}")
+    if exp.cfg.method.name == "sfprompt":  # split training: the first message of the round's chain
+        from fedpeft.runtime.flower.split import begin_round
+
+        return begin_round(received, context, exp, pid)
     state, rnd = record_to_state(received["arrays"]), int(config["round"])
     names = [str(n) for n in config[ASSIGNED_KEY]] if ASSIGNED_KEY in config else None
     accountant = getattr(exp.trainer, "sample_accountant", None)  # privacy.mode = "sample"
@@ -172,6 +180,14 @@ def train_content(received: RecordDict, context: Context) -> RecordDict:
     if accountant is not None:
         context.state[ACCOUNTANT_KEY] = content[CLIENT_STATE] = state_to_record(accountant.client_state(pid))
     return RecordDict(content)
+
+
+@client_app.train("split")
+def train_split(msg: Message, context: Context) -> Message:
+    """sfprompt: the next split exchange of this node's round (:mod:`fedpeft.runtime.flower.split`)."""
+    from fedpeft.runtime.flower.split import continue_round
+
+    return continue_round(msg, context, client_experiment)
 
 
 # --------------------------------------------------------------------------------------- server
@@ -379,6 +395,7 @@ def make_server_app(config_text: str | None = None, out: str | None = None, resu
         from rich.console import Console
 
         from fedpeft.experiment import run_with_clients
+        from fedpeft.runtime.flower.split import split_clients
 
         try:
             fast_grid_pulls()
@@ -389,7 +406,8 @@ def make_server_app(config_text: str | None = None, out: str | None = None, resu
             again = resume or bool(context.run_config.get("resume", False))
             cfg = config_from_text(text)
             clients = FlowerClients(grid, text, cfg.partition.num_clients, cfg.runtime)  # nodes start loading
-            summary = run_with_clients(cfg, run_out, again, Console(stderr=True), clients.connect)
+            summary = run_with_clients(cfg, run_out, again, Console(stderr=True),
+                                       lambda exp: split_clients(clients.connect(exp), exp))
             if outcome is not None:
                 outcome["summary"] = summary
         except BaseException as exc:
