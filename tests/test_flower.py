@@ -265,6 +265,153 @@ def fedex_scaffold_cfg(csv_data, **runtime):  # noqa: F811
                                 "lr": 0.05, "scaffold": True})
 
 
+@pytest.fixture(scope="module")
+def ragged_data(tmp_path_factory):
+    """Texts of 2 to 7 words: padded batches, so a mask crosses with the activations."""
+    root = tmp_path_factory.mktemp("ragged")
+    rng = np.random.default_rng(1)
+    words = ["goal match team score ball", "rain sun cloud storm wind", "bank card cash loan price"]
+    for split, n in (("train", 96), ("test", 30)):
+        rows = [f"{' '.join(rng.choice(words[i % 3].split(), size=int(rng.integers(2, 8))))},{'abc'[i % 3]}"
+                for i in range(n)]
+        (root / f"{split}.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    return root
+
+
+def sfprompt_cfg(data, **runtime):
+    return make_cfg(data, partition={"num_clients": 2}, runtime={"threads": 1, **runtime},
+                    method={"name": "sfprompt", "head_blocks": 0, "tail_blocks": 1, "num_prompt_tokens": 4,
+                            "prune_keep": 0.5, "local_loss_steps": 2},
+                    federation={"rounds": 2, "clients_per_round": 2, "local_steps": 3, "lr": 5e-2})
+
+
+@pytest.fixture(scope="module")
+def sfprompt_local_run(ragged_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sfprompt-local") / "run"
+    run_experiment(sfprompt_cfg(ragged_data), out=out)
+    return out
+
+
+SPLIT_ROW_KEYS = ("activation_bytes_up", "activation_bytes_down", "server_flops", "client_flops")
+SPLIT_CLIENT_KEYS = ("activation_bytes_up", "activation_bytes_down", "server_flops", "flops", "kept_rows",
+                     "samples_processed", "client_flops_pct_of_full")
+
+
+def assert_same_split_run(local, flower):
+    """Same final state and parameter bytes (:func:`assert_same_run`), and the same activation
+    bytes and FLOPs per client and round; Flower's split messages were serialized (wire bytes)."""
+    assert_same_run(local, flower)
+    for ra, rb in zip(rows_of(local), rows_of(flower), strict=True):
+        assert ra["activation_bytes_up"] > ra["activation_bytes_down"] > 0  # the mask goes up only
+        for key in SPLIT_ROW_KEYS:
+            assert ra[key] == rb[key], (ra["round"], key)
+        for ca, cb in zip(ra["clients"], rb["clients"], strict=True):
+            assert [ca[k] for k in SPLIT_CLIENT_KEYS] == [cb[k] for k in SPLIT_CLIENT_KEYS]
+            assert "activation_wire_bytes_up" not in ca and cb["activation_wire_bytes_up"] > cb["activation_bytes_up"]
+            assert cb["activation_wire_bytes_down"] > cb["activation_bytes_down"]
+    sa = json.loads((local / "summary.json").read_text())
+    sb = json.loads((flower / "summary.json").read_text())
+    for key in ("total_activation_bytes_up", "total_activation_bytes_down", "server_flops_total", "client_flops_total"):
+        assert sa[key] == sb[key] > 0, key
+    assert sa["total_activation_wire_bytes_up"] is None and sb["total_activation_wire_bytes_up"] > sb["total_activation_bytes_up"]
+
+
+# one Ray simulation for SFPrompt (~40 s in the suite): chains of split messages through the
+# simulation engine, where a node's consecutive messages may reach different actor processes
+def test_flower_simulation_of_sfprompt_matches_the_in_process_runtime(ragged_data, sfprompt_local_run, tmp_path):
+    summary = run_experiment(sfprompt_cfg(ragged_data, kind="flower-sim"), out=tmp_path / "sim")
+    assert summary["runtime"] == "flower-sim" and summary["clients_failed_total"] == 0
+    assert_same_split_run(sfprompt_local_run, tmp_path / "sim")
+
+
+class NodeApps:
+    """Fake nodes that run the real ClientApp, all in this process on one client model (as a Ray
+    actor serving several nodes); each node's ``context.state`` goes through its protobuf form
+    after every message, as Flower stores it. ``tamper[(cid, n)](msg, reply)`` replaces the reply
+    to client ``cid``'s ``n``-th message."""
+
+    def __init__(self, num_nodes, tamper=None):
+        from flwr.app import Context
+
+        self.contexts = {c: Context(run_id=1, node_id=100 + c, node_config={"partition-id": c, "num-partitions": num_nodes},
+                                    state=RecordDict(), run_config={}) for c in range(num_nodes)}
+        self.calls, self.tamper = {c: 0 for c in range(num_nodes)}, tamper or {}
+
+    def __call__(self, cid, msg):
+        from flwr.common.serde import context_from_proto, context_to_proto
+
+        from fedpeft.runtime.flower.app import client_app
+
+        self.calls[cid] += 1
+        reply = client_app(message=msg, context=self.contexts[cid])
+        self.contexts[cid] = context_from_proto(context_to_proto(self.contexts[cid]))
+        change = self.tamper.get((cid, self.calls[cid]))
+        return reply if change is None else change(msg, reply)
+
+
+def split_round(clients, exp, rnd, state):
+    aggregation = exp.strategy.start_round(rnd, state)
+    delivery = clients.fit_round(RoundPlan(rnd, [0, 1], []), state, aggregation.add)
+    return delivery, aggregation.finish(delivery.rejected)
+
+
+def split_clients_on(nodes, cfg, exp):
+    from fedpeft.runtime.flower.split import split_clients
+
+    grid = FakeGrid(2, nodes)
+    return grid, split_clients(FlowerClients(grid, cfg.to_toml(), 2, cfg.runtime).connect(), exp)
+
+
+def test_split_rounds_through_the_real_client_app_match_the_in_process_round_bit_for_bit(ragged_data):
+    from fedpeft.runtime.local import InProcessClients
+
+    cfg = sfprompt_cfg(ragged_data, kind="flower", round_timeout=30)
+    exp = build_experiment(cfg)
+    nodes = NodeApps(2)
+    grid, clients = split_clients_on(nodes, cfg, exp)
+    state = exp.initial_state()
+    delivery, flower = split_round(clients, exp, 1, state)
+    local_delivery, local = split_round(InProcessClients(exp), exp, 1, state)
+    assert not delivery.failed and not delivery.rejected and flower.accepted == [0, 1]
+    for name in state:
+        np.testing.assert_array_equal(flower.state[name], local.state[name], err_msg=name)
+    by_client = {r.client: r.metrics for r in local_delivery.results}
+    for res in delivery.results:
+        ref = by_client[res.client]
+        assert [res.metrics[k] for k in SPLIT_CLIENT_KEYS if k != "flops"] == [ref[k] for k in SPLIT_CLIENT_KEYS if k != "flops"]
+        assert res.metrics["flops"] == ref["flops"] and res.metrics["train_loss"] == ref["train_loss"]
+        assert res.metrics["activation_wire_bytes_up"] > res.metrics["activation_bytes_up"] > res.metrics["activation_bytes_down"]
+    assert delivery.bytes_up == local_delivery.bytes_up
+    # per client: one TRAIN, then a body output and a cut gradient for each of the 3 batches
+    sent = [(t, c) for t, c in grid.pushed if t != MessageType.QUERY]
+    assert sorted(sent) == sorted([(MessageType.TRAIN, c) for c in (0, 1)] + [("train.split", c) for c in (0, 1)] * 6)
+    assert all(not ctx.state for ctx in nodes.contexts.values())  # the sessions end with the round
+
+
+def test_a_client_failing_mid_chain_fails_alone_and_a_bad_activation_is_named(ragged_data):
+    from flwr.app.error import Error
+
+    from fedpeft.runtime.flower.split import SPLIT_ARRAYS
+
+    def wrong_width(msg, reply):  # the head's output with a hidden size the body does not take
+        record = record_to_state(reply.content[SPLIT_ARRAYS])
+        record["hidden"] = record["hidden"][..., :5].copy()
+        reply.content[SPLIT_ARRAYS] = state_to_record(record)
+        return reply
+
+    cfg = sfprompt_cfg(ragged_data, kind="flower", round_timeout=30)
+    exp = build_experiment(cfg)
+    nodes = NodeApps(2, {(1, 3): lambda msg, reply: Message(Error(code=0, reason="worker killed"), reply_to=msg),
+                         (0, 5): wrong_width})
+    _, clients = split_clients_on(nodes, cfg, exp)
+    state = exp.initial_state()
+    delivery, outcome = split_round(clients, exp, 1, state)
+    assert "client error: worker killed" in delivery.failed[1]
+    assert delivery.failed[0].startswith("split exchange: RuntimeError") and not outcome.aggregated
+    delivery, outcome = split_round(clients, exp, 2, state)  # the nodes' stale sessions give way to the new round
+    assert not delivery.failed and outcome.accepted == [0, 1]
+
+
 def test_a_supernode_killed_mid_run_fails_its_rounds_and_the_run_goes_on(csv_data, tmp_path):  # noqa: F811
     from fedpeft.runtime.flower.deploy import LoopbackDeployment
 

@@ -277,8 +277,13 @@ def test_cut_and_family_and_runtime_errors(tiny):
     info.family = "t5"
     with pytest.raises(ConfigError, match="method.name: 'sfprompt' splits"):
         SFPrompt(SFPromptOptions(head_blocks=0, tail_blocks=1)).prepare(loaded.model, info)
-    with pytest.raises(ConfigError, match="runtime.kind.*sfprompt runs in the local runtime"):
-        Config.from_dict({"data": {"train": "t.csv"}, "method": {"name": "sfprompt"}, "runtime": {"kind": "flower-sim"}})
+    flower = {"data": {"train": "t.csv"}, "method": {"name": "sfprompt"}, "runtime": {"kind": "flower-sim"}}
+    assert Config.from_dict(flower).runtime.kind == "flower-sim"  # split messages on Flower (tests/test_flower.py)
+    with pytest.raises(ConfigError, match='runtime.kind = "flower-sim": .*sfprompt" with attack.kind = "scale"'):
+        Config.from_dict({**flower, "attack": {"kind": "scale", "fraction": 0.25}})
+    with pytest.raises(ConfigError, match='runtime.kind = "flower".*privacy.mode = "client-local"'):
+        Config.from_dict({**flower, "runtime": {"kind": "flower"},
+                          "privacy": {"mode": "client-local", "clip_norm": 1.0, "noise_multiplier": 1.0}})
     with pytest.raises(ConfigError, match="federation.scaffold"):
         from fedpeft.split.trainer import SplitTrainer
 

@@ -789,14 +789,15 @@ class Config:
 
         self.task.check_sections(self)
         if self.method.name == "sfprompt" and self.runtime.kind != "local":
-            # the Flower client runs the split session itself, message by message: no trainer wrapper
-            wrapped = [key for key, on in (("attack.kind", self.attack.kind != "none"),
-                                           ("privacy.mode", self.privacy.mode == "client-local")) if on]
+            # a Flower client runs the split session message by message, not the wrapped trainer's fit
+            wrapped = [setting for setting, on in ((f'attack.kind = "{self.attack.kind}"', self.attack.kind != "none"),
+                                                   ('privacy.mode = "client-local"', self.privacy.mode == "client-local"))
+                       if on]
             if wrapped:
                 raise ConfigError(
-                    f'runtime.kind = "{self.runtime.kind}" with method.name = "sfprompt" and {" and ".join(wrapped)} '
-                    f'set: on Flower the split session runs message by message, without the client-side '
-                    f'{" / ".join(wrapped)} wrapper (not built); use runtime.kind = "local"')
+                    f'runtime.kind = "{self.runtime.kind}": method.name = "sfprompt" with {" and ".join(wrapped)} is '
+                    'not built on Flower (its clients run the split session message by message, without that '
+                    'client-side wrapper); use runtime.kind = "local"')
         fedex = getattr(self.method.options, "aggregation", "fedavg") == "fedex"
         if fed.aggregator != "mean":
             from fedpeft.federation.robust import check_rule
