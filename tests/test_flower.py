@@ -388,6 +388,30 @@ def test_split_rounds_through_the_real_client_app_match_the_in_process_round_bit
     assert all(not ctx.state for ctx in nodes.contexts.values())  # the sessions end with the round
 
 
+@pytest.mark.parametrize("family", ["bert", "vit", "gpt2", "llama"])
+def test_split_messages_cross_flower_records_unchanged_for_every_family(family, flower_identity):
+    """The head's output and every block input (masks, GPT-2's causal mask, LLaMA's rotary
+    cos/sin) survive the records: the body gives the same output from the decoded message."""
+    import torch
+
+    from conftest import make_batch
+    from fedpeft.split import context_of, forward_message
+    from fedpeft.runtime.flower.split import from_content, to_content
+    from test_split import prepared
+
+    loaded, method = prepared(family)
+    batch = make_batch(loaded, n=3)
+    with torch.no_grad():
+        head = method.split.head(batch)
+        sent = forward_message(head.hidden, head.context)
+        sent.meta["request"] = "1/0/0"
+        kind, got = from_content(to_content(sent, "forward"))
+        assert kind == "forward" and got.meta == json.loads(json.dumps(sent.meta))
+        assert {k: (v.dtype, v.shape) for k, v in got.tensors.items()} == {k: (v.dtype, v.shape) for k, v in sent.tensors.items()}
+        direct = method.split.body(head.hidden, head.context)
+        torch.testing.assert_close(method.split.body(got.tensors["hidden"], context_of(got)), direct, rtol=0, atol=0)
+
+
 def test_a_client_failing_mid_chain_fails_alone_and_a_bad_activation_is_named(ragged_data):
     from flwr.app.error import Error
 

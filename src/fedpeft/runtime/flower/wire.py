@@ -34,19 +34,22 @@ def record_to_state(record: ArrayRecord) -> NamedArrays:
         raise ValueError(f"no layout among the arrays {sorted(record)}")
     layout = json.loads(record["layout"].numpy().tobytes().decode())
     offsets: dict[str, int] = {}
+    buffers: dict[str, np.ndarray] = {}  # each decoded once (Array.numpy() parses the bytes anew)
     state = {}
     for name, dtype, shape in layout:
         key = f"buffer.{dtype}"
         if key not in record:
             raise ValueError(f"{name}: no {key} array")
-        buffer, start = record[key].numpy(), offsets.get(key, 0)
+        if key not in buffers:
+            buffers[key] = record[key].numpy()
+        buffer, start = buffers[key], offsets.get(key, 0)
         size = int(np.prod(shape, dtype=np.int64))
         if buffer.dtype != np.dtype(dtype) or start + size > buffer.size:
             raise ValueError(f"{name}: {key} holds {buffer.size} {buffer.dtype} values, the layout needs more")
         state[name] = buffer[start:start + size].reshape(shape)
         offsets[key] = start + size
     for key in set(record) - {"layout"}:
-        if offsets.get(key, 0) != record[key].numpy().size:
+        if offsets.get(key, 0) != (buffers[key] if key in buffers else record[key].numpy()).size:
             raise ValueError(f"{key} holds values that no name in the layout takes")
     return state
 
