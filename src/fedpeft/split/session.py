@@ -28,10 +28,10 @@ Why a restored session trains exactly like a live one
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -89,14 +89,14 @@ class SplitSession:
     """One client's split-training round; see the module docstring. Made by :meth:`begin` or
     :meth:`restore`, never directly."""
 
-    def __init__(self, trainer: "SplitTrainer", progress: Progress, order: list[torch.Tensor],
+    def __init__(self, trainer: SplitTrainer, progress: Progress, order: list[torch.Tensor],
                  optimizer: torch.optim.Optimizer) -> None:
         self.trainer, self.progress, self.order, self.optimizer = trainer, progress, order, optimizer
         self._head: HeadOutput | None = None  # the pending batch's head output, in this process only
 
     @classmethod
-    def begin(cls, trainer: "SplitTrainer", client: int, indices: np.ndarray, global_state: NamedArrays,
-              rnd: int) -> "SplitSession":
+    def begin(cls, trainer: SplitTrainer, client: int, indices: np.ndarray, global_state: NamedArrays,
+              rnd: int) -> SplitSession:
         """Load ``global_state``, prune (``method.prune``), run the local-loss update
         (``method.local_loss``) and draw the split-training batches."""
         start = time.perf_counter()
@@ -115,11 +115,12 @@ class SplitSession:
         local_sum, local_steps = 0.0, opts.local_loss_steps if opts.local_loss else 0
         for rows in trainer.batch_order(kept, local_steps, generator) if local_steps else []:  # (b)
             batch = trainer.train.batch(rows)
-            loss, flops = counted(lambda: trainer.shortcut_step(batch, optimizer))
-            local_sum, client_flops, full_flops = local_sum + loss, client_flops + flops, full_flops + trainer.full(batch)
+            loss, flops = counted(lambda batch=batch: trainer.shortcut_step(batch, optimizer))
+            local_sum, client_flops = local_sum + loss, client_flops + flops
+            full_flops += trainer.full(batch)
         steps = trainer.num_steps(len(kept))
         order = trainer.batch_order(kept, steps, generator)  # (c) split training's batches
-        progress = Progress(client, rnd, int(len(indices)), int(len(kept)), steps, local_steps, local_sum=local_sum,
+        progress = Progress(int(client), int(rnd), len(indices), len(kept), steps, local_steps, local_sum=local_sum,
                             client_flops=client_flops, full_flops=full_flops, compute_s=time.perf_counter() - start)
         return cls(trainer, progress, order, optimizer)
 
@@ -229,7 +230,7 @@ class SplitSession:
         return tensors, {"progress": asdict(self.progress), "optimizer": scalars}
 
     @classmethod
-    def restore(cls, trainer: "SplitTrainer", tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "SplitSession":
+    def restore(cls, trainer: SplitTrainer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> SplitSession:
         """The session of :meth:`snapshot`: parameters, gradients and optimizer state loaded into
         ``trainer``'s model (whatever another client left there). ``ValueError`` naming what is missing."""
         progress = Progress(**meta["progress"])

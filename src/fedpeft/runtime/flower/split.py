@@ -43,12 +43,11 @@ from fedpeft.errors import FedPeftError
 from fedpeft.federation.costs import message_bytes
 from fedpeft.federation.strategy import ClientResult, RoundPlan
 from fedpeft.methods.base import NamedArrays
-from fedpeft.runtime.flower.app import (
-    CONFIG_KEY, METRIC_KEYS, OVERSIZE_FACTOR, FlowerClients, decode_reply,
-)
+from fedpeft.runtime.flower.app import CONFIG_KEY, METRIC_KEYS, OVERSIZE_FACTOR, FlowerClients, decode_reply
 from fedpeft.runtime.flower.wire import record_to_state, state_to_record, wire_bytes
 from fedpeft.runtime.rounds import Delivery
-from fedpeft.split import InProcessBodyServer, Message as SplitMessage
+from fedpeft.split import InProcessBodyServer
+from fedpeft.split import Message as SplitMessage
 from fedpeft.split.session import SplitSession
 from fedpeft.split.trainer import SplitTrainer, body_metrics
 
@@ -83,23 +82,29 @@ def from_content(content: RecordDict) -> tuple[str, SplitMessage]:
     if SPLIT_ARRAYS not in content.array_records or SPLIT_META not in content.config_records:
         raise ValueError(f"not a split message: records {sorted(content.keys())}")
     meta = content.config_records[SPLIT_META]
-    tensors = {name: torch.from_numpy(np.array(a)) for name, a in record_to_state(content.array_records[SPLIT_ARRAYS]).items()}
-    return str(meta["kind"]), SplitMessage(tensors, json.loads(str(meta["meta"])))
+    return str(meta["kind"]), SplitMessage(state_to_tensors(record_to_state(content.array_records[SPLIT_ARRAYS])),
+                                           json.loads(str(meta["meta"])))
 
 
 def tensors_to_state(tensors: dict[str, torch.Tensor]) -> NamedArrays:
     return {name: t.detach().cpu().numpy() for name, t in tensors.items()}
 
 
+def state_to_tensors(state: NamedArrays) -> dict[str, torch.Tensor]:
+    """Tensors owning a copy of each array (a decoded record's arrays are read-only views)."""
+    return {name: torch.from_numpy(np.array(a)) for name, a in state.items()}
+
+
 # --------------------------------------------------------------------------------------- client
 
-def split_trainer(exp: "Experiment") -> SplitTrainer:
+def split_trainer(exp: Experiment) -> SplitTrainer:
+    """The experiment's :class:`SplitTrainer`, unwrapped (a wrapper's ``fit`` would never run)."""
     if not isinstance(exp.trainer, SplitTrainer):  # a wrapper (attack, client-local DP): refused by the config
         raise FedPeftError(f"sfprompt on Flower trains with a SplitTrainer, not {type(exp.trainer).__name__}")
     return exp.trainer
 
 
-def begin_round(received: RecordDict, context: Context, exp: "Experiment", pid: int) -> RecordDict:
+def begin_round(received: RecordDict, context: Context, exp: Experiment, pid: int) -> RecordDict:
     """The round's TRAIN message (its content): start the session (pruning, local loss); the
     reply's content is the head's output on the first batch."""
     config = received["config"]
@@ -108,7 +113,7 @@ def begin_round(received: RecordDict, context: Context, exp: "Experiment", pid: 
     return _forward_or_result(context, session, str(config[CONFIG_KEY]))
 
 
-def continue_round(msg: Message, context: Context, build: Callable[[str, Any], "Experiment"]) -> Message:
+def continue_round(msg: Message, context: Context, build: Callable[[str, Any], Experiment]) -> Message:
     """A ``train.split`` message: continue this node's session (restored from ``context.state``)
     with the body's output or the gradient at the cut."""
     if SESSION_META_KEY not in context.state.config_records or SESSION_ARRAYS_KEY not in context.state.array_records:
@@ -116,11 +121,12 @@ def continue_round(msg: Message, context: Context, build: Callable[[str, Any], "
     saved = context.state.config_records[SESSION_META_KEY]
     text = str(saved[CONFIG_KEY])
     exp = build(text, context.node_config)
-    tensors = {n: torch.from_numpy(np.array(a)) for n, a in record_to_state(context.state.array_records[SESSION_ARRAYS_KEY]).items()}
+    tensors = state_to_tensors(record_to_state(context.state.array_records[SESSION_ARRAYS_KEY]))
     session = SplitSession.restore(split_trainer(exp), tensors, json.loads(str(saved["meta"])))
     kind, message = from_content(msg.content)
     if message.meta.get("request") != session.request:
-        raise FedPeftError(f"split message for request {message.meta.get('request')!r}, the session is at {session.request!r}")
+        raise FedPeftError(f"split message for request {message.meta.get('request')!r}, "
+                           f"the session is at {session.request!r}")
     if kind == "body-output":
         reply = session.on_body_output(message)
         _save(context, session, text)
@@ -153,7 +159,7 @@ def _save(context: Context, session: SplitSession, text: str) -> None:
 
 # --------------------------------------------------------------------------------------- server
 
-def split_clients(clients: FlowerClients, exp: "Experiment") -> Any:
+def split_clients(clients: FlowerClients, exp: Experiment) -> Any:
     """``clients``, or for ``sfprompt`` the same nodes reached through :class:`SplitFlowerClients`."""
     return SplitFlowerClients(clients, exp) if exp.cfg.method.name == "sfprompt" else clients
 
@@ -162,7 +168,7 @@ class SplitFlowerClients:
     """The Flower clients of an ``sfprompt`` run: :meth:`fit_round` drives every client's chain of
     split messages with the body on this ServerApp (the module docstring)."""
 
-    def __init__(self, clients: FlowerClients, exp: "Experiment") -> None:
+    def __init__(self, clients: FlowerClients, exp: Experiment) -> None:
         self.clients, self.split = clients, exp.trainer.split
 
     def client_state(self) -> NamedArrays | None:
@@ -189,7 +195,8 @@ class SplitFlowerClients:
                 continue
             config = ConfigRecord({"round": plan.round, "partition-id": cid, CONFIG_KEY: clients.text})
             content = RecordDict({**records, "config": config})
-            msgs[cid] = Message(content, dst_node_id=clients.nodes[cid], message_type=MessageType.TRAIN, group_id=str(plan.round))
+            msgs[cid] = Message(content, dst_node_id=clients.nodes[cid], message_type=MessageType.TRAIN,
+                                group_id=str(plan.round))
             delivery.wire_down[cid] = wire_bytes(content)
         limit = OVERSIZE_FACTOR * wire_bytes(RecordDict(records)) + 64 * 1024
         chains = {cid: _Chain(InProcessBodyServer(self.split)) for cid in msgs}
@@ -218,7 +225,8 @@ class SplitFlowerClients:
                 request = str(message.meta.get("request"))
                 if kind not in NEXT:
                     raise ValueError(f"unknown split message kind {kind!r}")
-                out = chain.body.forward(request, message) if kind == "forward" else chain.body.backward(request, message)
+                call = chain.body.forward if kind == "forward" else chain.body.backward
+                out = call(request, message)
                 out.meta["request"] = request
                 content = to_content(out, NEXT[kind])
             except Exception as exc:  # noqa: BLE001 - a client's message can be anything
