@@ -284,6 +284,9 @@ def test_cut_and_family_and_runtime_errors(tiny):
     with pytest.raises(ConfigError, match='runtime.kind = "flower".*privacy.mode = "client-local"'):
         Config.from_dict({**flower, "runtime": {"kind": "flower"},
                           "privacy": {"mode": "client-local", "clip_norm": 1.0, "noise_multiplier": 1.0}})
+    with pytest.raises(ConfigError, match='runtime.kind = "flower-sim".*privacy.secure_aggregation = true'):
+        Config.from_dict({**flower, "partition": {"num_clients": 4}, "federation": {"clients_per_round": 2},
+                          "privacy": {"secure_aggregation": True}})
     with pytest.raises(ConfigError, match="federation.scaffold"):
         from fedpeft.split.trainer import SplitTrainer
 

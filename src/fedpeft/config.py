@@ -791,13 +791,15 @@ class Config:
         if self.method.name == "sfprompt" and self.runtime.kind != "local":
             # a Flower client runs the split session message by message, not the wrapped trainer's fit
             wrapped = [setting for setting, on in ((f'attack.kind = "{self.attack.kind}"', self.attack.kind != "none"),
-                                                   ('privacy.mode = "client-local"', self.privacy.mode == "client-local"))
+                                                   ('privacy.mode = "client-local"', self.privacy.mode == "client-local"),
+                                                   ("privacy.secure_aggregation = true", self.privacy.secure_aggregation))
                        if on]
             if wrapped:
                 raise ConfigError(
                     f'runtime.kind = "{self.runtime.kind}": method.name = "sfprompt" with {" and ".join(wrapped)} is '
-                    'not built on Flower (its clients run the split session message by message, without that '
-                    'client-side wrapper); use runtime.kind = "local"')
+                    'not built on Flower (its clients run the split session message by message, outside that '
+                    'client-side wrapper or SecAgg+\'s training step); use runtime.kind = "local" (or no secure '
+                    'aggregation)')
         fedex = getattr(self.method.options, "aggregation", "fedavg") == "fedex"
         if fed.aggregator != "mean":
             from fedpeft.federation.robust import check_rule
