@@ -38,7 +38,7 @@ import numpy as np
 
 from fedpeft.config import DataConfig
 from fedpeft.data.fingerprint import _framed, same_data
-from fedpeft.data.sources import KNOWN_DATASETS, _from_hub, _hold_out, _read_local, _shuffled_head, _Split
+from fedpeft.data.sources import KNOWN_DATASETS, _from_hub, _read_local, _Split, select_rows
 from fedpeft.data.tables import blank_rows, locate_rows, require_filled
 from fedpeft.errors import DataError
 from fedpeft.hub import single_library_logs
@@ -101,14 +101,8 @@ def load_instructions(cfg: DataConfig, seed: int) -> InstructionData:
     if cfg.fingerprint and not same_data(cfg.fingerprint, fingerprint):
         raise DataError(f"{source}: the dataset changed since the run was made (its fingerprint is not "
                         "data.fingerprint); point data.train and data.test at the run's data")
-    order = np.random.default_rng([seed, 0]).permutation(len(train_ds))
-    if test_ds is None:
-        order, held_out = _hold_out(order, cfg.validation_fraction, cfg.max_train_samples, train.where)
-        test_ds = train_ds.select(held_out)
-        source += f", validated on {len(held_out)} held-out train rows (data.validation_fraction)"
-    if cfg.max_test_samples is not None:
-        test_ds = test_ds.select(_shuffled_head(len(test_ds), cfg.max_test_samples, np.random.default_rng([seed, 1])))
-    return InstructionData(train_ds.select(order[:cfg.max_train_samples]), test_ds, fmt, names, source, fingerprint)
+    train_ds, test_ds, source = select_rows(train_ds, test_ds, cfg, seed, source, train.where)
+    return InstructionData(train_ds, test_ds, fmt, names, source, fingerprint)
 
 
 def instruction_fingerprint(origin: str, splits: list[datasets.Dataset], category_names: list[str], fmt: str) -> str:

@@ -142,14 +142,23 @@ def load_data(cfg: DataConfig, seed: int) -> ClassificationData:
             f"{source}: the dataset changed since the run was made (its fingerprint is not "
             "data.fingerprint); point data.data_dir, or data.train and data.test, at the run's data"
         )
+    train_ds, test_ds, source = select_rows(train_ds, test_ds, cfg, seed, source, train.where)
+    return ClassificationData(train_ds, test_ds, names, modality, source, fingerprint)
+
+
+def select_rows(train_ds: datasets.Dataset, test_ds: datasets.Dataset | None, cfg: DataConfig, seed: int,
+                source: str, where: str) -> tuple[datasets.Dataset, datasets.Dataset, str]:
+    """The seeded train rows (``max_train_samples``), the test rows (``max_test_samples``; without
+    a test split, ``validation_fraction`` of the shuffled train rows held out) and ``source`` saying
+    so: the same draws for every task."""
     order = np.random.default_rng([seed, 0]).permutation(len(train_ds))
     if test_ds is None:
-        order, held_out = _hold_out(order, cfg.validation_fraction, cfg.max_train_samples, train.where)
+        order, held_out = _hold_out(order, cfg.validation_fraction, cfg.max_train_samples, where)
         test_ds = train_ds.select(held_out)
         source += f", validated on {len(held_out)} held-out train rows (data.validation_fraction)"
     if cfg.max_test_samples is not None:
         test_ds = test_ds.select(_shuffled_head(len(test_ds), cfg.max_test_samples, np.random.default_rng([seed, 1])))
-    return ClassificationData(train_ds.select(order[:cfg.max_train_samples]), test_ds, names, modality, source, fingerprint)
+    return train_ds.select(order[:cfg.max_train_samples]), test_ds, source
 
 
 def resolved_config(cfg: DataConfig, data: ClassificationData) -> DataConfig:
