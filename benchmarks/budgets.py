@@ -40,10 +40,9 @@ from pathlib import Path
 from fedpeft.budgets import predict
 from fedpeft.budgets.clients import DepthCosts
 from fedpeft.config import Config
-from fedpeft.experiment import run_experiment
 from fedpeft.methods import build_method
 from fedpeft.models import load_model
-from fedpeft.sweep import clear_unfinished, run_status
+from fedpeft.sweep import finished_summary, run_or_resume
 
 METHODS = {"layers": 3e-4, "lora": 1e-2, "bias": 1e-2, "head": 1e-2}  # method -> local lr
 MIB = 2**20
@@ -93,19 +92,9 @@ def scenarios(memory: dict[str, float]) -> dict[str, dict]:
     }
 
 
-def run_one(cfg: Config, folder: Path) -> dict:
-    status = run_status(folder, cfg.federation.rounds)
-    if status != "finished":
-        if status == "new":
-            clear_unfinished(folder)
-        run_experiment(cfg, out=folder, resume=status == "partial")
-    return json.loads((folder / "summary.json").read_text())
-
-
 def row(folder: Path) -> str | None:
-    path = folder / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else None
-    if not summary or summary.get("status") != "finished":
+    summary = finished_summary(folder)
+    if summary is None:
         return None
     plan = json.loads((folder / "budgets.json").read_text())
     trained = [c for c in plan["clients"] if c["fits"]]
@@ -158,7 +147,7 @@ def main() -> None:
         for method in METHODS:
             if only and f"{name}/{method}" not in only:
                 continue
-            summary = run_one(config(args, method, budgets), args.out / name / method)
+            summary = run_or_resume(config(args, method, budgets), args.out / name / method)
             print(f"{name} {method}: acc {summary['final_accuracy']:.4f} f1 {summary['final_macro_f1']:.4f}", flush=True)
     text = table(args, memory, cases)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -27,13 +27,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 from fedpeft.config import Config
-from fedpeft.experiment import run_experiment
-from fedpeft.sweep import clear_unfinished, run_status
+from fedpeft.sweep import finished_summary, run_or_resume
 
 LEARNING_RATES = {"bias": 1e-2, "lora": 3e-3, "prompt": 1e-2}  # benchmarks/methods.py
 EPSILONS = (math.inf, 8.0, 3.0, 1.0)
@@ -65,21 +63,6 @@ def folder(args: argparse.Namespace, level: str, method: str, epsilon: float) ->
     return args.out / level / f"{method}-eps{'inf' if math.isinf(epsilon) else f'{epsilon:g}'}"
 
 
-def run_one(cfg: Config, out: Path) -> dict:
-    status = run_status(out, cfg.federation.rounds)
-    if status != "finished":
-        if status == "new":
-            clear_unfinished(out)
-        run_experiment(cfg, out=out, resume=status == "partial")
-    return json.loads((out / "summary.json").read_text())
-
-
-def finished(out: Path) -> dict | None:
-    path = out / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else None
-    return summary if summary and summary.get("status") == "finished" else None
-
-
 def table(args: argparse.Namespace, levels: list[str], methods: list[str]) -> str:
     """Markdown per level: accuracy / macro-F1 (points against the non-private run) per epsilon,
     and the epsilon spent with the noise multiplier used."""
@@ -92,10 +75,10 @@ def table(args: argparse.Namespace, levels: list[str], methods: list[str]) -> st
         lines += [f"## {head}", "", "| method | " + " | ".join(f"epsilon {e:g}" for e in EPSILONS) + " |",
                   "|---|" + "---|" * len(EPSILONS)]
         for method in methods:
-            base = finished(folder(args, level, method, math.inf))
+            base = finished_summary(folder(args, level, method, math.inf))
             cells = []
             for eps in EPSILONS:
-                s = finished(folder(args, level, method, eps))
+                s = finished_summary(folder(args, level, method, eps))
                 if s is None:
                     cells.append("-")
                     continue
@@ -136,7 +119,7 @@ def main() -> None:
     for level in levels if not args.table else []:
         for method in methods:
             for eps in epsilons:
-                s = run_one(config(args, level, method, eps), folder(args, level, method, eps))
+                s = run_or_resume(config(args, level, method, eps), folder(args, level, method, eps))
                 print(f"{level} {method} eps {eps:g}: acc {s['final_accuracy']:.4f} f1 {s['final_macro_f1']:.4f} "
                       f"spent {s.get('epsilon')}", flush=True)
     text = table(args, levels, methods)

@@ -22,14 +22,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 from fedpeft.config import Config
-from fedpeft.experiment import run_experiment
 from fedpeft.results import RunDir
-from fedpeft.sweep import clear_unfinished, run_status
+from fedpeft.sweep import finished_summary, run_or_resume
 
 ATTACKS = ("scale", "sign_flip", "gaussian", "label_flip")
 RULES = {  # rule name -> federation keys (max_norm gets max_update_norm at run time)
@@ -58,16 +56,6 @@ def config(args: argparse.Namespace, fed: dict, attack: dict) -> Config:
     })
 
 
-def run_one(cfg: Config, folder: Path) -> dict:
-    """Run, resume or skip (finished) one run folder; its summary."""
-    status = run_status(folder, cfg.federation.rounds)
-    if status != "finished":
-        if status == "new":
-            clear_unfinished(folder)
-        run_experiment(cfg, out=folder, resume=status == "partial")
-    return json.loads((folder / "summary.json").read_text())
-
-
 def clean_norm_limit(folder: Path) -> float:
     """Twice the median client update norm of a clean mean run's first round."""
     first = RunDir(folder).read_metrics()[0]
@@ -93,7 +81,7 @@ def main() -> None:
     rules = [r for r in args.rules.split(",") if r]
     clean_mean = args.out / "clean" / "mean"
     if not args.table:
-        run_one(config(args, {}, {}), clean_mean)
+        run_or_resume(config(args, {}, {}), clean_mean)
     limit = clean_norm_limit(clean_mean)
     print(f"max_update_norm = {limit:.4g} (2 x the clean round-1 median)", flush=True)
     cases = [("clean", {})] + [(f"{kind}-{n}", {"kind": kind, "fraction": n / 8})
@@ -101,7 +89,7 @@ def main() -> None:
     for case, attack in cases if not args.table else []:
         for rule in rules:
             fed = RULES[rule] if rule != "max_norm" else {"max_update_norm": limit}
-            summary = run_one(config(args, fed, attack), args.out / case / rule)
+            summary = run_or_resume(config(args, fed, attack), args.out / case / rule)
             print(f"{case} {rule}: acc {summary['final_accuracy']:.4f} f1 {summary['final_macro_f1']:.4f} "
                   f"excluded {summary['clients_excluded_total']} clipped {summary['clients_clipped_total']}", flush=True)
     text = robust_table(args, [c for c, _ in cases], rules, limit)
@@ -109,17 +97,11 @@ def main() -> None:
     print(text)
 
 
-def finished(folder: Path) -> dict | None:
-    path = folder / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else None
-    return summary if summary and summary.get("status") == "finished" else None
-
-
 def robust_table(args: argparse.Namespace, cases: list[str], rules: list[str], limit: float) -> str:
     """Markdown: final accuracy / macro-F1 per attack and rule (points against the clean mean run),
     then the clients each rule excluded or clipped and the bytes of deltas it held; '-' = not run."""
-    runs = {(c, r): finished(args.out / c / r) for c in cases for r in rules}
-    clean = runs.get(("clean", "mean")) or finished(args.out / "clean" / "mean")
+    runs = {(c, r): finished_summary(args.out / c / r) for c in cases for r in rules}
+    clean = runs.get(("clean", "mean")) or finished_summary(args.out / "clean" / "mean")
     header = ["| attack | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
     lines = [f"# Robust aggregation: banking77, {args.method}, 8 IID clients, {args.rounds} rounds "
              f"(max_update_norm {limit:.4g})", "",

@@ -46,10 +46,9 @@ from pathlib import Path
 import pandas as pd
 
 from fedpeft.config import Config, FederationConfig
-from fedpeft.experiment import run_experiment
 from fedpeft.methods.lora import LoraOptions
 from fedpeft.report import markdown_table, write_report
-from fedpeft.sweep import clear_unfinished, run_status
+from fedpeft.sweep import finished_summary, run_or_resume, run_status
 from fedpeft.tune import run_tune
 
 LEARNING_RATES = {"full": 3e-4, "bias": 1e-2, "adapter": 3e-3, "lora": 3e-3}
@@ -143,16 +142,6 @@ def tuned_server_lr(args: argparse.Namespace, dataset: str, method: str, options
     return server_lr
 
 
-def run_one(cfg: Config, folder: Path) -> dict:
-    """Run, resume or skip (finished) one benchmark run folder; its summary."""
-    status = run_status(folder, cfg.federation.rounds)
-    if status == "finished":
-        return json.loads((folder / "summary.json").read_text())
-    if status == "new":
-        clear_unfinished(folder)  # e.g. a run that failed before its first round
-    return run_experiment(cfg, out=folder, resume=status == "partial")
-
-
 def frame_markdown(frame: pd.DataFrame) -> str:
     """A small DataFrame as a markdown table (numbers to 4 significant digits)."""
     cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)]
@@ -172,7 +161,7 @@ def rank_check(args: argparse.Namespace, dataset: str, method: str) -> str:
         folder = args.out / dataset / f"{method}-fedavg"  # the benchmark's own run at the chosen lr
         if lr != chosen_lr or run_status(folder, cfg.federation.rounds) != "finished":
             folder = args.out / "rank" / dataset / f"{method}-lr{lr:g}"
-        summary = run_one(cfg, folder)
+        summary = run_or_resume(cfg, folder)
         rows.append({"lr": lr, "proxy_f1": cand["macro_f1"], "full_f1": summary["final_macro_f1"],
                      "full_acc": summary["final_accuracy"]})
     by_lr = pd.DataFrame(rows).sort_values("lr")
@@ -195,11 +184,7 @@ def rank_check(args: argparse.Namespace, dataset: str, method: str) -> str:
 def comparison_table(out: Path, dataset: str, names: list[str]) -> str:
     """Markdown: every finished variant of ``dataset`` against full FedAvg (accuracy and macro-F1
     differences in points, total MB up + down, full's bytes over the variant's, wall time)."""
-    done = {}
-    for name in names:
-        path = out / dataset / name / "summary.json"
-        if path.is_file() and json.loads(path.read_text()).get("status") == "finished":
-            done[name] = json.loads(path.read_text())
+    done = {name: s for name in names if (s := finished_summary(out / dataset / name)) is not None}
     full = done.get("full-fedavg")
     lines = ["| variant | accuracy | macro-F1 | vs full (points) | classes | MB up + down | full / variant bytes | wall s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -262,7 +247,7 @@ def main() -> None:
             cfg = config(args, dataset, method, options, fed, lrs[dataset][method])
             if run_status(folder, cfg.federation.rounds) == "finished":
                 continue
-            summary = run_one(cfg, folder)
+            summary = run_or_resume(cfg, folder)
             print(f"{dataset} {name}: acc {summary['final_accuracy']:.4f} f1 {summary['final_macro_f1']:.4f} "
                   f"classes {summary['predicted_classes']} up {summary['total_bytes_up'] / 1e6:.1f} MB "
                   f"{summary['wall_s']:.0f} s", flush=True)

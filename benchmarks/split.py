@@ -32,8 +32,7 @@ import json
 from pathlib import Path
 
 from fedpeft.config import Config
-from fedpeft.experiment import run_experiment
-from fedpeft.sweep import clear_unfinished, run_status
+from fedpeft.sweep import finished_summary, run_or_resume
 from fedpeft.tune import run_tune
 
 VARIANTS = {  # name -> (method, options)
@@ -70,30 +69,15 @@ def tuned_lrs(args: argparse.Namespace) -> dict[str, float]:
     return {**LEARNING_RATES, **{m: c.lr for m, c in tuning.choices.items()}}
 
 
-def run_one(cfg: Config, folder: Path) -> dict:
-    status = run_status(folder, cfg.federation.rounds)
-    if status != "finished":
-        if status == "new":
-            clear_unfinished(folder)
-        run_experiment(cfg, out=folder, resume=status == "partial")
-    return json.loads((folder / "summary.json").read_text())
-
-
-def finished(folder: Path) -> dict | None:
-    path = folder / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else None
-    return summary if summary and summary.get("status") == "finished" else None
-
-
 def table(args: argparse.Namespace, lrs: dict[str, float]) -> str:
     """Markdown: one row per finished variant ('-': not yet)."""
-    full = finished(args.full_run or args.out / "full")
+    full = finished_summary(args.full_run or args.out / "full")
     lines = [f"# SFPrompt: banking77, MiniLM, 16 Dirichlet(0.5) clients, 8 per round, {args.rounds} rounds", "",
              "| variant | lr | accuracy | macro-F1 | MB parameters (up + down) | MB activations (up + down) "
              "| MB total | client FLOPs % of full | wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, (method, _) in VARIANTS.items():
-        s = full if name == "full" else finished(args.out / name)
+        s = full if name == "full" else finished_summary(args.out / name)
         if s is None:
             lines.append(f"| {name} | - | - | - | - | - | - | - | - |")
             continue
@@ -132,7 +116,7 @@ def main() -> None:
     for name, (method, options) in VARIANTS.items() if not args.table else []:
         if (only and name not in only) or (name == "full" and args.full_run):
             continue
-        s = run_one(config(args, method, options, lrs[method]), args.out / name)
+        s = run_or_resume(config(args, method, options, lrs[method]), args.out / name)
         print(f"{name}: acc {s['final_accuracy']:.4f} f1 {s['final_macro_f1']:.4f}", flush=True)
     text = table(args, lrs)
     args.out.mkdir(parents=True, exist_ok=True)

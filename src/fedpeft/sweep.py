@@ -167,6 +167,24 @@ def clear_unfinished(path: Path) -> None:
         shutil.rmtree(run.checkpoint)
 
 
+def run_or_resume(cfg: Config, folder: Path) -> dict[str, Any]:
+    """Run ``cfg`` into ``folder`` as a sweep does (skip it finished, resume it killed after a
+    round, start afresh otherwise); the run's summary. For scripts that run one folder at a time
+    (benchmarks/)."""
+    status = run_status(folder, cfg.federation.rounds)
+    if status != "finished":
+        if status == "new":
+            clear_unfinished(folder)
+        default_execute(cfg, folder, status == "partial")
+    return RunDir(folder).read_summary()
+
+
+def finished_summary(folder: Path) -> dict[str, Any] | None:
+    """The summary of a run folder whose run finished, else None (missing, unreadable, running)."""
+    summary = read_summary(folder)
+    return summary if summary and summary.get("status") == "finished" else None
+
+
 def default_execute(cfg: Config, folder: Path, resume: bool) -> dict:
     """Run one experiment of a sweep: :func:`~fedpeft.experiment.run_experiment` into ``folder``."""
     from fedpeft.experiment import run_experiment
