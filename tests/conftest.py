@@ -13,6 +13,9 @@ from fedpeft.config import ModelConfig
 from fedpeft.models import LoadedModel, load_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model or data hub
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One pytest-xdist worker per core: a second torch thread per worker only oversubscribes.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True, scope="session")
