@@ -82,7 +82,7 @@ def table(args: argparse.Namespace, lrs: dict[str, float]) -> str:
             lines.append(f"| {name} | - | - | - | - | - | - | - | - |")
             continue
         params = (s["total_bytes_up"] + s["total_bytes_down"]) / 1e6
-        acts = (s.get("total_activation_bytes_up", 0) + s.get("total_activation_bytes_down", 0)) / 1e6
+        acts = (s.get("activation_bytes_up", 0) + s.get("activation_bytes_down", 0)) / 1e6
         pct = s.get("client_flops_pct_of_full")  # sfprompt: against full fine-tuning of its own rows
         if pct is None and full is not None:  # the others: measured FLOPs against the full run's
             pct = 100 * s["client_flops_total"] / full["client_flops_total"]

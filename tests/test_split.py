@@ -249,8 +249,8 @@ def test_run_experiment_reports_split_costs(tmp_path):
         for c in clients:
             assert c["flops"] > 0 and 0 < c["client_flops_pct_of_full"]
             assert c["activation_bytes_up"] > c["activation_bytes_down"]  # masks go up only
-    assert summary["total_activation_bytes_up"] == sum(r["activation_bytes_up"] for r in rows)
-    assert summary["server_flops_total"] == sum(r["server_flops"] for r in rows)
+    assert summary["activation_bytes_up"] == sum(r["activation_bytes_up"] for r in rows)
+    assert summary["server_flops"] == sum(r["server_flops"] for r in rows)
     assert summary["client_flops"]["measured_per_round"] == summary["client_flops_per_update"]
     assert "predicted_per_round" in summary["client_flops"]
     assert summary["client_flops_pct_of_full"] > 0

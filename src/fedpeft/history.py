@@ -223,11 +223,11 @@ def _split_totals(results: list) -> dict[str, Any]:
 
 
 def _split_summary(rows: list[dict[str, Any]], static: dict[str, Any], client_rounds: int) -> dict[str, Any]:
-    """Split training's totals (``total_activation_bytes_up``/``_down``, ``server_flops_total``,
+    """Split training's totals (``activation_bytes_up``/``_down``, ``server_flops``,
     ``client_flops_pct_of_full``: client FLOPs over full fine-tuning's on the same batches, the mean
     over client updates) and the measured mean client FLOPs per update in ``client_flops``
     (``measured_per_round``, beside the cost model's ``predicted_per_round``); on Flower also
-    ``total_activation_wire_bytes_up``/``_down`` (None in process) and ``recompute_flops_total``
+    ``activation_wire_bytes_up``/``_down`` (None in process) and ``recompute_flops``
     (head passes its clients ran again between messages, not in ``client_flops``: 0 in process)."""
     split = [r for r in rows if "activation_bytes_up" in r]
     if not split:
@@ -236,12 +236,12 @@ def _split_summary(rows: list[dict[str, Any]], static: dict[str, Any], client_ro
     measured = sum(r["client_flops"] for r in rows) / max(1, client_rounds)
     flops = static.get("client_flops")
     return {
-        "total_activation_bytes_up": sum(r["activation_bytes_up"] for r in split),
-        "total_activation_bytes_down": sum(r["activation_bytes_down"] for r in split),
-        "server_flops_total": sum(r["server_flops"] for r in split),
-        "total_activation_wire_bytes_up": _total_or_none(split, "activation_wire_bytes_up"),
-        "total_activation_wire_bytes_down": _total_or_none(split, "activation_wire_bytes_down"),
-        "recompute_flops_total": sum(r.get("recompute_flops", 0.0) for r in split),
+        "activation_bytes_up": sum(r["activation_bytes_up"] for r in split),
+        "activation_bytes_down": sum(r["activation_bytes_down"] for r in split),
+        "server_flops": sum(r["server_flops"] for r in split),
+        "activation_wire_bytes_up": _total_or_none(split, "activation_wire_bytes_up"),
+        "activation_wire_bytes_down": _total_or_none(split, "activation_wire_bytes_down"),
+        "recompute_flops": sum(r.get("recompute_flops", 0.0) for r in split),
         "client_flops_pct_of_full": sum(pct) / len(pct) if pct else None,
         "client_flops": {**(flops if isinstance(flops, dict) else {}), "measured_per_round": measured},
     }
