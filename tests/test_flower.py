@@ -436,6 +436,68 @@ def test_a_client_failing_mid_chain_fails_alone_and_a_bad_activation_is_named(ra
     assert not delivery.failed and outcome.accepted == [0, 1]
 
 
+LM_KEYS = ("eval_loss", "perplexity", "exact_match", "rouge_l", "train_loss", "client_flops")
+LM_SUMMARY_KEYS = ("task", "final_eval_loss", "final_perplexity", "final_exact_match", "final_rouge_l", "best_rouge_l",
+                   "client_flops_total", "exchanged_params")
+
+
+@pytest.fixture(scope="module")
+def lm_data(tmp_path_factory):
+    """Prompt/response pairs for task.kind = "causal-lm" (JSONL files)."""
+    root = tmp_path_factory.mktemp("lm")
+    things = ["snow", "grass", "sky", "coal", "blood", "sun"]
+    colours = ["white", "green", "blue", "black", "red", "yellow"]
+    for split, n in (("train", 24), ("test", 6)):
+        rows = [{"prompt": f"the colour of {things[i % 6]}", "response": f"it is {colours[i % 6]}"} for i in range(n)]
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def lm_cfg(data, exchange=None, **runtime):
+    """A causal-lm run: LoRA on tiny-gpt2, 2 clients, 2 rounds (``exchange``: federation.exchange_dtype)."""
+    from fedpeft.config import Config
+
+    fed = {"rounds": 2, "clients_per_round": 2, "local_steps": 3, "batch_size": 4, "lr": 1e-2,
+           **({"exchange_dtype": exchange} if exchange else {})}
+    return Config.from_dict({
+        "model": {"name": "tiny-gpt2", "max_length": 16}, "task": {"kind": "causal-lm", "max_new_tokens": 3,
+                                                                   "generation_samples": 4, "saved_generations": 2},
+        "data": {"train": str(data / "train.jsonl"), "test": str(data / "test.jsonl")},
+        "method": {"name": "lora", "r": 4}, "partition": {"num_clients": 2}, "federation": fed,
+        "runtime": {"threads": 1, "progress": False, **runtime}, "output": {"save_model": False}})
+
+
+def assert_same_lm_run(local, flower):
+    """:func:`assert_same_run` bit for bit, and the causal-lm metrics, generations and summary."""
+    assert_same_run(local, flower)
+    a, b = final_state(local), final_state(flower)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    for ra, rb in zip(rows_of(local), rows_of(flower), strict=True):
+        assert [ra[k] for k in LM_KEYS] == [rb[k] for k in LM_KEYS] and ra["accuracy"] is rb["accuracy"] is None
+        assert ra["eval_loss"] > 0 and rb["wire_bytes_up"] > 0
+        name = f"generations/round_{ra['round']}.jsonl"
+        assert (local / name).read_text() == (flower / name).read_text() != ""
+    sa = json.loads((local / "summary.json").read_text())
+    sb = json.loads((flower / "summary.json").read_text())
+    assert [sa[k] for k in LM_SUMMARY_KEYS] == [sb[k] for k in LM_SUMMARY_KEYS] and sa["task"] == "causal-lm"
+
+
+def test_a_causal_lm_run_through_the_real_client_app_matches_the_in_process_run(lm_data, tmp_path):
+    """Instruction tuning on Flower's records: the real ClientApp trains its encoded instruction
+    partition, the server evaluates (loss, perplexity, generations): the in-process run's results.
+    (The same config over a real deployment: tests/test_flower_secure.py.)"""
+    from fedpeft.experiment import run_with_clients
+
+    run_experiment(lm_cfg(lm_data), out=tmp_path / "local")
+    cfg = lm_cfg(lm_data, kind="flower", round_timeout=60)
+    nodes = NodeApps(2)
+    summary = run_with_clients(cfg, tmp_path / "flower", False, None,
+                               lambda exp: FlowerClients(FakeGrid(2, nodes), cfg.to_toml(), 2, cfg.runtime).connect(exp))
+    assert summary["runtime"] == "flower" and summary["clients_failed_total"] == 0
+    assert_same_lm_run(tmp_path / "local", tmp_path / "flower")
+    assert all(n == 2 for n in nodes.calls.values())  # a TRAIN per round (the grid answers the QUERY)
+
+
 def test_a_supernode_killed_mid_run_fails_its_rounds_and_the_run_goes_on(csv_data, tmp_path):  # noqa: F811
     from fedpeft.runtime.flower.deploy import LoopbackDeployment
 

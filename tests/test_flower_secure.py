@@ -3,7 +3,7 @@ SuperNode authentication with registered public keys and the SuperExec secret on
 deployment; an unregistered node and a client without the CA are refused; SecAgg+ over it. The
 suite's only deployment of the parity run (the same result as in process, the user's way with
 ``fedpeft run``, warm workers reused, a failing ServerApp, SCAFFOLD + FedEx-LoRA, SFPrompt's
-split messages): the insecure path is the killed-node test's (tests/test_flower.py)."""
+split messages, causal-lm instruction tuning): the insecure path is the killed-node test's (tests/test_flower.py)."""
 
 import json
 import subprocess
@@ -20,9 +20,12 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from test_flower import (  # noqa: F401 - fixture reused
     assert_same_run,
+    assert_same_lm_run,
     assert_same_split_run,
     fedex_scaffold_cfg,
     final_state,
+    lm_cfg,
+    lm_data,
     local_run,
     parity_cfg,
     ragged_data,
@@ -91,9 +94,9 @@ def wait_exit(proc, timeout):
         return None
 
 
-@pytest.mark.integration  # the suite's one TLS deployment: 3 warm processes load torch, 5 `fedpeft run`s
+@pytest.mark.integration  # the suite's one TLS deployment: 3 warm processes load torch, 6 `fedpeft run`s
 def test_a_tls_and_node_authenticated_deployment_runs_as_the_insecure_one_and_refuses_strangers(
-        csv_data, local_run, ragged_data, sfprompt_local_run, tmp_path):
+        csv_data, local_run, ragged_data, sfprompt_local_run, lm_data, tmp_path):
     from fedpeft.runtime.flower.deploy import LoopbackDeployment
 
     # the README's production steps: credentials from flower-keys (node-2's key is never registered)
@@ -114,9 +117,11 @@ def test_a_tls_and_node_authenticated_deployment_runs_as_the_insecure_one_and_re
         (tmp_path / "fx.toml").write_text(fedex_scaffold_cfg(csv_data, **tls).to_toml())
         # SFPrompt: per batch a forward and a backward exchange with the body on the ServerApp
         (tmp_path / "sf.toml").write_text(sfprompt_cfg(ragged_data, **tls).to_toml())
+        # task.kind = "causal-lm": the nodes train instruction data, the ServerApp evaluates and generates
+        (tmp_path / "lm.toml").write_text(lm_cfg(lm_data, **tls).to_toml())
         # submitted the user's way (fedpeft run) to a SuperLink that runs only a signed server worker:
         # a run, a run whose ServerApp fails, then again on the same long-lived server and client workers
-        for name in ("run", "bad", "again", "fx", "sf"):
+        for name in ("run", "bad", "again", "fx", "sf", "lm"):
             code, out = cli("run", tmp_path / f"{'run' if name == 'again' else name}.toml", "--out", tmp_path / name)
             if name == "bad":
                 assert code != 0 and "num-partitions=2" in out, out[-3000:]
@@ -151,6 +156,8 @@ def test_a_tls_and_node_authenticated_deployment_runs_as_the_insecure_one_and_re
     run_experiment(fedex_scaffold_cfg(csv_data), out=tmp_path / "fx-local")
     assert_same_run(tmp_path / "fx-local", tmp_path / "fx")
     assert_same_split_run(sfprompt_local_run, tmp_path / "sf")
+    run_experiment(lm_cfg(lm_data), out=tmp_path / "lm-local")
+    assert_same_lm_run(tmp_path / "lm-local", tmp_path / "lm")
     # under SecAgg+ the aggregate is the plain one within the row's stated quantization bound
     run_experiment(secure_round_cfg(csv_data, False), out=tmp_path / "plain")
     (row,) = rows_of(tmp_path / "secure")

@@ -72,8 +72,6 @@ def test_bias_on_a_model_without_biases_is_refused_when_prepared():
     ({"model": {"name": "tiny-bert"}}, "model.name"),
     ({"model": {"name": "minilm"}}, "model.name"),
     ({"model": {"max_length": 3}}, "model.max_length"),
-    ({"runtime": {"kind": "flower-sim"}}, "runtime.kind"),
-    ({"runtime": {"kind": "flower"}}, "runtime.kind"),
     ({"partition": {"scheme": "dirichlet"}}, "partition.scheme"),
     ({"partition": {"scheme": "shards"}}, "partition.scheme"),
     ({"federation": {"label_skew": "fedlc"}}, "federation.label_skew"),
@@ -90,9 +88,13 @@ def test_causal_lm_config_errors_name_the_key(sections, key):
         Config.from_dict(cfg_dict(**sections))
 
 
-def test_flower_refusal_names_the_runtime():
-    with pytest.raises(ConfigError, match='runtime.kind: "flower-sim" with task.kind = "causal-lm" is not built yet'):
-        Config.from_dict(cfg_dict(runtime={"kind": "flower-sim"}))
+@pytest.mark.parametrize("kind", ["flower-sim", "flower"])
+def test_the_flower_runtimes_take_causal_lm_configs_unchanged(kind):
+    # runs: tests/test_flower.py (the real ClientApp), tests/test_flower_secure.py (a deployment)
+    cfg = Config.from_dict(cfg_dict(runtime={"kind": kind}))
+    assert cfg.runtime.kind == kind and cfg.task.generative
+    with pytest.raises(ConfigError, match='^method.name: "sfprompt" with task.kind = "causal-lm"'):
+        Config.from_dict(cfg_dict(runtime={"kind": kind}, method={"name": "sfprompt"}))
 
 
 @pytest.mark.parametrize("table,key", [

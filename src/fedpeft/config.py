@@ -114,9 +114,6 @@ class TaskConfig:
                'must be >= 4 with task.kind = "causal-lm" (room for a prompt token, a response token and EOS)')
         refused = get_method_class(cfg.method.name).causal_lm_refused
         _check(refused is None, "method.name", f'"{cfg.method.name}" with task.kind = "causal-lm": {refused}')
-        _check(cfg.runtime.kind == "local", "runtime.kind",
-               f'"{cfg.runtime.kind}" with task.kind = "causal-lm" is not built yet (the Flower runtimes '
-               'carry classification only so far); use runtime.kind = "local"')
         _check(cfg.partition.scheme == "iid" or data.category_column is not None, "partition.scheme",
                f'"{cfg.partition.scheme}" with task.kind = "causal-lm" skews clients over a category: set '
                'data.category_column (e.g. a task or domain column), or use scheme = "iid"')
