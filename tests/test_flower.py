@@ -453,14 +453,14 @@ def lm_data(tmp_path_factory):
     return root
 
 
-def lm_cfg(data, exchange=None, **runtime):
-    """A causal-lm run: LoRA on tiny-gpt2, 2 clients, 2 rounds (``exchange``: federation.exchange_dtype)."""
+def lm_cfg(data, dtype="float32", **runtime):
+    """A causal-lm run: LoRA on tiny-gpt2, 2 clients, 2 rounds; ``dtype``: model.dtype and
+    federation.exchange_dtype."""
     from fedpeft.config import Config
 
-    fed = {"rounds": 2, "clients_per_round": 2, "local_steps": 3, "batch_size": 4, "lr": 1e-2,
-           **({"exchange_dtype": exchange} if exchange else {})}
+    fed = {"rounds": 2, "clients_per_round": 2, "local_steps": 3, "batch_size": 4, "lr": 1e-2, "exchange_dtype": dtype}
     return Config.from_dict({
-        "model": {"name": "tiny-gpt2", "max_length": 16}, "task": {"kind": "causal-lm", "max_new_tokens": 3,
+        "model": {"name": "tiny-gpt2", "max_length": 16, "dtype": dtype}, "task": {"kind": "causal-lm", "max_new_tokens": 3,
                                                                    "generation_samples": 4, "saved_generations": 2},
         "data": {"train": str(data / "train.jsonl"), "test": str(data / "test.jsonl")},
         "method": {"name": "lora", "r": 4}, "partition": {"num_clients": 2}, "federation": fed,

@@ -117,8 +117,9 @@ def test_a_tls_and_node_authenticated_deployment_runs_as_the_insecure_one_and_re
         (tmp_path / "fx.toml").write_text(fedex_scaffold_cfg(csv_data, **tls).to_toml())
         # SFPrompt: per batch a forward and a backward exchange with the body on the ServerApp
         (tmp_path / "sf.toml").write_text(sfprompt_cfg(ragged_data, **tls).to_toml())
-        # task.kind = "causal-lm": the nodes train instruction data, the ServerApp evaluates and generates
-        (tmp_path / "lm.toml").write_text(lm_cfg(lm_data, **tls).to_toml())
+        # task.kind = "causal-lm": the nodes train instruction data, the ServerApp evaluates and generates;
+        # bfloat16 weights, the states cross as bfloat16 bits
+        (tmp_path / "lm.toml").write_text(lm_cfg(lm_data, "bfloat16", **tls).to_toml())
         # submitted the user's way (fedpeft run) to a SuperLink that runs only a signed server worker:
         # a run, a run whose ServerApp fails, then again on the same long-lived server and client workers
         for name in ("run", "bad", "again", "fx", "sf", "lm"):
@@ -156,8 +157,10 @@ def test_a_tls_and_node_authenticated_deployment_runs_as_the_insecure_one_and_re
     run_experiment(fedex_scaffold_cfg(csv_data), out=tmp_path / "fx-local")
     assert_same_run(tmp_path / "fx-local", tmp_path / "fx")
     assert_same_split_run(sfprompt_local_run, tmp_path / "sf")
-    run_experiment(lm_cfg(lm_data), out=tmp_path / "lm-local")
+    run_experiment(lm_cfg(lm_data, "bfloat16"), out=tmp_path / "lm-local")
     assert_same_lm_run(tmp_path / "lm-local", tmp_path / "lm")
+    lm = json.loads((tmp_path / "lm" / "summary.json").read_text())
+    assert lm["exchange_dtype"] == lm["model_dtype"] == "bfloat16" and lm["total_wire_bytes_up"] > lm["total_bytes_up"]
     # under SecAgg+ the aggregate is the plain one within the row's stated quantization bound
     run_experiment(secure_round_cfg(csv_data, False), out=tmp_path / "plain")
     (row,) = rows_of(tmp_path / "secure")

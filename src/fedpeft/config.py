@@ -44,6 +44,8 @@ class ModelConfig:
     name: str = "minilm"  # hub id, local folder, or alias (minilm, tiny-*)
     max_length: int = 64  # tokens per text sample (longer texts are truncated)
     image_size: int | None = None  # resize images to this (default: the model's own size)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # every parameter (frozen and trained) in this dtype
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward (less memory, more FLOPs)
 
     def validate(self) -> None:
         _check(self.max_length >= 2, "model.max_length", "must be >= 2")
@@ -288,6 +290,8 @@ class FederationConfig:
     trim_fraction: float | None = None  # trimmed_mean only: share cut at each end per coordinate (unset: 0.2, Flower's beta)
     byzantine: int | None = None  # krum, multikrum, bulyan: malicious clients per round f the rule tolerates (unset: 0)
     max_update_norm: float | None = None  # norm bounding: every client delta clipped to this L2 norm first
+    # what crosses between server and clients (fedpeft.federation.precision); the server keeps float32
+    exchange_dtype: Literal["float32", "bfloat16"] = "float32"  # every floating value of a message, down and up
 
     def validate(self) -> None:
         _check(self.rounds >= 1, "federation.rounds", "must be >= 1")
@@ -785,6 +789,7 @@ class Config:
             )
 
         self.task.check_sections(self)
+        self._check_precision()
         if self.method.name == "sfprompt" and self.runtime.kind != "local":
             # a Flower client runs the split session message by message, not the wrapped trainer's fit
             wrapped = [setting for setting, on in ((f'attack.kind = "{self.attack.kind}"', self.attack.kind != "none"),
@@ -820,6 +825,26 @@ class Config:
                     'by another step: use server_optimizer = "fedavg" (server_lr 1) or aggregation = "fedavg"'
                 )
         self.privacy.check_federation(self)
+
+    def _check_precision(self) -> None:
+        """``model.dtype``, ``model.gradient_checkpointing`` and ``federation.exchange_dtype``
+        against what does not take them (:mod:`fedpeft.federation.precision`)."""
+        model, fed = self.model, self.federation
+        if self.method.name == "sfprompt":  # the split protocol runs the blocks and carries float32 tensors
+            for key, on in (("model.dtype", model.dtype != "float32"), ("model.gradient_checkpointing",
+                            model.gradient_checkpointing), ("federation.exchange_dtype", fed.exchange_dtype != "float32")):
+                _check(not on, key, f'{"is on" if key.endswith("checkpointing") else "is not float32"} with method.name = '
+                       '"sfprompt": its split protocol runs the blocks itself and carries float32 tensors; not built')
+        _check(not (model.gradient_checkpointing and self.privacy.mode == "sample"), "model.gradient_checkpointing",
+               'with privacy.mode = "sample": Opacus\'s per-sample gradient hooks see no activations inside '
+               "checkpointed blocks; set gradient_checkpointing = false")
+        if fed.exchange_dtype == "float32":
+            return
+        _check(not self.privacy.secure_aggregation, "federation.exchange_dtype",
+               '"bfloat16" with privacy.secure_aggregation: SecAgg+ sends quantized integers, not the state; '
+               'use exchange_dtype = "float32"')
+        _check(getattr(self.method.options, "aggregation", "fedavg") != "fedex", "federation.exchange_dtype",
+               '"bfloat16" with method.aggregation = "fedex": its residual downloads are counted in float32; not built')
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

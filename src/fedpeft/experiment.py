@@ -33,7 +33,7 @@ from fedpeft.federation.strategy import FedAvgStrategy
 from fedpeft.methods import Method, NamedArrays, build_method, get_state, set_state
 from fedpeft.privacy.client_level import LocalDPTrainer, plan_client_dp
 from fedpeft.privacy.sample_level import SampleDPTrainer, plan_sample_dp
-from fedpeft.models import Blocks, ModelInfo, is_image_model, load_model, transformer_blocks
+from fedpeft.models import Blocks, ModelInfo, apply_model_options, is_image_model, load_model, transformer_blocks
 from fedpeft.provenance import git_commit, now_iso, versions
 from fedpeft.results import RunDir, load_run_config
 from fedpeft.runner import run_experiment  # noqa: F401 - the public entry point lives torch-free
@@ -97,6 +97,7 @@ class Experiment:
         trainable, total = param_counts(self.model)
         state = get_state(self.model, self.names)  # what a client sends
         copies = 2 if self.cfg.federation.scaffold else 1  # SCAFFOLD: c down, delta_c_i up as well
+        dtype = self.cfg.federation.exchange_dtype  # every floating value of a message at its size
         return {
             "method": self.cfg.method.name,
             "model": self.cfg.model.name,
@@ -115,10 +116,12 @@ class Experiment:
             "exchanged_params": int(sum(a.size for a in state.values())),
             # a client that trains every exchanged name; with an assignment (layers, heterogeneous k)
             # the largest update: the rows have each client's, the summary their mean
-            "bytes_per_client_update": copies * message_bytes(state),
+            "bytes_per_client_update": copies * message_bytes(state, dtype),
             # the global state (FedEx-LoRA: at most, with the dense base weights; rows have each client's) + c
-            "bytes_per_client_download": message_bytes(self.initial_state()) + (copies - 1) * message_bytes(state),
-            "full_model_bytes_per_message": model_message_bytes(self.model),
+            "bytes_per_client_download": message_bytes(self.initial_state(), dtype) + (copies - 1) * message_bytes(state, dtype),
+            "full_model_bytes_per_message": model_message_bytes(self.model, dtype),
+            "model_dtype": self.cfg.model.dtype,
+            "exchange_dtype": dtype,
             "client_train_state_bytes": train_state_bytes(self.model, self.cfg.federation.optimizer,
                                                           self.cfg.federation.scaffold),
             **self.predicted_costs(),
@@ -256,7 +259,7 @@ def build_experiment(cfg: Config, with_test: bool = True) -> Experiment:
     eos_ids = eos_token_ids(loaded.processor, loaded.model) if generative else []
     method = build_method(cfg.method.name, cfg.method.options)
     torch.manual_seed(seed)
-    model = method.prepare(loaded.model, loaded.info)
+    model = apply_model_options(method.prepare(loaded.model, loaded.info), cfg.model)  # dtype, checkpointing
     model.eval()
     names = method.exchanged_names(model)
 

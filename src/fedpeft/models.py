@@ -139,14 +139,14 @@ def load_model(cfg: ModelConfig, label_names: list[str], seed: int = 0, task: st
         source = minilm_dir() if name == "minilm" else name
         if is_image_model(source):  # transformers' image modules import slowly: only when needed
             processor = _from_pretrained(transformers.AutoImageProcessor, source)
-            model = _from_pretrained(transformers.AutoModelForImageClassification, source, **labels)
+            model = _from_pretrained(transformers.AutoModelForImageClassification, source, cfg.dtype, **labels)
         else:
             processor = _from_pretrained(transformers.AutoTokenizer, source)
-            model = _from_pretrained(transformers.AutoModelForSequenceClassification, source, **labels)
+            model = _from_pretrained(transformers.AutoModelForSequenceClassification, source, cfg.dtype, **labels)
     info = _model_info(model)
     if info.modality == "text":
         _prepare_tokenizer(processor, model, info)
-    model.eval()
+    model.to(getattr(torch, cfg.dtype)).eval()  # tiny models are built in float32
     return LoadedModel(model=model, processor=processor, info=info)
 
 
@@ -164,10 +164,10 @@ def _load_causal_lm(cfg: ModelConfig, seed: int) -> LoadedModel:
         check_model_name(name)
         _check_causal(name)
         tokenizer = _from_pretrained(transformers.AutoTokenizer, name)
-        model = _from_pretrained(transformers.AutoModelForCausalLM, name)
+        model = _from_pretrained(transformers.AutoModelForCausalLM, name, cfg.dtype)
     info = _model_info(model, "causal-lm")
     _prepare_tokenizer(tokenizer, model, info)
-    model.eval()
+    model.to(getattr(torch, cfg.dtype)).eval()  # tiny models are built in float32
     return LoadedModel(model=model, processor=tokenizer, info=info)
 
 
@@ -187,9 +187,12 @@ def _check_causal(name: str) -> None:
                           "needs a causal language model (GPT-2, LLaMA, Qwen, Mistral, Gemma, Phi, ...)")
 
 
-def _from_pretrained(auto_cls: Any, source: str, **labels: Any) -> Any:
-    """``auto_cls.from_pretrained(source)``; a model gets a fresh head sized by ``labels``."""
+def _from_pretrained(auto_cls: Any, source: str, dtype: str | None = None, **labels: Any) -> Any:
+    """``auto_cls.from_pretrained(source)``; a model gets a fresh head sized by ``labels`` and its
+    weights in ``dtype`` (``model.dtype``: loaded so, never as a float32 copy first)."""
     extra = {"ignore_mismatched_sizes": True, **labels} if labels else {}
+    if dtype is not None:
+        extra["dtype"] = getattr(torch, dtype)
     try:
         return auto_cls.from_pretrained(source, **extra)
     except OSError as exc:
@@ -213,6 +216,33 @@ def _prepare_tokenizer(tokenizer: Any, model: nn.Module, info: ModelInfo) -> Non
         model.config.pad_token_id = tokenizer.pad_token_id
     if info.family in DECODER_FAMILIES:
         tokenizer.padding_side = "left"
+
+
+def apply_model_options(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """``model.dtype`` and ``model.gradient_checkpointing`` on the prepared model (after
+    ``Method.prepare``, so the method's own parameters, LoRA, adapters, prompts, are cast too).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``model.gradient_checkpointing`` for a model transformers cannot checkpoint.
+    """
+    model.to(getattr(torch, cfg.dtype))
+    if cfg.gradient_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
+        if not getattr(base, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"model.gradient_checkpointing: {type(base).__name__} does not support gradient "
+                              "checkpointing in transformers; set it to false")
+        # non-reentrant: no input needs requires_grad (frozen embeddings), the RNG state is replayed
+        enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5.x; the old name warns
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers makes the embeddings' output require grad for reentrant checkpointing; without
+        # that hook frozen bottoms build no graph and stay cacheable (fedpeft.federation.frozen)
+        base.disable_input_require_grads()
+    return model
 
 
 BLOCK_LISTS = ("layer", "h", "layers", "block", "blocks")  # last name of a block ModuleList

@@ -36,9 +36,17 @@ Tolerance, checked against a real step measured by torch's profiler
 the peak byte-exact up to a few dozen bytes); MiniLM in ``benchmarks/costmodel.py``. What the
 profiler sees is what torch asks its allocator for.
 
+bfloat16 weights (``model.dtype``) are traced as what they are (2-byte tensors). Gradient
+checkpointing (``model.gradient_checkpointing``): the trace runs the checkpointed graph, so
+``forward_peak``, ``backward_peak`` and the peak (the simulated allocator sees the recomputed
+forward in backward) match a measured step; ``activations`` then counts only what autograd
+saves outside the checkpointed blocks (a lower bound: the blocks' inputs that checkpointing
+keeps are in the peaks, not in it), and :func:`top_blocks_memory`, which sums it per block,
+refuses such a model.
+
 Not modelled: allocator fragmentation and caching (CPU malloc, CUDA's caching allocator),
-Python objects, the tokenizer and data pipeline, the evaluation pass, mixed precision,
-activation checkpointing, and the smaller real lengths of dynamically padded batches (the
+Python objects, the tokenizer and data pipeline, the evaluation pass, mixed precision
+(autocast), and the smaller real lengths of dynamically padded batches (the
 prediction is at ``model.max_length``, an upper bound).
 """
 
@@ -51,6 +59,7 @@ import torch
 from torch import nn
 
 from fedpeft.budgets.trace import ABOVE, BELOW, batch_bytes, synthetic_batch, trace_saved
+from fedpeft.errors import ConfigError
 from fedpeft.models import ModelInfo, above_block_names, transformer_blocks
 
 ADAMW_TEMPORARIES = 2  # param-sized temporaries of one AdamW update (torch's single-tensor CPU path)
@@ -155,10 +164,14 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def _name_bytes(model: nn.Module, names: list[str]) -> int:
-    """:func:`~fedpeft.federation.costs.message_bytes` of these parameters, without copying them."""
+def _name_bytes(model: nn.Module, names: list[str], exchange_dtype: str = "float32") -> int:
+    """:func:`~fedpeft.federation.costs.message_bytes` of these parameters, without copying them:
+    each floating value at ``exchange_dtype``'s size (a state crosses as float32 or bfloat16)."""
+    from fedpeft.federation.precision import EXCHANGE_ITEMSIZE
+
     params = dict(model.named_parameters())
-    return sum(params[n].numel() * params[n].element_size() + len(n.encode("utf-8")) for n in names)
+    return sum(params[n].numel() * (EXCHANGE_ITEMSIZE[exchange_dtype] if params[n].is_floating_point()
+                                    else params[n].element_size()) + len(n.encode("utf-8")) for n in names)
 
 
 def predict(model: nn.Module, info: ModelInfo, cfg, names: list[str] | None = None,
@@ -216,8 +229,9 @@ def predict(model: nn.Module, info: ModelInfo, cfg, names: list[str] | None = No
                      forward_peak=saved.forward_peak, backward_peak=saved.backward_peak)  # simulated: exact-er
     names = names if names is not None else [n for n, p in model.named_parameters() if p.requires_grad]
     copies = 2 if fed.scaffold else 1
-    up = copies * _name_bytes(model, names)
-    down = _name_bytes(model, download_names or names) + (copies - 1) * _name_bytes(model, names)
+    dtype = fed.exchange_dtype
+    up = copies * _name_bytes(model, names, dtype)
+    down = _name_bytes(model, download_names or names, dtype) + (copies - 1) * _name_bytes(model, names, dtype)
     return ClientCosts(memory, list(parts.values()), B, L, _flops_per_sample(model, info, L), sum(p.numel() for p in trainable),
                        up, down, fed.local_epochs, fed.local_steps, fed.optimizer,
                        {"forward": fwd_temp, "backward": back_temp, "optimizer": opt_temp})
@@ -256,6 +270,10 @@ def top_blocks_memory(model: nn.Module, info: ModelInfo, cfg, batch_size: int | 
     ``tests/test_costmodel.py``).
     """
     fed = cfg.federation
+    if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        raise ConfigError("model.gradient_checkpointing: top_blocks_memory sums what each block saves for backward, "
+                          "which checkpointed blocks recompute instead; price each k with predict() on the flagged "
+                          "model, or set gradient_checkpointing = false")
     B, L = batch_size or fed.batch_size, seq_len or cfg.model.max_length
     blocks = transformer_blocks(model, info.num_layers)
     n = info.num_layers

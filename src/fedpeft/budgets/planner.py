@@ -23,6 +23,7 @@ import torch
 from fedpeft.budgets.clients import MB, MIB, NO_PROFILE, DepthCosts, assign_profiles
 from fedpeft.config import Config, MethodConfig, ProfileConfig
 from fedpeft.errors import ConfigError
+from fedpeft.models import apply_model_options
 
 
 @dataclass
@@ -147,7 +148,7 @@ def _costs(cfg: Config, mcfg: MethodConfig, labels: list[str], seed: int, load_m
     loaded = load_model(cfg.model, labels, seed, task=cfg.task.kind)
     method = build_method(mcfg.name, mcfg.options)
     torch.manual_seed(seed)
-    model = method.prepare(loaded.model, loaded.info)
+    model = apply_model_options(method.prepare(loaded.model, loaded.info), cfg.model)  # dtype, checkpointing
     model.eval()
     names = method.exchanged_names(model)
     fedex = method.residual_fold(model)

@@ -2,7 +2,8 @@
 
 Message size
     A message is a named state. Its size is the tensor payload plus the UTF-8 parameter names:
-    ``sum(a.nbytes) + sum(len(name.encode()))``. That is what any transport must carry at the
+    ``sum(a.nbytes) + sum(len(name.encode()))``, every floating value at the exchange dtype's size
+    (``federation.exchange_dtype``: 4 bytes, or 2 for bfloat16). That is what any transport must carry at the
     least; framing (safetensors header, gRPC) adds a few hundred bytes per message and is
     reported by the Flower runtime separately.
 FLOPs
@@ -27,17 +28,22 @@ import numpy as np
 import torch
 from torch import nn
 
-
-def message_bytes(state: Mapping[str, np.ndarray]) -> int:
-    """Bytes of one message carrying ``state``: tensor payload + UTF-8 names."""
-    return sum(int(np.asarray(a).nbytes) + len(name.encode("utf-8")) for name, a in state.items())
+from fedpeft.federation.precision import EXCHANGE_ITEMSIZE, value_bytes
 
 
-def model_message_bytes(model: nn.Module) -> int:
-    """What one message would cost if it carried every parameter (the full-FedAvg equivalent)."""
-    return sum(
-        p.numel() * p.element_size() + len(name.encode("utf-8")) for name, p in model.named_parameters()
-    )
+def message_bytes(state: Mapping[str, np.ndarray], exchange_dtype: str = "float32") -> int:
+    """Bytes of one message carrying ``state``: tensor payload + UTF-8 names; floating values at
+    ``exchange_dtype``'s size (:func:`fedpeft.federation.precision.value_bytes`)."""
+    return sum(value_bytes(a, exchange_dtype) + len(name.encode("utf-8")) for name, a in state.items())
+
+
+def model_message_bytes(model: nn.Module, exchange_dtype: str = "float32") -> int:
+    """What one message would cost if it carried every parameter (the full-FedAvg equivalent),
+    each value at ``exchange_dtype``'s size (a bfloat16 model's state crosses as float32 unless
+    the exchange is bfloat16 too: :func:`fedpeft.methods.base.get_state`)."""
+    itemsize = EXCHANGE_ITEMSIZE[exchange_dtype]
+    return sum(p.numel() * (itemsize if p.is_floating_point() else p.element_size()) + len(name.encode("utf-8"))
+               for name, p in model.named_parameters())
 
 
 _FITTED: dict[tuple, tuple] = {}  # (what is measured, structure_key, input names) -> (coeffs, exact form?, per-row FLOPs)

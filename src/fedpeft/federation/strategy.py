@@ -186,8 +186,8 @@ class FedAvgStrategy:
         """Payload bytes each selected client of ``plan`` downloads: the state (and SCAFFOLD's
         ``c``); with FedEx-LoRA the exchanged part plus the base-weight residuals that client has
         not received (:meth:`~fedpeft.federation.fedex.FedExLoRA.download_bytes`)."""
-        if self.fedex is None:
-            down = message_bytes(state) + message_bytes(control or {})
+        if self.fedex is None:  # every floating value at federation.exchange_dtype's size
+            down = message_bytes(state, self.cfg.exchange_dtype) + message_bytes(control or {}, self.cfg.exchange_dtype)
             return {cid: down for cid in plan.selected}
         shared = message_bytes(self.fedex.upload_view(state)) + message_bytes(control or {})
         last = {}  # client -> the last round before plan.round it was selected in

@@ -122,9 +122,15 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 
 def get_state(model: nn.Module, names: list[str]) -> NamedArrays:
-    """Copy the named parameters out of ``model`` as float arrays (a snapshot, not a view)."""
+    """Copy the named parameters out of ``model`` as float arrays (a snapshot, not a view);
+    bfloat16 parameters (``model.dtype``) as float32, exactly (NumPy has no bfloat16)."""
     params = dict(model.named_parameters())
-    return {n: params[n].detach().cpu().numpy().copy() for n in names}
+    return {n: _array(params[n]) for n in names}
+
+
+def _array(param: torch.Tensor) -> np.ndarray:
+    value = param.detach().cpu()
+    return (value.float() if value.dtype == torch.bfloat16 else value).numpy().copy()
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from fedpeft.errors import FedPeftError
 from fedpeft.federation.costs import message_bytes
+from fedpeft.federation.precision import exchange_result
 from fedpeft.federation.scaffold import ClientControls, advance
 from fedpeft.federation.strategy import ClientResult, RoundPlan
 from fedpeft.methods.base import NamedArrays
@@ -35,15 +36,17 @@ class InProcessClients:
         delivery = Delivery()
         if control is not None and self.controls is None:
             self.controls = ClientControls()
+        dtype = self.exp.cfg.federation.exchange_dtype  # what a result is rounded to as it leaves its client
         for cid in plan.training:
             if control is None:  # plan.assigned: the names this client trains and sends (absent: all)
                 assigned = {"names": plan.assigned[cid]} if cid in plan.assigned else {}
-                res = self.exp.trainer.fit(cid, self.exp.parts[cid], state, plan.round, **assigned)
+                res = exchange_result(self.exp.trainer.fit(cid, self.exp.parts[cid], state, plan.round, **assigned), dtype)
             else:
                 c_i = self.controls.get(cid, control)  # zeros in c's names at first
-                res = self.exp.trainer.fit(cid, self.exp.parts[cid], state, plan.round, controls=(control, c_i))
+                res = exchange_result(self.exp.trainer.fit(cid, self.exp.parts[cid], state, plan.round,
+                                                           controls=(control, c_i)), dtype)
                 self.controls.set(cid, advance(c_i, res.control))
-            delivery.bytes_up[cid] = message_bytes(res.state) + message_bytes(res.control)
+            delivery.bytes_up[cid] = message_bytes(res.state, dtype) + message_bytes(res.control, dtype)
             on_result(res)  # folded into the round's aggregate here; the state is not kept
             delivery.results.append(res.without_state())
         return delivery

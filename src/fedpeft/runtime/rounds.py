@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedpeft.checkpoint import Checkpoint
 from fedpeft.errors import RunInterrupted
+from fedpeft.federation.precision import to_exchange
 from fedpeft.federation.strategy import AggregateResult, ClientResult, RoundPlan
 from fedpeft.history import round_row, summarize
 from fedpeft.methods.base import NamedArrays
@@ -119,7 +120,9 @@ def run_rounds(
                         if log_clients is not None:
                             log_clients.finished(plan, client)
 
-                delivery = clients.fit_round(plan, state, on_result, aggregation.control)
+                # what the clients receive: the global state (and c) in federation.exchange_dtype
+                dtype = fed.exchange_dtype
+                delivery = clients.fit_round(plan, to_exchange(state, dtype), on_result, to_exchange(aggregation.control, dtype))
                 compute_s = sum(r.metrics.get("compute_s", 0.0) for r in delivery.results)
                 outcome = aggregation.finish(delivery.rejected)
                 if plan.selected and set(plan.infeasible) == set(plan.selected):

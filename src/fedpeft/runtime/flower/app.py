@@ -7,7 +7,8 @@ in-process runtime (:class:`~fedpeft.federation.strategy.FedAvgStrategy`,
 Wire format
     ``TRAIN`` server -> client: ``arrays`` (ArrayRecord: the global exchanged state, packed by
     :func:`~fedpeft.runtime.flower.wire.state_to_record` into a ``layout`` of names, dtypes and
-    shapes + one buffer per dtype) and
+    shapes + one buffer per dtype; with ``federation.exchange_dtype = "bfloat16"`` the floating
+    arrays as bfloat16 bits, a reply in another dtype is rejected) and
     ``config`` (ConfigRecord: ``round``, ``partition-id``, ``fedpeft-config`` = the experiment
     config as TOML text; ``assigned``, a list of names, when the client is assigned part of the
     exchanged state: :mod:`fedpeft.federation.assignment`). Reply: ``arrays`` (the client's
@@ -60,6 +61,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpeft.config import Config, RuntimeConfig
 from fedpeft.errors import FedPeftError
 from fedpeft.federation.costs import message_bytes
+from fedpeft.federation.precision import exchange_result
 from fedpeft.federation.scaffold import advance, zeros_like
 from fedpeft.federation.strategy import ClientResult, RoundPlan
 from fedpeft.history import CLIENT_METRICS
@@ -157,26 +159,27 @@ def train_content(received: RecordDict, context: Context) -> RecordDict:
         from fedpeft.runtime.flower.split import begin_round
 
         return begin_round(received, context, exp, pid)
-    state, rnd = record_to_state(received["arrays"]), int(config["round"])
+    dtype = exp.cfg.federation.exchange_dtype  # every floating value of the messages
+    state, rnd = record_to_state(received["arrays"], dtype), int(config["round"])
     names = [str(n) for n in config[ASSIGNED_KEY]] if ASSIGNED_KEY in config else None
     accountant = getattr(exp.trainer, "sample_accountant", None)  # privacy.mode = "sample"
     if accountant is not None:  # this node's own history, else the server's copy (a new Flower run)
         kept = context.state.array_records.get(ACCOUNTANT_KEY, received.array_records.get(CLIENT_STATE))
         accountant.load_client_state(pid, {} if kept is None else record_to_state(kept))
     if not exp.cfg.federation.scaffold:
-        res = exp.trainer.fit(pid, exp.parts[pid], state, rnd, names=names)
+        res = exchange_result(exp.trainer.fit(pid, exp.parts[pid], state, rnd, names=names), dtype)
     else:
         if "control" not in received.array_records:
             raise FedPeftError("federation.scaffold is on but the TRAIN message carries no 'control' record")
-        c = record_to_state(received["control"])
+        c = record_to_state(received["control"], dtype)
         kept = context.state.array_records.get(CLIENT_CONTROL_KEY)
         c_i = zeros_like(c) if kept is None else record_to_state(kept)
-        res = exp.trainer.fit(pid, exp.parts[pid], state, rnd, controls=(c, c_i))
+        res = exchange_result(exp.trainer.fit(pid, exp.parts[pid], state, rnd, controls=(c, c_i)), dtype)
         context.state[CLIENT_CONTROL_KEY] = state_to_record(advance(c_i, res.control))
     metrics = {"num-examples": res.num_samples, **{k: float(res.metrics[k]) for k in METRIC_KEYS if k in res.metrics}}
-    content = {"arrays": state_to_record(res.state), "metrics": MetricRecord(metrics)}
+    content = {"arrays": state_to_record(res.state, dtype), "metrics": MetricRecord(metrics)}
     if exp.cfg.federation.scaffold:
-        content["control"] = state_to_record(res.control)
+        content["control"] = state_to_record(res.control, dtype)
     if accountant is not None:
         context.state[ACCOUNTANT_KEY] = content[CLIENT_STATE] = state_to_record(accountant.client_state(pid))
     return RecordDict(content)
@@ -207,6 +210,7 @@ class FlowerClients:
         self.asked: dict[str, int] = {}  # message id -> node id of queries not answered yet
         self.asked = self._ask_new_nodes()
         self.accountant = None  # privacy.mode = "sample": the server's copy of the accountants (connect)
+        self.exchange_dtype = "float32"  # federation.exchange_dtype (connect)
         self.secagg = None  # privacy.secure_aggregation: SecAgg+ settings (connect)
 
     def connect(self, exp: "Experiment | None" = None) -> "FlowerClients":
@@ -217,6 +221,7 @@ class FlowerClients:
         restored on resume, sent to the nodes and updated from their replies).
         """
         self.accountant = getattr(exp.trainer, "sample_accountant", None) if exp is not None else None
+        self.exchange_dtype = exp.cfg.federation.exchange_dtype if exp is not None else "float32"
         self.secagg = plan_secagg(exp) if exp is not None else None  # privacy.secure_aggregation
         wanted = self.num_partitions
         deadline = time.monotonic() + self.runtime.connect_timeout
@@ -276,9 +281,10 @@ class FlowerClients:
             if control is not None:
                 raise FedPeftError("privacy.secure_aggregation with SCAFFOLD is not built")
             return secure_fit_round(self, plan, state, on_result, self.secagg)
-        records = {"arrays": state_to_record(state)}
+        dtype = self.exchange_dtype  # state and c already rounded to it (runtime.rounds); packed losslessly
+        records = {"arrays": state_to_record(state, dtype)}
         if control is not None:  # SCAFFOLD: c travels with the state, packed the same way
-            records["control"] = state_to_record(control)
+            records["control"] = state_to_record(control, dtype)
         delivery = Delivery(wire_up={}, wire_down={})
         msgs: dict[int, Message] = {}
         for cid in plan.training:
@@ -303,11 +309,11 @@ class FlowerClients:
                 if refused:
                     delivery.rejected[cid] = refused
                     return
-            decoded = decode_reply(cid, reply.content, size, limit, control is not None)
+            decoded = decode_reply(cid, reply.content, size, limit, control is not None, dtype)
             if isinstance(decoded, str):
                 delivery.rejected[cid] = decoded
                 return
-            delivery.bytes_up[cid] = message_bytes(decoded.state) + message_bytes(decoded.control)
+            delivery.bytes_up[cid] = message_bytes(decoded.state, dtype) + message_bytes(decoded.control, dtype)
             on_result(decoded)
             delivery.results.append(decoded.without_state())
 
@@ -342,12 +348,14 @@ class FlowerClients:
         return replies
 
 
-def decode_reply(cid: int, content: RecordDict, size: int, limit: float, with_control: bool = False) -> ClientResult | str:
+def decode_reply(cid: int, content: RecordDict, size: int, limit: float, with_control: bool = False,
+                 exchange_dtype: str | None = None) -> ClientResult | str:
     """A reply's content as a :class:`ClientResult`, or the reason it cannot be one.
 
     Oversized payloads are refused before decoding; names, shapes, dtypes and values are checked
     afterwards by the strategy like any other update. ``with_control``: SCAFFOLD is on, the
-    reply must carry ``control`` (``delta_c_i``) too.
+    reply must carry ``control`` (``delta_c_i``) too. ``exchange_dtype``: floating arrays that
+    arrive in another dtype do not decode (bfloat16 ones decode to float32).
     """
     if size > limit:
         return f"oversized payload: {size} bytes on the wire, limit {int(limit)}"
@@ -362,7 +370,7 @@ def decode_reply(cid: int, content: RecordDict, size: int, limit: float, with_co
     decoded = {}
     for key in wanted:
         try:
-            decoded[key] = record_to_state(content.array_records[key])
+            decoded[key] = record_to_state(content.array_records[key], exchange_dtype)
         except Exception as exc:  # noqa: BLE001 - a client's bytes can be anything
             what = "arrays" if key == "arrays" else "control variate arrays"
             return f"malformed reply: {what} do not decode ({type(exc).__name__}: {exc})"
