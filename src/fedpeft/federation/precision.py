@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-DTYPES = ("float32", "bfloat16")
 EXCHANGE_ITEMSIZE = {"float32": 4, "bfloat16": 2}  # bytes per floating value of a message
 
 
@@ -84,9 +83,3 @@ def value_bytes(value: np.ndarray, dtype: str = "float32") -> int:
         return value.size * EXCHANGE_ITEMSIZE[dtype]
     return int(value.nbytes)
 
-
-def torch_dtype(name: str) -> Any:
-    """The torch dtype of ``model.dtype``."""
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
