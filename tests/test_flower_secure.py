@@ -95,6 +95,7 @@ def wait_exit(proc, timeout):
 
 
 @pytest.mark.integration  # the suite's one TLS deployment: 3 warm processes load torch, 6 `fedpeft run`s
+@pytest.mark.timeout(1500)  # ~3 min on a free 2-core machine; a loaded one can take 10
 def test_a_tls_and_node_authenticated_deployment_runs_as_the_insecure_one_and_refuses_strangers(
         csv_data, local_run, ragged_data, sfprompt_local_run, lm_data, tmp_path):
     from fedpeft.runtime.flower.deploy import LoopbackDeployment
