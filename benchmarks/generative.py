@@ -115,7 +115,7 @@ def config(args: argparse.Namespace, task: str, method: str, schedule: str, data
     rounds, steps = (args.rounds, args.steps) if schedule == "multi" else (1, args.rounds * args.steps)
     rows = {"max_train_samples": args.rows, "max_test_samples": args.test_rows} if task == "banking77" else {}
     return Config.from_dict({
-        "model": {"name": args.model, "max_length": 48},
+        "model": {"name": args.model, "max_length": 40},
         "task": {"kind": "causal-lm", "max_new_tokens": 8, "generation_samples": 64, "saved_generations": 8},
         "data": {"train": data[0], "test": data[1], **rows},
         "partition": {"scheme": "iid", "num_clients": 4},
@@ -171,10 +171,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-generative"))
     parser.add_argument("--model", default="", help="hub id or model folder (default: a random GPT-2 of --size)")
     parser.add_argument("--size", default="128,4,4", help="hidden,blocks,heads of the default random GPT-2")
-    parser.add_argument("--rows", type=int, default=2000, help="banking77 train rows")
+    parser.add_argument("--rows", type=int, default=1000, help="banking77 train rows")
     parser.add_argument("--test-rows", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=25, help="local steps per round (multi-round)")
+    parser.add_argument("--steps", type=int, default=5, help="local steps per round (multi-round)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default="", help="comma-separated task/method-schedule (e.g. copy/lora-multi)")
     parser.add_argument("--table", action="store_true", help="only write the table of the finished runs")

@@ -253,7 +253,7 @@ def main() -> None:
                   f"{summary['wall_s']:.0f} s", flush=True)
     for dataset in datasets:
         report = write_report(args.out / dataset)
-        print(f"\n## {dataset}\n\n{markdown_table(report.rows)}\n\n{comparison_table(args.out, dataset, wanted)}")
+        print(f"\n## {dataset}\n\n{markdown_table(report.rows, report.columns)}\n\n{comparison_table(args.out, dataset, wanted)}")
 
 
 if __name__ == "__main__":

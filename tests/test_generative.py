@@ -456,7 +456,6 @@ def test_lora_rounds_learn_the_instructions(learned):
     assert all(sum(c["label_histogram"]) == c["samples"] for c in partition["clients"])
 
 
-@pytest.mark.filterwarnings("ignore:No artists with labels")  # the accuracy plots have no curve
 def test_eval_and_report_read_a_causal_lm_run(learned, tmp_path):
     import shutil
 
@@ -469,8 +468,14 @@ def test_eval_and_report_read_a_causal_lm_run(learned, tmp_path):
     assert again["round"] == 4 and again["eval_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-6)
     assert again["exact_match"] == summary["final_exact_match"]
     shutil.copytree(run, tmp_path / "runs" / "a", ignore=shutil.ignore_patterns("model"))
-    report = write_report(tmp_path / "runs")  # accuracy columns stay empty, nothing breaks
+    report = write_report(tmp_path / "runs")  # the causal-LM metrics in place of accuracy
     assert report.path.is_file() and len(report.rows) == 1
+    row = dict(zip(report.columns, report.rows[0]))
+    assert "accuracy (mean ± std)" not in row and report.plots == ["lm_vs_round.png", "lm_vs_mb.png", "lm_frontier.png"]
+    assert row["eval loss (mean ± std)"] == f"{summary['final_eval_loss']:.3f} ± 0.000"
+    assert row["perplexity (mean)"] == f"{summary['final_perplexity']:.4g}"
+    assert row["exact match (mean ± std)"] == f"{summary['final_exact_match']:.3f} ± 0.000"
+    assert row["ROUGE-L (mean ± std)"] == f"{summary['final_rouge_l']:.3f} ± 0.000"
     assert RunDir(run).latest_checkpoint().round == 4
 
 

@@ -296,7 +296,7 @@ def test_report_means_finished_runs_only_and_marks_groups_with_unfinished_ones(m
 
 
 def test_plots_draw_each_unfinished_run_dashed_in_its_groups_colour(mixed_runs, monkeypatch):
-    import fedpeft.report as report_module
+    import fedpeft.report_plots as report_module
 
     drawn = {}
     finish = report_module._finish
@@ -340,3 +340,85 @@ def test_a_killed_copy_never_hides_the_finished_run_of_its_seed(tmp_path):
     assert [(dup.path.name, kept.path.name) for dup, kept in group.duplicates] == [("a-killed", "b-done")]
     row = cells(write_report(tmp_path).rows, "method=head")
     assert (row["seeds"], row["finished"], row["accuracy (mean ± std)"]) == ("1", "all", "0.800 ± 0.000")
+
+
+def fake_lm_run(folder, method="lora", seed=0, loss=2.0, rounds=2):
+    """A causal-LM run folder (task.kind = "causal-lm") without training: the loss falls to
+    ``loss`` at round ``rounds``; exact match and ROUGE-L rise."""
+    folder.mkdir(parents=True)
+    Config.from_dict({"model": {"name": "tiny-gpt2"}, "task": {"kind": "causal-lm"},
+                      "data": {"train": "train.jsonl", "test": "test.jsonl"}, "partition": {"scheme": "iid"},
+                      "method": {"name": method}, "runtime": {"seed": seed}, "federation": {"rounds": rounds}}
+                     ).save(folder / "config.toml")
+    rows = [{"round": r, "accuracy": None, "macro_f1": None, "eval_loss": loss + rounds - r,
+             "perplexity": float(np.exp(loss + rounds - r)), "exact_match": 0.1 * r, "rouge_l": 0.2 * r,
+             "cum_bytes_up": 1e5 * r, "cum_bytes_down": 1e5 * r} for r in range(1, rounds + 1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    last = rows[-1]
+    summary = {"status": "finished", "task": "causal-lm", "method": method, "rounds": rounds, "rounds_completed": rounds,
+               "final_accuracy": None, "final_macro_f1": None, **{f"final_{k}": last[k] for k in
+                                                                  ("eval_loss", "perplexity", "exact_match", "rouge_l")},
+               "total_bytes_up": last["cum_bytes_up"], "total_bytes_down": last["cum_bytes_down"]}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def test_report_of_causal_lm_runs_shows_their_metrics_in_place_of_accuracy(tmp_path, monkeypatch):
+    import fedpeft.report_plots as plots_module
+    from fedpeft.report import LM_COLUMNS
+
+    drawn = {}
+    finish = plots_module._finish
+
+    def keep_labels(fig, ax, xlabel, ylabel, path):
+        drawn[path.name] = {line.get_label() for line in ax.get_lines()} | {c.get_label() for c in ax.collections}
+        finish(fig, ax, xlabel, ylabel, path)
+
+    monkeypatch.setattr(plots_module, "_finish", keep_labels)
+    for seed, loss in ((0, 2.0), (1, 3.0)):
+        fake_lm_run(tmp_path / f"lora{seed}", seed=seed, loss=loss)
+    fake_lm_run(tmp_path / "prompt0", "prompt", loss=1.5)
+    report = write_report(tmp_path)
+    assert report.columns == LM_COLUMNS and report.plots == ["lm_vs_round.png", "lm_vs_mb.png", "lm_frontier.png"]
+    assert [r[0] for r in report.rows] == ["method=prompt", "method=lora"]  # lowest loss first
+    lora = dict(zip(LM_COLUMNS, report.rows[1]))
+    assert lora["eval loss (mean ± std)"] == "2.500 ± 0.500"
+    assert lora["perplexity (mean)"] == f"{np.mean([np.exp(2.0), np.exp(3.0)]):.4g}"
+    assert lora["exact match (mean ± std)"] == "0.200 ± 0.000" and lora["ROUGE-L (mean ± std)"] == "0.400 ± 0.000"
+    assert lora["MB up total"] == "0.2"
+    for name in report.plots:
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    assert not (tmp_path / "accuracy_vs_round.png").exists()
+    assert {"method=lora", "method=prompt"} <= drawn["lm_frontier.png"]
+    text = report.path.read_text()
+    assert "| eval loss (mean ± std) |" in text and "accuracy (mean ± std)" not in text and "![lm_vs_mb.png]" in text
+
+
+def test_a_folder_of_classification_and_causal_lm_runs_reports_both(tmp_path, monkeypatch):
+    import fedpeft.report_plots as plots_module
+
+    drawn = {}
+    finish = plots_module._finish
+
+    def keep_labels(fig, ax, xlabel, ylabel, path):
+        drawn[path.name] = {line.get_label() for line in ax.get_lines()} | {c.get_label() for c in ax.collections}
+        finish(fig, ax, xlabel, ylabel, path)
+
+    monkeypatch.setattr(plots_module, "_finish", keep_labels)
+    fake_run(tmp_path / "head0", accuracy=0.4)
+    fake_run(tmp_path / "bias0", "bias", accuracy=0.6)
+    fake_lm_run(tmp_path / "lora0", loss=2.0)
+    fake_lm_run(tmp_path / "killed", "prompt", loss=1.0, rounds=3)
+    (tmp_path / "killed" / "summary.json").write_text(json.dumps({"status": "running", "rounds_completed": 2}))
+    report = write_report(tmp_path)
+    assert "accuracy (mean ± std)" in report.columns and "eval loss (mean ± std)" in report.columns
+    assert len(report.plots) == 6 and all((tmp_path / p).is_file() for p in report.plots)
+    rows = {r[0].split("method=")[1].split(",")[0]: dict(zip(report.columns, r)) for r in report.rows}
+    assert [r[0].split("method=")[1].split(",")[0] for r in report.rows] == ["bias", "head", "lora", "prompt"]
+    assert rows["bias"]["accuracy (mean ± std)"] == "0.600 ± 0.000" and rows["bias"]["eval loss (mean ± std)"] == "-"
+    assert rows["lora"]["eval loss (mean ± std)"] == "2.000 ± 0.000" and rows["lora"]["accuracy (mean ± std)"] == "-"
+    assert rows["prompt"]["finished"] == "0 of 1" and rows["prompt"]["eval loss (mean ± std)"] == "-"
+    assert not any("lora" in label or "prompt" in label for label in drawn["frontier.png"])
+    assert not any("head" in label or "bias" in label for label in drawn["lm_frontier.png"])
+    assert any("killed" in note for note in report.notes)

@@ -209,14 +209,15 @@ def _print_plan(planning, config: Path, budgets: bool, with_models: bool) -> Non
 
 @app.command()
 def report(runs_dir: Annotated[Path, typer.Argument(help="A folder holding run folders (e.g. a sweep's --out).")]) -> None:
-    """Write DIR/report.md (accuracy and costs per run group) and PNG plots, and print the table."""
-    from fedpeft.report import PLOTS, markdown_table, write_report
+    """Write DIR/report.md (accuracy, or causal-LM loss / perplexity / exact match / ROUGE-L, and
+    costs per run group) and PNG plots, and print the table."""
+    from fedpeft.report import markdown_table, write_report
 
     written = write_report(runs_dir)
-    typer.echo(markdown_table(written.rows))  # plain markdown: readable at any width, pasteable
+    typer.echo(markdown_table(written.rows, written.columns))  # plain markdown: readable at any width, pasteable
     if written.notes:
         typer.echo("\n".join(written.notes))
-    console.print(f"wrote {written.path} and {', '.join(PLOTS)}", markup=False, soft_wrap=True)
+    console.print(f"wrote {written.path} and {', '.join(written.plots)}", markup=False, soft_wrap=True)
 
 
 @app.command("eval")

@@ -11,6 +11,12 @@
   scale) and ``DIR/frontier.png`` (final accuracy against total MB per group, with the
   accuracy-cost Pareto frontier).
 
+Causal-LM runs (``task.kind = "causal-lm"``) have no accuracy: their rows show the final held-out
+token loss, perplexity, exact match and ROUGE-L instead (best first: lowest loss), and their plots
+are ``lm_vs_round.png``, ``lm_vs_mb.png`` and ``lm_frontier.png`` (:mod:`fedpeft.report_plots`).
+A folder holding both kinds gets both column sets (``-`` where a metric does not apply) and both
+sets of plots: classification groups first, by accuracy, then causal-LM groups, by loss.
+
 Every number in the table is read from, or averaged over, the finished runs' own
 ``summary.json`` (:func:`fedpeft.sweep.is_finished`). Two runs of a group with the same seed (a
 copied folder, the same run twice) count once: a finished one is kept, else the first by path.
@@ -28,13 +34,16 @@ import numpy as np
 
 from fedpeft.config import Config, flatten_config
 from fedpeft.errors import FedPeftError
+from fedpeft.report_plots import PLOTS, _styles, pareto_frontier, plot_all
 from fedpeft.results import RunDir, write_text_atomic
 from fedpeft.sweep import is_finished, read_summary
+
+__all__ = ["PLOTS", "COLUMNS", "LM_COLUMNS", "Report", "write_report", "find_runs", "group_runs", "markdown_table",
+           "pareto_frontier", "table_columns", "table_rows", "_styles"]
 
 # not settings that make runs different experiments (a different data.fingerprint does: other data)
 IGNORED_KEYS = {"runtime.seed", "runtime.progress", "runtime.threads", "output.dir", "output.save_model",
                 "data.cache_dir"}
-PLOTS = ("accuracy_vs_round.png", "accuracy_vs_mb.png", "frontier.png")
 DEFAULTS = Config()  # what a key missing from a hand-written config.toml means
 
 
@@ -48,6 +57,7 @@ class Run:
     rounds: int  # the rounds its config asks for
     summary: dict[str, Any] | None  # None: summary.json cannot be read
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    task: str = "classification"  # task.kind
 
     @property
     def finished(self) -> bool:
@@ -85,6 +95,11 @@ class Group:
             self.duplicates.append((run, kept))
 
     @property
+    def task(self) -> str:
+        """``task.kind`` of the group's runs (one group never mixes tasks: task.kind differs)."""
+        return self.runs[0].task if self.runs else "classification"
+
+    @property
     def finished(self) -> list[Run]:
         return [r for r in self.runs if r.finished]
 
@@ -113,8 +128,10 @@ class Report:
     """What :func:`write_report` wrote."""
 
     path: Path  # report.md
-    rows: list[list[str]]  # the table's cells, in the order of COLUMNS
+    rows: list[list[str]]  # the table's cells, in the order of columns
     notes: list[str]  # markdown lines on unfinished runs and duplicate seeds (empty: none)
+    columns: list[str] = field(default_factory=lambda: list(COLUMNS))  # the table's header
+    plots: list[str] = field(default_factory=lambda: list(PLOTS))  # the PNG files written
 
 
 def find_runs(root: str | Path) -> list[Path]:
@@ -153,7 +170,7 @@ def group_runs(runs: list[Path]) -> list[Group]:
         group = groups.setdefault(label, Group(label or f"method={method}"))
         group.add(Run(run, method, cfg.get("runtime.seed", DEFAULTS.runtime.seed),
                       cfg.get("federation.rounds", DEFAULTS.federation.rounds),
-                      read_summary(run), RunDir(run).read_metrics()))
+                      read_summary(run), RunDir(run).read_metrics(), cfg.get("task.kind", DEFAULTS.task.kind)))
     return list(groups.values())
 
 
@@ -162,27 +179,49 @@ def _value(value: object) -> str:
     return format(value, "g") if isinstance(value, float) else str(value)
 
 
-COLUMNS = ["run", "seeds", "finished", "accuracy (mean ± std)", "macro-F1 (mean ± std)", "classes predicted",
-           "MB up / round", "MB down / round", "MB up total",
-           "MB down total", "client GFLOPs total", "client train state MB", "peak RSS MB", "wall s"]
+HEAD_COLUMNS = ["run", "seeds", "finished"]
+ACCURACY_COLUMNS = ["accuracy (mean ± std)", "macro-F1 (mean ± std)", "classes predicted"]
+LM_METRIC_COLUMNS = ["eval loss (mean ± std)", "perplexity (mean)", "exact match (mean ± std)", "ROUGE-L (mean ± std)"]
+COST_COLUMNS = ["MB up / round", "MB down / round", "MB up total", "MB down total", "client GFLOPs total",
+                "client train state MB", "peak RSS MB", "wall s"]
+COLUMNS = HEAD_COLUMNS + ACCURACY_COLUMNS + COST_COLUMNS  # a report of classification runs
+LM_COLUMNS = HEAD_COLUMNS + LM_METRIC_COLUMNS + COST_COLUMNS  # a report of causal-LM runs
 
 
-def table_rows(groups: list[Group]) -> list[list[str]]:
-    """One row of formatted cells per group, in the order of :data:`COLUMNS`, best accuracy first
-    (groups without a finished run last)."""
+def table_columns(groups: list[Group]) -> list[str]:
+    """The header for ``groups``: :data:`COLUMNS`, :data:`LM_COLUMNS`, or (both tasks) both metric sets."""
+    lm = any(g.task == "causal-lm" for g in groups)
+    classification = any(g.task != "causal-lm" for g in groups) or not lm
+    return HEAD_COLUMNS + ACCURACY_COLUMNS * classification + LM_METRIC_COLUMNS * lm + COST_COLUMNS
 
-    def num(value: float | None, fmt: str) -> str:
-        return "-" if value is None else format(value, fmt)
 
-    rows = []
-    for g in sorted(groups, key=_best_first):
-        rows.append([
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def table_rows(groups: list[Group], columns: list[str] | None = None) -> list[list[str]]:
+    """One row of formatted cells per group, in the order of ``columns`` (default
+    :func:`table_columns`): classification groups by best accuracy, then causal-LM groups by lowest
+    eval loss, groups without a finished run last."""
+    columns = columns or table_columns(groups)
+    return [[_cells(g)[c] for c in columns] for g in sorted(groups, key=_best_first)]
+
+
+def _cells(g: Group) -> dict[str, str]:
+    """Every column's formatted cell for group ``g`` (``-`` where it has no value)."""
+    num = _num
+    predicted = g.values("predicted_classes")
+    return dict(zip(HEAD_COLUMNS + ACCURACY_COLUMNS + LM_METRIC_COLUMNS + COST_COLUMNS, [
             g.label,
             str(len(g.runs)),
             finished_cell(g),
             mean_std(g, "final_accuracy"),
             mean_std(g, "final_macro_f1"),
-            "-" if not g.values("predicted_classes") else "/".join(str(v) for v in g.values("predicted_classes")),
+            "-" if not predicted else "/".join(str(v) for v in predicted),
+            mean_std(g, "final_eval_loss"),
+            num(g.mean("final_perplexity"), ".4g"),
+            mean_std(g, "final_exact_match"),
+            mean_std(g, "final_rouge_l"),
             num(g.mean("mb_up_per_round"), ".4g"),
             num(g.mean("mb_down_per_round"), ".4g"),
             num(_scaled(g.mean("total_bytes_up"), 1e6), ".4g"),
@@ -191,8 +230,7 @@ def table_rows(groups: list[Group]) -> list[list[str]]:
             num(_scaled(g.mean("client_train_state_bytes"), 1e6), ".4g"),
             num(g.mean("peak_rss_mb"), ".0f"),
             num(g.mean("wall_s"), ".1f"),
-        ])
-    return rows
+    ]))
 
 
 def mean_std(group: Group, key: str) -> str:
@@ -201,10 +239,14 @@ def mean_std(group: Group, key: str) -> str:
     return "-" if mean is None else f"{mean:.3f} ± {group.std(key):.3f}"
 
 
-def _best_first(group: Group) -> tuple[bool, float]:
-    """Sort key: higher mean accuracy first, groups without one last."""
+def _best_first(group: Group) -> tuple[bool, bool, float]:
+    """Sort key: groups with a result first, classification (higher mean accuracy first) before
+    causal LM (lower mean eval loss first)."""
+    if group.task == "causal-lm":
+        loss = group.mean("final_eval_loss")
+        return loss is None, True, loss or 0.0
     accuracy = group.mean("final_accuracy")
-    return accuracy is None, -(accuracy or 0.0)
+    return accuracy is None, False, -(accuracy or 0.0)
 
 
 def finished_cell(group: Group) -> str:
@@ -213,8 +255,10 @@ def finished_cell(group: Group) -> str:
     return "all" if done == len(group.runs) else f"{done} of {len(group.runs)}"
 
 
-def markdown_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def markdown_table(rows: list[list[str]], columns: list[str] | None = None) -> str:
+    """``rows`` under the header ``columns`` (default :data:`COLUMNS`) as a markdown table."""
+    columns = columns or COLUMNS
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -262,143 +306,23 @@ def write_report(root: str | Path) -> Report:
     root = Path(root)
     runs = find_runs(root)
     groups = group_runs(runs)
-    rows, extra = table_rows(groups), notes(groups, root)
-    plot_all(groups, root)
+    columns = table_columns(groups)
+    rows, extra = table_rows(groups, columns), notes(groups, root)
+    plots = plot_all(groups, root)
     text = [f"# fedpeft report: {root}", "",
             f"{len(runs)} runs in {len(groups)} groups. Runs that differ only in their seed are one group; "
             "`seeds` counts its distinct seeds and `finished` how many of them finished (`all`, or e.g. "
             "`2 of 3`): a run is finished when its summary.json says `status = \"finished\"` (a summary "
             "without a status: when it completed every round). Every number is a mean over the finished "
-            "runs only (`-` when none finished); accuracy is the final global test accuracy, mean ± std. "
+            "runs only (`-` when none finished); accuracy is the final global test accuracy, mean ± std "
+            "(causal-LM runs: the final held-out token loss, perplexity, greedy exact match and ROUGE-L). "
             "The round and MB plots draw each unfinished run on its own, as a thin dashed line of its "
             "group's colour; the frontier shows finished runs only.", "",
-            markdown_table(rows), *extra]
-    text += [f"![{name}]({name})" for name in PLOTS]
+            markdown_table(rows, columns), *extra]
+    text += [f"![{name}]({name})" for name in plots]
     path = root / "report.md"
     write_text_atomic(path, "\n".join(text) + "\n")
-    return Report(path, rows, extra)
-
-
-def plot_all(groups: list[Group], root: Path) -> None:
-    """The three PNGs of :data:`PLOTS`: one colour per method, one marker (and line style) per
-    setting of the other varying keys, the legend beside the axes. A group's line is the mean over
-    its finished runs; each unfinished run is drawn on its own, thin and dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    styles = _styles(groups)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    _plot_curves(ax, groups, styles, x=0)
-    _finish(fig, ax, "round", "test accuracy", root / PLOTS[0])
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    _plot_curves(ax, groups, styles, x=1)
-    ax.set_xscale("log")
-    _finish(fig, ax, "cumulative MB up + down (log)", "test accuracy", root / PLOTS[1])
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    points = [(g.total_mb(), g.mean("final_accuracy"), g.label) for g in groups if g.mean("final_accuracy") is not None]
-    for mb, acc, label in points:
-        style = styles[label]
-        ax.scatter(mb, acc, s=40, color=style["color"], marker=style["marker"], label=_short(label))
-    frontier = pareto_frontier([(mb, acc) for mb, acc, _ in points])
-    if frontier:
-        ax.plot(*zip(*frontier), color="black", lw=1, ls="--", label="frontier")
-    ax.set_xscale("log")
-    _finish(fig, ax, "total MB up + down per run (log)", "final test accuracy", root / PLOTS[2])
-
-
-def _plot_curves(ax: Any, groups: list[Group], styles: dict[str, dict[str, Any]], x: int) -> None:
-    """Accuracy against the rounds (``x=0``) or the cumulative MB (``x=1``): per group the mean
-    curve of its finished runs, and a thin dashed curve per unfinished run in the group's colour.
-    A group is named in the legend by its first line (dashed if none of its runs finished)."""
-    for g in groups:
-        label = _short(g.label)
-        if g.finished:
-            curve = _mean_curve(g.finished)
-            ax.plot(curve[x], curve[2], label=label, **styles[g.label])
-            label = "_nolegend_"
-        for run in g.unfinished:
-            curve = _mean_curve([run])
-            ax.plot(curve[x], curve[2], label=label, **UNFINISHED, color=styles[g.label]["color"])
-            label = "_nolegend_"
-    if any(g.unfinished for g in groups):
-        ax.plot([], [], label="unfinished run", **UNFINISHED, color="grey")
-
-
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
-LINES = ["-", ":", "-."]  # not "--": dashes mark unfinished runs
-UNFINISHED = {"linestyle": "--", "linewidth": 0.8, "marker": ".", "markersize": 5}  # a dot: one round shows
-
-
-def _styles(groups: list[Group]) -> dict[str, dict[str, Any]]:
-    """Plot style per group label: colour from the method, marker and line from the rest."""
-    import matplotlib.pyplot as plt
-
-    def method(g: Group) -> str:
-        return g.runs[0].method if g.runs else ""
-
-    def parts(g: Group) -> dict[str, str]:
-        return dict(p.split("=", 1) for p in g.label.split(", ") if "=" in p)
-
-    # keys set by the method (e.g. a learning rate tied to it with '+') do not pick the marker
-    keys = {k for g in groups for k in parts(g) if k != "method"}
-    tied = {k for k in keys if all(len({parts(g).get(k) for g in groups if method(g) == m}) == 1
-                                   for m in {method(g) for g in groups})}
-
-    def rest(g: Group) -> str:
-        return ", ".join(f"{k}={v}" for k, v in parts(g).items() if k != "method" and k not in tied)
-
-    methods = sorted({method(g) for g in groups})
-    others = sorted({rest(g) for g in groups})
-    palette = plt.get_cmap("tab10").colors
-    return {
-        g.label: {
-            "color": palette[methods.index(method(g)) % len(palette)],
-            "marker": MARKERS[others.index(rest(g)) % len(MARKERS)],
-            "linestyle": LINES[others.index(rest(g)) // len(MARKERS) % len(LINES)],
-        }
-        for g in groups
-    }
-
-
-def _short(label: str) -> str:
-    """A legend label: each key by its last part (federation.clients_per_round -> clients_per_round)."""
-    return ", ".join(part.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + part.split("=", 1)[1] if "=" in part else part
-                     for part in label.split(", "))
-
-
-def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The (cost, accuracy) points that no cheaper-or-equal point beats in accuracy, by cost."""
-    frontier: list[tuple[float, float]] = []
-    for cost, acc in sorted(points, key=lambda p: (p[0], -p[1])):
-        if not frontier or acc > frontier[-1][1]:
-            frontier.append((cost, acc))
-    return frontier
-
-
-def _mean_curve(runs: list[Run]) -> tuple[list[int], list[float], list[float]]:
-    """Evaluated rounds, mean cumulative MB (up + down) and mean accuracy over ``runs``."""
-    by_round: dict[int, list[tuple[float, float]]] = {}
-    for run in runs:
-        for r in run.metrics:
-            if r.get("accuracy") is not None:
-                by_round.setdefault(r["round"], []).append(((r["cum_bytes_up"] + r["cum_bytes_down"]) / 1e6, r["accuracy"]))
-    rounds = sorted(by_round)
-    return rounds, [float(np.mean([v[0] for v in by_round[r]])) for r in rounds], [float(np.mean([v[1] for v in by_round[r]])) for r in rounds]
-
-
-def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    return Report(path, rows, extra, columns, plots)
 
 
 def _scaled(value: float | None, unit: float) -> float | None:
