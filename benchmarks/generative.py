@@ -18,8 +18,8 @@ into the repository):
 
 Methods: LoRA (r 8 on ``c_attn`` and the LM head: a random model's output layer caps every logit
 near +-0.6, so LoRA on attention alone cannot make any token likely; tests/test_generative.py),
-soft prompts (16 virtual tokens) and BitFit. Federation: 4 IID clients, all in every round, batch
-8, AdamW. Schedules at equal local steps per client: ``multi`` = ``--rounds`` rounds x ``--steps``
+soft prompts (16 virtual tokens) and BitFit. Federation: 2 IID clients, both in every round, batch
+8, max_length 32, AdamW. Schedules at equal local steps per client: ``multi`` = ``--rounds`` rounds x ``--steps``
 steps, ``oneshot`` = 1 round x ``rounds * steps`` steps (Wang et al. 2024,
 https://arxiv.org/abs/2412.04650). Evaluation after the last round: held-out token loss and
 perplexity on every test row, greedy exact match and ROUGE-L on the first 64 (at most 8 new
@@ -54,6 +54,10 @@ METHODS = {  # method -> (method keys, local lr)
 }
 SCHEDULES = ("multi", "oneshot")
 TASKS = ("banking77", "copy")
+# the method comparison and LoRA's one-shot first, on both tasks; then the other methods' one-shot
+ORDER = [(t, m, "multi") for t in ("copy", "banking77") for m in METHODS] + \
+        [(t, "lora", "oneshot") for t in ("copy", "banking77")] + \
+        [(t, m, "oneshot") for t in ("copy", "banking77") for m in ("prompt", "bias")]
 WORDS = ("red", "blue", "green", "black", "white", "cat", "dog", "fish", "bird", "tree",
          "house", "car", "sun", "moon", "book", "door")
 
@@ -115,12 +119,12 @@ def config(args: argparse.Namespace, task: str, method: str, schedule: str, data
     rounds, steps = (args.rounds, args.steps) if schedule == "multi" else (1, args.rounds * args.steps)
     rows = {"max_train_samples": args.rows, "max_test_samples": args.test_rows} if task == "banking77" else {}
     return Config.from_dict({
-        "model": {"name": args.model, "max_length": 40},
+        "model": {"name": args.model, "max_length": 32},
         "task": {"kind": "causal-lm", "max_new_tokens": 8, "generation_samples": 64, "saved_generations": 8},
         "data": {"train": data[0], "test": data[1], **rows},
-        "partition": {"scheme": "iid", "num_clients": 4},
+        "partition": {"scheme": "iid", "num_clients": 2},
         "method": {"name": method, **options},
-        "federation": {"rounds": rounds, "clients_per_round": 4, "local_steps": steps, "batch_size": 8, "lr": lr,
+        "federation": {"rounds": rounds, "clients_per_round": 2, "local_steps": steps, "batch_size": 8, "lr": lr,
                        "eval_every": rounds},
         "runtime": {"seed": args.seed, "progress": False},
         "output": {"save_model": False},
@@ -150,7 +154,7 @@ def cells(summary: dict | None) -> str:
 
 
 def table(args: argparse.Namespace) -> str:
-    lines = [f"# Federated instruction tuning: {args.model_label}, 4 IID clients, equal local steps "
+    lines = [f"# Federated instruction tuning: {args.model_label}, 2 IID clients, equal local steps "
              f"({args.rounds} x {args.steps} = 1 x {args.rounds * args.steps})", "",
              "| task | method | schedule | eval loss | perplexity | exact match | ROUGE-L | trainable params | "
              "MB up + down | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -183,15 +187,16 @@ def main() -> None:
     args.model_label = args.model or f"random GPT-2 (hidden {size[0]}, {size[1]} blocks)"
     args.model = args.model or random_gpt2(args.out / "models" / f"gpt2-h{size[0]}-l{size[1]}", size)
     only = {x for x in args.only.split(",") if x}
+    data = {task: banking77_data(args) if task == "banking77" else copy_data(args) for task in TASKS}
     for task in TASKS if not args.table else []:
-        data = banking77_data(args) if task == "banking77" else copy_data(args)
-        untrained_scores(config(args, task, "lora", "multi", data), args.out / task / "untrained.json")
-        for name, cfg in [(f"{m}-{s}", config(args, task, m, s, data)) for m in METHODS for s in SCHEDULES]:
-            if only and f"{task}/{name}" not in only:
-                continue
-            summary = run_or_resume(cfg, args.out / task / name)
-            print(f"{task} {name}: loss {summary['final_eval_loss']:.3f} em {summary['final_exact_match']:.3f} "
-                  f"rouge_l {summary['final_rouge_l']:.3f} wall {summary['wall_s']:.0f}s", flush=True)
+        untrained_scores(config(args, task, "lora", "multi", data[task]), args.out / task / "untrained.json")
+    for task, method, schedule in [] if args.table else ORDER:
+        name = f"{method}-{schedule}"
+        if only and f"{task}/{name}" not in only:
+            continue
+        summary = run_or_resume(config(args, task, method, schedule, data[task]), args.out / task / name)
+        print(f"{task} {name}: loss {summary['final_eval_loss']:.3f} em {summary['final_exact_match']:.3f} "
+              f"rouge_l {summary['final_rouge_l']:.3f} wall {summary['wall_s']:.0f}s", flush=True)
     text = table(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "generative.md").write_text(text)

@@ -479,13 +479,46 @@ def test_eval_and_report_read_a_causal_lm_run(learned, tmp_path):
     assert RunDir(run).latest_checkpoint().round == 4
 
 
-def test_tune_refuses_causal_lm(tmp_path):
-    from fedpeft.tune import run_tune
+def test_tune_scores_causal_lm_candidates_by_validation_token_loss(tmp_path):
+    """fedpeft tune on a causal-lm config: the proxy runs score validation eval_loss (lower is
+    better) on held-out train rows; of lr 1e-7 (learns nothing) and 3e-2 (learns the colours)
+    it picks 3e-2, and every number it reports is the proxy runs' own last-round row."""
+    import json
 
+    from fedpeft.results import RunDir
+    from fedpeft.tune import CAUSAL_LM, run_tune
+
+    rng = np.random.default_rng(0)
+    keys = rng.choice(sorted(FACTS), 60)
+    rows = [{"prompt": str(rng.choice(TRAIN_TEMPLATES)).format(k), "response": FACTS[k]} for k in keys]
+    raw = {"model": {"name": "tiny-llama", "max_length": 16},
+           "task": {"kind": "causal-lm", "max_new_tokens": 4, "generation_samples": 4, "saved_generations": 0},
+           "data": {"train": write_jsonl(tmp_path / "train.jsonl", rows),
+                    "test": write_jsonl(tmp_path / "test.jsonl", rows[:4])},
+           "partition": {"scheme": "iid", "num_clients": 2},
+           "method": {"name": "lora", "r": 8, "target_modules": ["q_proj", "v_proj", "lm_head"]},
+           "federation": {"rounds": 2, "local_steps": 8, "batch_size": 4, "lr": 1e-3},
+           "runtime": {"seed": 0, "progress": False, "threads": 1}, "output": {"save_model": False}}
     path = tmp_path / "c.toml"
-    Config.from_dict(cfg_dict()).save(path)
-    with pytest.raises(ConfigError, match='task.kind = "causal-lm": fedpeft tune scores validation macro-F1'):
-        run_tune(path, tmp_path / "t")
+    Config.from_dict(raw).save(path)
+    out = tmp_path / "t"
+    tuning = run_tune(path, out, grid=["federation.lr=1e-7,3e-2"], rounds=2)
+    assert tuning.objective is CAUSAL_LM
+    assert tuning.choices["lora"].lr == 3e-2
+    by_lr = {c.lr: c for c in tuning.candidates}
+    assert by_lr[3e-2].metrics["eval_loss"] < by_lr[1e-7].metrics["eval_loss"] - 1.0
+    for c in tuning.candidates:
+        (name,) = c.runs
+        last = RunDir(out / name).read_metrics()[-1]
+        assert last["round"] == c.rounds == 2
+        assert (c.metrics["eval_loss"], c.metrics["exact_match"], c.metrics["rouge_l"]) == (
+            last["eval_loss"], last["exact_match"], last["rouge_l"])
+    record = json.loads((out / "tune.json").read_text())
+    assert record["proxy"]["score"].startswith("validation token loss (eval_loss, lower is better)")
+    assert record["choices"] == {"lora": {"federation.lr": "3e-2"}}
+    md = (out / "tune.md").read_text()
+    assert "| val token loss | val exact match | val ROUGE-L |" in md and "macro-F1" not in md
+    assert (out / "tune.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_plan_prices_causal_lm_methods_and_refuses_head(learned, tmp_path):
@@ -697,3 +730,26 @@ def test_full_weight_export_loads_and_generates_with_plain_transformers(whole_mo
     for code in re.findall(r"```python\n(.*?)```", card, re.S):
         exec(code, scope)  # loads from "model", generates from a prompt
     assert type(scope["model"]) is type(model)
+
+
+def test_oneshot_preset_compares_equal_local_steps_on_a_causal_lm():
+    """examples/oneshot_causal_lm.toml's own sweep command: a causal-lm config whose grid pairs one
+    round of T*k local steps with T rounds of k steps, for each method."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from fedpeft.sweep import plan_sweep
+
+    path = Path(__file__).parent.parent / "examples" / "oneshot_causal_lm.toml"
+    command = re.search(r"#\s+(fedpeft sweep .*?)\n#\s+fedpeft report", path.read_text(), re.S).group(1)
+    args = shlex.split(command.replace("\\\n#", " "))
+    grid = [args[i + 1] for i, a in enumerate(args) if a == "--grid"]
+    runs = plan_sweep(path, grid, [], [0])
+    assert all(r.cfg.task.generative for r in runs)
+    by_method: dict[str, set[tuple[int, int]]] = {}
+    for r in runs:
+        by_method.setdefault(r.cfg.method.name, set()).add((r.cfg.federation.rounds, r.cfg.federation.local_steps))
+    for method, schedules in by_method.items():
+        (steps,) = {rounds * k for rounds, k in schedules}
+        assert (1, steps) in schedules and len(schedules) == 2, method

@@ -7,7 +7,10 @@ clients per round, local training) run for few rounds (``rounds``, default 2, ne
 CONFIG's) with ``data.validation_fraction``: each run evaluates on a seeded slice of the train
 split and never reads the test split (choosing on test would be tuning on test). A candidate's
 score is its validation macro-F1 after the proxy's last round, averaged over seeds; a tie goes to
-the lower validation loss.
+the lower validation loss. A causal LM (``task.kind = "causal-lm"``) has no macro-F1: its score is
+the validation token loss (``eval_loss``, lower is better: it moves in every round, where exact
+match stays at 0 until a model is nearly right), a tie going to the higher exact match
+(:data:`CAUSAL_LM`).
 
 Each method's candidates are ``federation.lr`` from :data:`DEFAULT_LRS`, crossed with
 ``federation.server_lr`` from :data:`DEFAULT_SERVER_LRS` when ``federation.server_optimizer`` is
@@ -47,7 +50,45 @@ DEFAULT_LRS = {"head": LOW_LRS, "bias": LOW_LRS, "prompt": LOW_LRS, "lora": ADAP
 DEFAULT_SERVER_LRS = {"fedavgm": "0.3,1", "fedadagrad": "1e-3,1e-2,1e-1", "fedadam": "1e-3,1e-2,1e-1",
                       "fedyogi": "1e-3,1e-2,1e-1"}  # around Flower's defaults (1, 0.1, 0.1, 0.01)
 MAX_EXTENSIONS = 2  # half-decade steps past an edge of a method's default lr grid
-METRICS = ("macro_f1", "accuracy", "loss", "mb")  # a candidate's, at the round it was scored
+METRICS = ("macro_f1", "accuracy", "loss", "mb")  # a classification candidate's, at the round it was scored
+
+
+def _finite(value: float | None, worst: float) -> float:
+    """``value``, or ``worst`` for a missing or diverged (nan, inf) one."""
+    return value if value is not None and math.isfinite(value) else worst
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a task's candidates are scored by.
+
+    Attributes
+    ----------
+    metrics : tuple of str
+        The metrics-row keys a candidate keeps (means over seeds; the first is the score), then ``mb``.
+    headers : tuple of str
+        Their column names in ``tune.md``.
+    description : str
+        The score in words (``tune.json``, ``tune.md``).
+    """
+
+    metrics: tuple[str, ...]
+    headers: tuple[str, ...]
+    description: str
+
+    def rank(self, m: dict[str, float]) -> tuple[float, float]:
+        """Sort key of a candidate's metrics, best first."""
+        if self is CAUSAL_LM:
+            return _finite(m["eval_loss"], math.inf), -_finite(m["exact_match"], 0.0)
+        return -m["macro_f1"], _finite(m["loss"], math.inf)
+
+
+CLASSIFICATION = Objective(METRICS, ("val macro-F1", "val accuracy", "val loss", "MB up + down"),
+                           "validation macro-F1 after the last proxy round, mean over seeds; ties: lower validation loss")
+CAUSAL_LM = Objective(("eval_loss", "exact_match", "rouge_l", "mb"),
+                      ("val token loss", "val exact match", "val ROUGE-L", "MB up + down"),
+                      "validation token loss (eval_loss, lower is better) after the last proxy round, mean over seeds; "
+                      "ties: higher validation exact match")
 
 
 @dataclass
@@ -57,8 +98,9 @@ class Candidate:
     settings: list[tuple[str, str]]  # ("method.name", method) first, then the tuned keys
     runs: list[str]  # run folder names under the tune folder
     rounds: int = 0  # the proxy round it was last scored at (0: never)
-    metrics: dict[str, float] = field(default_factory=dict)  # METRICS, means over seeds
+    metrics: dict[str, float] = field(default_factory=dict)  # objective.metrics, means over seeds
     error: str | None = None  # why it could not be scored
+    objective: Objective = CLASSIFICATION  # CAUSAL_LM for task.kind = "causal-lm"
 
     @property
     def method(self) -> str:
@@ -69,9 +111,9 @@ class Candidate:
         return float(dict(self.settings)["federation.lr"])
 
     def rank(self) -> tuple[float, float]:
-        """Sort key, best first: higher macro-F1, then lower loss."""
-        loss = self.metrics["loss"]
-        return -self.metrics["macro_f1"], loss if math.isfinite(loss) else math.inf
+        """Sort key, best first: higher macro-F1, then lower loss (causal LM: lower token loss,
+        then higher exact match)."""
+        return self.objective.rank(self.metrics)
 
 
 @dataclass
@@ -85,6 +127,7 @@ class Tuning:
     validation_fraction: float
     candidates: list[Candidate]
     choices: dict[str, Candidate]  # method -> its best candidate after the last stage
+    objective: Objective = CLASSIFICATION
 
     def run_commands(self) -> list[str]:
         """One ``fedpeft run`` line per chosen method."""
@@ -193,9 +236,7 @@ def run_tune(
     """
     sets, seeds, grid = sets or [], seeds or [0], grid or []
     base = load_config(config, sets)
-    if base.task.generative:
-        raise ConfigError('task.kind = "causal-lm": fedpeft tune scores validation macro-F1, which a causal LM does not '
-                          "have; tuning on the held-out token loss is not built yet (run a sweep over federation.lr)")
+    objective = CAUSAL_LM if base.task.generative else CLASSIFICATION
     stages = halving_stages(min(rounds, base.federation.rounds), halving)
     methods = methods or [base.method.name]
     plans = {(m, r): plan_sweep(config, method_grid(m, base, grid), [*sets, *proxy_sets(validation_fraction, r)], seeds)
@@ -204,7 +245,7 @@ def run_tune(
     out.mkdir(parents=True, exist_ok=True)
     candidates, choices = [], {}
     for method in methods:
-        alive = _candidates(plans[method, stages[0]])
+        alive = _candidates(plans[method, stages[0]], objective)
         candidates += alive
         for stage in stages:
             names = {name for c in alive for name in c.runs}
@@ -220,7 +261,7 @@ def run_tune(
                                        [*sets, *proxy_sets(validation_fraction, stages[-1])], seeds, stages[-1])
             candidates += extra
             choices[method] = min([choices[method], *(c for c in extra if c.error is None)], key=Candidate.rank)
-    tuning = Tuning(str(config), sets, seeds, stages, validation_fraction, candidates, choices)
+    tuning = Tuning(str(config), sets, seeds, stages, validation_fraction, candidates, choices, objective)
     write_tuning(tuning, out)
     return tuning
 
@@ -245,7 +286,7 @@ def _extend_past_edges(config, method: str, chosen: "Candidate", candidates: lis
         settings = dict(chosen.settings)
         settings["federation.lr"] = next_lr(settings["federation.lr"], up=chosen.lr == tried[-1])
         plan = plan_sweep(config, [f"{k}={v}" for k, v in settings.items()], sets, seeds)
-        (candidate,) = _candidates(plan)
+        (candidate,) = _candidates(plan, chosen.objective)
         _score(candidate, out, run_planned(plan, out, execute), stage)
         extra.append(candidate)
         if candidate.error is not None or candidate.rank() >= chosen.rank():
@@ -254,28 +295,29 @@ def _extend_past_edges(config, method: str, chosen: "Candidate", candidates: lis
     return extra
 
 
-def _candidates(runs: list[SweepRun]) -> list[Candidate]:
+def _candidates(runs: list[SweepRun], objective: Objective) -> list[Candidate]:
     """The runs grouped by grid point, in plan order."""
     by_point: dict[tuple, Candidate] = {}
     for run in runs:
-        by_point.setdefault(tuple(run.settings), Candidate(run.settings, [])).runs.append(run.name)
+        by_point.setdefault(tuple(run.settings), Candidate(run.settings, [], objective=objective)).runs.append(run.name)
     return list(by_point.values())
 
 
 def _score(candidate: Candidate, out: Path, outcomes: dict[str, str], stage: int) -> None:
     """Set ``candidate``'s metrics at round ``stage`` from its runs' rows, or its error."""
     failed = [outcomes[name] for name in candidate.runs if outcomes[name].startswith("failed")]
-    rows = [_evaluated_row(out / name, stage) for name in candidate.runs]
+    keys = candidate.objective.metrics[:-1]
+    rows = [_evaluated_row(out / name, stage, keys[0]) for name in candidate.runs]
     if failed or None in rows:
         candidate.error = failed[0].removeprefix("failed: ") if failed else f"no evaluated round {stage}"
         return
-    values = {k: [r[k] for r in rows] for k in ("macro_f1", "accuracy", "loss")}
+    values = {k: [math.nan if r.get(k) is None else r[k] for r in rows] for k in keys}
     values["mb"] = [(r["cum_bytes_up"] + r["cum_bytes_down"]) / 1e6 for r in rows]
     candidate.rounds, candidate.metrics = stage, {k: float(np.mean(v)) for k, v in values.items()}
 
 
-def _evaluated_row(folder: Path, stage: int) -> dict | None:
-    return next((r for r in RunDir(folder).read_metrics() if r["round"] == stage and r.get("macro_f1") is not None), None)
+def _evaluated_row(folder: Path, stage: int, score: str) -> dict | None:
+    return next((r for r in RunDir(folder).read_metrics() if r["round"] == stage and r.get(score) is not None), None)
 
 
 def _short(value: str) -> str:
@@ -295,7 +337,7 @@ def write_tuning(tuning: Tuning, out: Path) -> None:
     record = {
         "config": tuning.config, "sets": tuning.sets, "seeds": tuning.seeds,
         "proxy": {"rounds": tuning.stages[-1], "stages": tuning.stages, "validation_fraction": tuning.validation_fraction,
-                  "score": "validation macro-F1 after the last proxy round, mean over seeds; ties: lower validation loss"},
+                  "score": tuning.objective.description},
         "candidates": [{"method": c.method, "settings": dict(c.settings[1:]), "runs": c.runs, "rounds": c.rounds,
                         **c.metrics, "error": c.error} for c in tuning.candidates],
         "choices": {m: dict(c.settings[1:]) for m, c in tuning.choices.items()},
@@ -308,10 +350,10 @@ def write_tuning(tuning: Tuning, out: Path) -> None:
 
 def grid_table(tuning: Tuning) -> str:
     """Every candidate as a markdown row, by method then best first; the chosen ones in bold."""
-    lines = ["| method | candidate | val macro-F1 | val accuracy | val loss | MB up + down | scored at round | note |",
+    lines = [f"| method | candidate | {' | '.join(tuning.objective.headers)} | scored at round | note |",
              "|---|---|---|---|---|---|---|---|"]
     for c in sorted(tuning.candidates, key=lambda c: (c.method, -c.rounds, c.rank() if c.metrics else (0, 0))):
-        cells = [f"{c.metrics[k]:.4g}" for k in METRICS] if c.metrics else ["-"] * 4
+        cells = [f"{c.metrics[k]:.4g}" for k in tuning.objective.metrics] if c.metrics else ["-"] * 4
         chosen = tuning.choices.get(c.method) is c
         note = "**chosen**" if chosen else f"failed: {c.error}".replace("|", "\\|") if c.error else ""
         point = ", ".join(f"{k}={v}" for k, v in c.settings[1:])
@@ -328,34 +370,36 @@ def tune_markdown(tuning: Tuning) -> str:
         f"Proxy: the config{' with ' + ' '.join(tuning.sets) if tuning.sets else ''} for {tuning.stages[-1]} rounds"
         f"{halving}, evaluated on a held-out "
         f"{tuning.validation_fraction:g} of the train split (data.validation_fraction; the test split is never read); "
-        f"seeds {', '.join(map(str, tuning.seeds))}. Score: validation macro-F1, mean over seeds.\n\n"
+        f"seeds {', '.join(map(str, tuning.seeds))}. Score: {tuning.objective.description}.\n\n"
         f"{grid_table(tuning)}\n![score against learning rate](tune.png)\n\n## Commands\n\n```bash\n{commands}\n```\n"
     )
 
 
 def plot_tuning(tuning: Tuning, path: Path) -> None:
-    """Validation macro-F1 against ``federation.lr`` (log), one line per method and other settings;
+    """The score (validation macro-F1; causal LM: token loss) against ``federation.lr`` (log), one
+    line per method and other settings;
     hollow markers: candidates stopped early by halving; a star: the choice."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    score, ylabel = tuning.objective.metrics[0], tuning.objective.headers[0].replace("val ", "validation ")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lines: dict[str, list[Candidate]] = {}
     for c in sorted((c for c in tuning.candidates if c.metrics), key=lambda c: c.lr):
         rest = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in c.settings[1:] if k != "federation.lr")
         lines.setdefault(c.method + (f", {rest}" if rest else ""), []).append(c)
     for label, group in lines.items():
-        (line,) = ax.plot([c.lr for c in group], [c.metrics["macro_f1"] for c in group], marker="o", label=label)
+        (line,) = ax.plot([c.lr for c in group], [c.metrics[score] for c in group], marker="o", label=label)
         for c in group:
             if c.rounds < tuning.stages[-1]:
-                ax.plot(c.lr, c.metrics["macro_f1"], marker="o", color="white", markeredgecolor=line.get_color())
+                ax.plot(c.lr, c.metrics[score], marker="o", color="white", markeredgecolor=line.get_color())
             if tuning.choices.get(c.method) is c:
-                ax.plot(c.lr, c.metrics["macro_f1"], marker="*", markersize=14, color=line.get_color())
+                ax.plot(c.lr, c.metrics[score], marker="*", markersize=14, color=line.get_color())
     ax.set_xscale("log")
     ax.set_xlabel("federation.lr (log)")
-    ax.set_ylabel(f"validation macro-F1 after round {tuning.stages[-1]}")
+    ax.set_ylabel(f"{ylabel} after round {tuning.stages[-1]}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.savefig(path, dpi=120, bbox_inches="tight")
