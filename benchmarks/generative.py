@@ -55,9 +55,9 @@ METHODS = {  # method -> (method keys, local lr)
 SCHEDULES = ("multi", "oneshot")
 TASKS = ("banking77", "copy")
 # the method comparison and LoRA's one-shot first, on both tasks; then the other methods' one-shot
-ORDER = [(t, m, "multi") for t in ("copy", "banking77") for m in METHODS] + \
-        [(t, "lora", "oneshot") for t in ("copy", "banking77")] + \
-        [(t, m, "oneshot") for t in ("copy", "banking77") for m in ("prompt", "bias")]
+ORDER = ([(t, m, "multi") for t in ("copy", "banking77") for m in METHODS]
+         + [(t, "lora", "oneshot") for t in ("copy", "banking77")]
+         + [(t, m, "oneshot") for t in ("copy", "banking77") for m in ("prompt", "bias")])
 WORDS = ("red", "blue", "green", "black", "white", "cat", "dog", "fish", "bird", "tree",
          "house", "car", "sun", "moon", "book", "door")
 

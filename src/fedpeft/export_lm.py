@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from fedpeft.experiment import Experiment
 
 
-def save_full_weights(model: "nn.Module", directory: Path) -> None:
+def save_full_weights(model: nn.Module, directory: Path) -> None:
     """Write ``model`` (its global state loaded) as a plain ``transformers`` model folder.
 
     ``save_pretrained`` writes every weight (a tied LM head once, as ``transformers`` ties it on

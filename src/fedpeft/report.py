@@ -38,8 +38,8 @@ from fedpeft.report_plots import PLOTS, _styles, pareto_frontier, plot_all
 from fedpeft.results import RunDir, write_text_atomic
 from fedpeft.sweep import is_finished, read_summary
 
-__all__ = ["PLOTS", "COLUMNS", "LM_COLUMNS", "Report", "write_report", "find_runs", "group_runs", "markdown_table",
-           "pareto_frontier", "table_columns", "table_rows", "_styles"]
+__all__ = ["COLUMNS", "LM_COLUMNS", "PLOTS", "Report", "_styles", "find_runs", "group_runs", "markdown_table",
+           "pareto_frontier", "table_columns", "table_rows", "write_report"]
 
 # not settings that make runs different experiments (a different data.fingerprint does: other data)
 IGNORED_KEYS = {"runtime.seed", "runtime.progress", "runtime.threads", "output.dir", "output.save_model",
