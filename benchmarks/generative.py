@@ -2,7 +2,7 @@
 
 Setup (issue 17). No pre-trained causal LM is available offline here, so the default model is a
 randomly initialised GPT-2 (``--size``: hidden 128, 4 blocks, 4 heads; MiniLM's 30,522-token
-tokenizer; 4.7 M parameters, the LM head tied to the embeddings), written once to
+tokenizer; 5.0 M parameters, the LM head tied to the embeddings), written once to
 ``OUT/models/gpt2-h128-l4`` and loaded from that folder as any hub model is. ``--model`` takes a hub id or a
 folder instead (e.g. ``--model Qwen/Qwen2.5-0.5B``): the same runs on a real pre-trained model.
 GPT-2 rather than LLaMA: BitFit needs biases, which LLaMA has none of.
@@ -25,8 +25,9 @@ https://arxiv.org/abs/2412.04650). Evaluation after the last round: held-out tok
 perplexity on every test row, greedy exact match and ROUGE-L on the first 64 (at most 8 new
 tokens).
 
-Every run is a normal run folder ``OUT/<task>/<method>-<schedule>``; re-running skips finished
-runs and resumes killed ones. ``OUT/generative.md`` holds the table (``--table``: finished runs
+Every run is a normal run folder ``OUT/<task>/<method>-<schedule>`` (the untrained model's scores,
+through the same evaluation: ``OUT/<task>/untrained.json``); re-running skips finished runs and
+resumes killed ones. ``OUT/generative.md`` holds the table (``--table``: finished runs
 only).
 
 Usage::
