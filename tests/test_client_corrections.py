@@ -351,3 +351,22 @@ def test_each_correction_runs_end_to_end_and_changes_the_result(csv_data, tmp_pa
         states[name] = RunDir(tmp_path / name).latest_checkpoint().state
     for name in ("fedprox", "fedlc", "fedrs"):
         assert any(not np.array_equal(states[name][k], states["plain"][k]) for k in states["plain"]), name
+
+
+# --------------------------------------------------------------------------- a client without rows
+
+
+def test_a_client_without_rows_is_a_data_error_naming_it_not_a_zero_division():
+    """partition() refuses an empty client (test_partition); a trainer handed one anyway (library
+    use) says which client, and drawing batches from no rows says why, instead of dividing by 0."""
+    from fedpeft.errors import DataError
+
+    model, names, split = client_setup()
+    trainer = ClientTrainer(model, names, split, FederationConfig(local_steps=2, batch_size=8), 0)
+    g0 = get_state(model, names)
+    with pytest.raises(DataError, match=r"^client 3 has no training rows"):
+        trainer.fit(3, np.zeros(0, np.int64), g0, 1)
+    with pytest.raises(DataError, match=r"no training rows to draw 2 batch"):
+        trainer.batch_order(np.zeros(0, np.int64), 2, torch.Generator().manual_seed(0))
+    assert trainer.batch_order(np.zeros(0, np.int64), 0, torch.Generator()) == []
+    assert sum(len(b) for b in trainer.batch_order(np.arange(5), 3, torch.Generator().manual_seed(0))) == 15

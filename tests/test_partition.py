@@ -140,3 +140,10 @@ def test_more_shards_than_samples_is_an_error():
     cfg = PartitionConfig(scheme="shards", num_clients=10, shards_per_client=3)
     with pytest.raises(DataError, match=r"30 shards but only 20 samples"):
         partition(np.arange(20) % 2, cfg, seed=0)
+
+
+@pytest.mark.parametrize("scheme", ["iid", "shards"])
+def test_as_many_clients_as_samples_leaves_no_client_empty(scheme):
+    """The edge of the schemes that cannot refuse: one sample per client, none empty."""
+    parts = partition(np.arange(12) % 3, PartitionConfig(scheme=scheme, num_clients=12, shards_per_client=1), seed=0)
+    assert [len(p) for p in parts] == [1] * 12

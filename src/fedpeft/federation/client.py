@@ -22,6 +22,7 @@ from torch import nn
 
 from fedpeft.config import FederationConfig
 from fedpeft.data import EncodedSplit
+from fedpeft.errors import DataError
 from fedpeft.federation import label_skew, scaffold
 from fedpeft.federation.assignment import Assignment
 from fedpeft.federation.costs import TrainingFlops
@@ -104,8 +105,19 @@ class ClientTrainer:
         return max(1, math.ceil(self.cfg.local_epochs * num_samples / self.cfg.batch_size))
 
     def batch_order(self, indices: np.ndarray, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
-        """``steps`` batches of row ids: reshuffled epochs over the client's rows."""
+        """``steps`` batches of row ids: reshuffled epochs over the client's rows.
+
+        Raises
+        ------
+        DataError
+            When ``steps > 0`` batches are asked of no rows (:func:`fedpeft.data.partition`
+            refuses a partition that leaves a client empty, so a run never gets here).
+        """
         rows = torch.as_tensor(indices, dtype=torch.long)
+        if steps <= 0:
+            return []
+        if len(rows) == 0:
+            raise DataError(f"no training rows to draw {steps} batch(es) from: a client needs at least one row")
         bs = min(self.cfg.batch_size, len(rows))
         per_epoch = math.ceil(len(rows) / bs)
         batches: list[torch.Tensor] = []
@@ -138,6 +150,9 @@ class ClientTrainer:
         others stay frozen for this client (``requires_grad`` off, restored afterwards), so blocks
         below the lowest assigned one build no graph and keep no activations for backward.
 
+        ``indices`` must hold at least one row (:class:`~fedpeft.errors.DataError` otherwise:
+        :func:`fedpeft.data.partition` already refuses a partition with an empty client, naming it).
+
         ``train_loss`` is the mean data loss over the steps: the model's cross-entropy, or the
         ``federation.label_skew`` loss; FedProx's proximal term is not included.
 
@@ -149,6 +164,9 @@ class ClientTrainer:
         :mod:`fedpeft.federation.scaffold`); the caller keeps ``c_i + delta_c_i`` as the
         client's new ``c_i`` (:func:`~fedpeft.federation.scaffold.advance`).
         """
+        if len(indices) == 0:  # the partition refuses empty clients; this guards library use
+            raise DataError(f"client {client} has no training rows: nothing to train on (round {rnd}); "
+                            "give every client at least one row")
         assigned = None if names is None else frozenset(names)
         if assigned is not None:
             Assignment({client: tuple(names)}).check(list(self.names))  # names may come off the wire
