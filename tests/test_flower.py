@@ -128,6 +128,46 @@ def test_a_malformed_reply_is_refused_with_its_reason_and_never_aggregated(small
         np.testing.assert_array_equal(outcome.state[k], honest[k])
 
 
+class RefusingGrid(FakeGrid):
+    """A FakeGrid whose SuperLink refuses the TRAIN message to node ``100 + refused``: it gives it
+    no id, as Flower does, either ``None`` in its place (``style = "none"``, the deployment's
+    grid) or left out of the list (``"omit"``, the simulation's in-memory grid)."""
+
+    def __init__(self, refused, style):
+        super().__init__(2, lambda cid, msg: reply_with(msg, trained(msg)))
+        self.refused, self.style = refused, style
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        out = []
+        for msg, mid in zip(messages, ids):
+            if msg.metadata.message_type == MessageType.TRAIN and msg.metadata.dst_node_id - 100 == self.refused:
+                self.outbox = [m for m in self.outbox if m.metadata.reply_to_message_id != mid]  # never delivered
+                if self.style == "none":
+                    out.append(None)
+            else:
+                out.append(mid)
+        return out
+
+
+@pytest.mark.parametrize("style", ["none", "omit"])
+@pytest.mark.parametrize("refused", [0, 1])
+def test_a_message_the_superlink_gives_no_id_fails_that_client_at_once_with_the_reason(small_exp, refused, style):
+    cfg, exp = small_exp
+    runtime = dataclasses.replace(cfg.runtime, round_timeout=30.0)  # not waited for: nothing can come
+    clients = FlowerClients(RefusingGrid(refused, style), cfg.to_toml(), 2, runtime).connect()
+    state = exp.initial_state()
+    aggregation = exp.strategy.start_round(1, state)
+    start = time.monotonic()
+    delivery = clients.fit_round(RoundPlan(1, [0, 1], []), state, aggregation.add)
+    assert time.monotonic() - start < 10
+    outcome = aggregation.finish(delivery.rejected)
+    assert list(delivery.failed) == [refused]
+    assert "did not accept its train message (no message id)" in delivery.failed[refused]
+    assert [r.client for r in delivery.results] == [1 - refused] == outcome.accepted  # never another's reply
+
+
 def test_nodes_are_asked_for_their_partition_once_before_the_server_loads_its_model(small_exp):
     cfg, exp = small_exp
     grid = FakeGrid(2, lambda cid, msg: None)

@@ -242,7 +242,7 @@ class FlowerClients:
         new = [n for n in self.grid.get_node_ids() if n not in known]
         content = RecordDict({"config": ConfigRecord({CONFIG_KEY: self.text})})
         msgs = {n: Message(content, dst_node_id=n, message_type=MessageType.QUERY, group_id="discover") for n in new}
-        return self._push(msgs) if msgs else {}
+        return self._push(msgs)[0] if msgs else {}  # a node whose query was not accepted is asked again
 
     def discover(self, timeout: float) -> None:
         """Ask connected nodes we do not know yet which partition they hold (and let them load
@@ -317,15 +317,35 @@ class FlowerClients:
             on_result(decoded)
             delivery.results.append(decoded.without_state())
 
-        replies = self._collect(self._push(msgs), self.runtime.round_timeout, on_reply)
-        for cid in msgs.keys() - replies.keys():
+        pushed, unsent = self._push(msgs)
+        delivery.failed.update(unsent)
+        replies = self._collect(pushed, self.runtime.round_timeout, on_reply)
+        for cid in msgs.keys() - replies.keys() - unsent.keys():
             delivery.failed[cid] = f"no reply within runtime.round_timeout={self.runtime.round_timeout:g} s"
         return delivery
 
-    def _push(self, msgs: dict[int, Message]) -> dict[str, int]:
-        """Push ``msgs`` (keyed by client or node); return their message ids -> keys."""
-        ids = self.grid.push_messages(list(msgs.values()))
-        return {mid: key for mid, key in zip(ids, msgs) if mid}
+    def _push(self, msgs: dict[int, Message]) -> tuple[dict[str, int], dict[int, str]]:
+        """Push ``msgs`` (keyed by client or node).
+
+        Returns
+        -------
+        pushed : dict of str to int
+            Message id -> key of every message the SuperLink accepted.
+        unsent : dict of int to str
+            Key -> reason of every message it did not: Flower's grid gives such a message no id
+            (``None`` or ``""`` in its place, or, the in-memory grid, leaves it out of the list),
+            and no reply to it can ever be pulled. Each caller decides what that means (a
+            client ``failed`` in a round, a node asked again at the next discovery).
+        """
+        ids = list(self.grid.push_messages(list(msgs.values())))
+        if len(ids) == len(msgs):  # one id per message, in order (None or "": not pushed)
+            pushed = {str(mid): key for mid, key in zip(ids, msgs) if mid}
+        else:  # a grid that leaves refused messages out: match by the id Flower gave each message
+            accepted = {str(mid) for mid in ids if mid}
+            pushed = {m.metadata.message_id: key for key, m in msgs.items() if m.metadata.message_id in accepted}
+        unsent = {key: f"the SuperLink did not accept its {msgs[key].metadata.message_type} message (no message id)"
+                  for key in msgs.keys() - set(pushed.values())}
+        return pushed, unsent
 
     def _collect(self, keys: dict[str, int], timeout: float,
                  on_reply: Callable[[int, Message], None] | None) -> dict[int, Message]:

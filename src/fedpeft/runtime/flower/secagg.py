@@ -154,7 +154,8 @@ class _CountingGrid:
         msgs = {m.metadata.dst_node_id: m for m in messages}
         for nid, m in msgs.items():
             self.down[nid] = self.down.get(nid, 0) + wire_bytes(m.content)
-        replies = self.clients._collect(self.clients._push(msgs), timeout or self.timeout, None)
+        pushed, _ = self.clients._push(msgs)  # a message not accepted gets no reply: SecAgg+ drops that node
+        replies = self.clients._collect(pushed, timeout or self.timeout, None)
         for nid, reply in replies.items():
             if not reply.has_error():
                 self.up[nid] = self.up.get(nid, 0) + wire_bytes(reply.content)

@@ -236,7 +236,8 @@ class SplitFlowerClients:
             chain.exchanges += 1
             return Message(content, dst_node_id=clients.nodes[cid], message_type=SPLIT_ACTION, group_id=str(plan.round))
 
-        pending = clients._push(msgs)  # message id -> client
+        pending, unsent = clients._push(msgs)  # message id -> client
+        delivery.failed.update(unsent)
         open_chains = set(pending.values())
         deadline = time.monotonic() + runtime.round_timeout
         wait = POLL_S[0]
@@ -252,10 +253,10 @@ class SplitFlowerClients:
                 else:
                     following[cid] = nxt
             if following:
-                pushed = clients._push(following)
+                pushed, unsent = clients._push(following)
                 pending.update(pushed)
-                for cid in set(following) - set(pushed.values()):
-                    delivery.failed[cid] = "the next split message could not be pushed"
+                for cid, reason in unsent.items():
+                    delivery.failed[cid] = f"split exchange: {reason}"
                     open_chains.discard(cid)
                 wait = POLL_S[0]
             elif pending:
