@@ -224,3 +224,23 @@ def test_a_copied_run_folder_evaluates_and_resumes_elsewhere(reference, csv_data
     assert res.returncode == 0, res.stderr
     assert "resuming at round 3 of 3" in res.stderr
     assert strip_times(rows_of(run)) == strip_times(rows_of(reference["finished"]))
+
+
+def test_extending_rounds_on_resume_with_eval_every_equals_the_uninterrupted_run(csv_data, tmp_path):
+    """eval_every = 2: a 3-round run extended to 5 (its round 3 was evaluated as the last; a 5-round
+    run never evaluates it) writes exactly the rows of the uninterrupted 5-round run (a run killed
+    mid-way resumes to them anyway: the schedule depends on the round alone). eval_every itself
+    may not change on --resume."""
+    cfg = small_cfg(csv_data, rounds=5, eval_every=2)
+    full = run_experiment(cfg, out=tmp_path / "full")
+    expected = strip_times(rows_of(tmp_path / "full"))
+    assert [r["accuracy"] is not None for r in expected] == [False, True, False, True, True]
+
+    short = small_cfg(csv_data, rounds=3, eval_every=2)
+    run_experiment(short, out=tmp_path / "ext")
+    assert rows_of(tmp_path / "ext")[2]["accuracy"] is not None  # the last round is always evaluated
+    extended = run_experiment(cfg, out=tmp_path / "ext", resume=True)
+    assert strip_times(rows_of(tmp_path / "ext")) == expected
+    assert strip_times(extended) == strip_times(full)  # best_accuracy too
+    with pytest.raises(FedPeftError, match="differs from the saved one in federation.eval_every"):
+        run_experiment(small_cfg(csv_data, rounds=6, eval_every=3), out=tmp_path / "ext", resume=True)

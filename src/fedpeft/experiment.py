@@ -324,7 +324,7 @@ def run_with_clients(
     The run folder, resume rules, round loop, summary and model export are the same for every
     runtime; only the transport to the clients differs.
     """
-    from fedpeft.history import summarize
+    from fedpeft.history import off_schedule, summarize
     from fedpeft.runtime.rounds import run_rounds
 
     console = console or Console(stderr=True)
@@ -359,6 +359,13 @@ def run_with_clients(
             _load_strategy_state(exp, checkpoint)
         if rows is None:  # a fedpeft 0.1 checkpoint holds no rows: take them from metrics.jsonl
             rows = _legacy_rows(run_dir, checkpoint.round)
+        rows, unevaluated = off_schedule(rows, cfg.federation.eval_every, cfg.federation.rounds)
+        if unevaluated:  # federation.rounds extended: the old last round is not the last any more
+            console.print(
+                f"note: round {', '.join(map(str, unevaluated))} was evaluated as the last round; with "
+                f"federation.rounds = {cfg.federation.rounds} it is off the federation.eval_every = "
+                f"{cfg.federation.eval_every} schedule, so its row drops that evaluation, as an "
+                "uninterrupted run never made it", soft_wrap=True, highlight=False)
     if resume:
         run_dir.write_metrics(rows)  # the checkpoint's rows; later rounds are recomputed
         where = f"resuming at round {start} of {cfg.federation.rounds}" if start <= cfg.federation.rounds else (

@@ -34,6 +34,35 @@ SPLIT_METRICS = ("server_flops", "activation_bytes_up", "activation_bytes_down",
 SPLIT_WIRE_METRICS = ("activation_wire_bytes_up", "activation_wire_bytes_down")
 
 
+# a round row's evaluation of the global model (None in a round not evaluated), beside eval_s
+EVAL_METRICS = ("accuracy", "macro_f1", "predicted_classes", "loss", *GENERATIVE_METRICS)
+
+
+def evaluated_round(rnd: int, eval_every: int, rounds: int) -> bool:
+    """Whether round ``rnd`` of a ``rounds``-round run evaluates the global model: every
+    ``eval_every`` rounds, and the last."""
+    return rnd % eval_every == 0 or rnd == rounds
+
+
+def off_schedule(rows: list[dict[str, Any]], eval_every: int, rounds: int) -> tuple[list[dict[str, Any]], list[int]]:
+    """``rows`` of a resumed run as a ``rounds``-round run would have written them, and the rounds changed.
+
+    A round evaluated only because it was the last (``rnd % eval_every != 0``) is no longer the
+    last once ``--resume`` extends ``federation.rounds``: an uninterrupted longer run never
+    evaluated it, so its row loses that evaluation (its :data:`EVAL_METRICS` None, ``eval_s`` 0,
+    the time moved to ``other_s``). Every other row is returned unchanged.
+    """
+    out, changed = [], []
+    for row in rows:
+        rnd = row["round"]
+        if not evaluated_round(rnd, eval_every, rounds) and any(row.get(k) is not None for k in EVAL_METRICS):
+            row = {**row, **{k: None for k in EVAL_METRICS if k in row}, "eval_s": 0.0,
+                   "other_s": row.get("other_s", 0.0) + row.get("eval_s", 0.0)}
+            changed.append(rnd)
+        out.append(row)
+    return out, changed
+
+
 def round_row(
     plan: RoundPlan,
     delivery: "Delivery",

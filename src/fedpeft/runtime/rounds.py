@@ -20,7 +20,7 @@ from fedpeft.checkpoint import Checkpoint
 from fedpeft.errors import RunInterrupted
 from fedpeft.federation.precision import to_exchange
 from fedpeft.federation.strategy import AggregateResult, ClientResult, RoundPlan
-from fedpeft.history import round_row, summarize
+from fedpeft.history import evaluated_round, round_row, summarize
 from fedpeft.methods.base import NamedArrays
 from fedpeft.results import RunDir
 from fedpeft.tracking import RoundTracker
@@ -130,7 +130,7 @@ def run_rounds(
                         f"round {rnd}: every selected client ({', '.join(map(str, plan.selected))}) is infeasible "
                         "under its [budgets] profile: nothing trained, the global state is unchanged"))
                 eval_metrics, eval_s = None, 0.0
-                if rnd % fed.eval_every == 0 or rnd == fed.rounds:
+                if evaluated_round(rnd, fed.eval_every, fed.rounds):
                     t_eval = time.perf_counter()
                     eval_metrics, generations = exp.evaluate_and_sample(outcome.state)
                     if generations:  # causal-lm: what the model says, for a reader
