@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedpeft.federation.costs import TrainingFlops
 from fedpeft.methods import build_method, method_names
+from test_runs import csv_data, make_cfg  # noqa: F401 - fixture reused
 
 FAMILIES = ["tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-vit"]
 SHAPES = [(3, 5), (7, 17), (2, 40), (1, 1)]  # (rows, tokens)
@@ -88,3 +89,23 @@ def test_a_model_outside_the_form_is_measured_per_length(tiny):
         batch = text_batch("tiny-bert", rows, length)
         assert flops(batch) == counted_step(cubic, optimizer, batch)
     assert not flops._exact_form
+
+
+@pytest.mark.parametrize("privacy", [{}, {"privacy": {"mode": "sample", "max_grad_norm": 1.0, "noise_multiplier": 1.0}}])
+def test_a_run_probes_each_structure_once_cost_model_and_trainer_alike(csv_data, tmp_path, monkeypatch, privacy):  # noqa: F811
+    """The cost model (summary.json's predicted FLOPs) and the clients' trainer price one structure
+    with one probe (lengths 1..4); DP-SGD's Opacus hooks, installed by the first step, neither make
+    it a new structure nor count in the plain-training FLOPs (docs/methods.md)."""
+    from fedpeft.experiment import run_experiment
+    from fedpeft.federation import costs
+
+    monkeypatch.setattr(costs, "_FITTED", {})  # this process has probed nothing yet
+    probed = []
+    real = costs.TrainingFlops._measure
+    monkeypatch.setattr(costs.TrainingFlops, "_measure", lambda self, batch: probed.append(
+        tuple(batch["input_ids"].shape)) or real(self, batch))
+    cfg = make_cfg(csv_data, federation={"rounds": 2, "clients_per_round": 2, "local_steps": 2},
+                   output={"save_model": False}, **privacy)
+    summary = run_experiment(cfg, out=tmp_path / "run")
+    assert summary["client_flops_total"] > 0
+    assert probed == [(1, 1), (1, 2), (1, 3), (1, 4)]

@@ -61,7 +61,9 @@ class TrainingFlops:
     costs ``B * (c0 + c1 * L + c2 * L**2)`` and an image batch ``B * c0``. The coefficients are
     measured once, on synthetic one-row batches of 1, 2 and 3 tokens, and checked on a fourth
     length; a model that breaks the form is measured at each new length instead. Measured once
-    per process for each model structure (:func:`fedpeft.models.structure_key`). The probe runs
+    per process for each model structure (:func:`fedpeft.models.structure_key` of ``model`` when
+    this object is made) and set of batch inputs: the cost model's probe and a client's
+    trainer share one measurement. The probe runs
     forward and backward only (no optimizer step), in train mode (each module's mode restored
     after), clears the gradients it made and leaves the random state as it was, so it changes
     nothing about training.
@@ -73,7 +75,12 @@ class TrainingFlops:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        from fedpeft.models import structure_key
+
         self.model = model
+        # the structure as built (requires_grad as set now), before any hooks a trainer installs
+        # later (DP-SGD's per-sample hooks, disabled outside its own steps): one memo entry for it
+        self._structure = structure_key(model)
         self._coeffs: tuple[Fraction, ...] | None = None  # (c0, c1, c2); image: (c0,)
         self._per_row: dict[int, int] = {}  # L -> measured FLOPs of one row (form broken)
         self._exact_form = True
@@ -95,9 +102,7 @@ class TrainingFlops:
 
     def _fit(self, batch: dict[str, torch.Tensor]) -> None:
         """The coefficients, measured or, for a model of the same structure, remembered."""
-        from fedpeft.models import structure_key
-
-        key = (*self.measures(), structure_key(self.model), tuple(sorted(batch)))
+        key = (*self.measures(), self._structure, tuple(sorted(batch)))
         if key not in _FITTED:
             if "input_ids" not in batch:
                 _FITTED[key] = ((Fraction(self._measure(_one_row(batch, None))),), True, {})

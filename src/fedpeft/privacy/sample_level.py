@@ -197,10 +197,15 @@ class SampleDPHook:
         n = len(batch["labels"])
         for p in params:
             p.grad_sample = None
-        loss = self._loss(trainer, batch, counts)
-        with warnings.catch_warnings():  # "full backward hook ... no inputs require gradients": the frozen input
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            loss.backward()
+        # the hooks work only inside this step: evaluation and the FLOPs probe run the plain model
+        self._gsm.enable_hooks()
+        try:
+            loss = self._loss(trainer, batch, counts)
+            with warnings.catch_warnings():  # "full backward hook ... no inputs require gradients": the frozen input
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
+        finally:
+            self._gsm.disable_hooks()
         grads = []
         for (name, p) in zip(_names(trainer), params):
             gs = getattr(p, "grad_sample", None)
