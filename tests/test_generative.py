@@ -76,7 +76,6 @@ def test_bias_on_a_model_without_biases_is_refused_when_prepared():
     ({"partition": {"scheme": "shards"}}, "partition.scheme"),
     ({"federation": {"label_skew": "fedlc"}}, "federation.label_skew"),
     ({"attack": {"kind": "label_flip", "fraction": 0.5}}, "attack.kind"),
-    ({"privacy": {"mode": "sample", "max_grad_norm": 1.0, "noise_multiplier": 1.0}}, "privacy.mode"),
     ({"data": {"text_column": "text"}}, "data.text_column"),
     ({"data": {"label_column": "label"}}, "data.label_column"),
     ({"data": {"format": "alpaca", "prompt_column": "q"}}, "data.prompt_column"),

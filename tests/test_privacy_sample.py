@@ -186,3 +186,72 @@ def test_build_time_errors_name_the_key(csv_data, privacy, key):
     with pytest.raises(ConfigError) as err:
         build_experiment(make_cfg(csv_data, privacy=privacy), with_test=False)
     assert str(err.value).startswith(key), str(err.value)
+
+
+# --------------------------------------------------------------------------- causal-lm
+
+
+def causal_cfg(tmp_path, **sections):
+    from fedpeft.config import Config
+
+    rng = np.random.default_rng(0)
+    words = "red blue green gold cat dog fox bird card bank money pay".split()
+    rows = [{"prompt": f"say {' '.join(rng.choice(words, 1 + i % 3))}", "response": " ".join(rng.choice(words, 1 + i % 4))}
+            for i in range(24)]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {"model": {"name": "tiny-gpt2", "max_length": 16},
+           "task": {"kind": "causal-lm", "max_new_tokens": 2, "generation_samples": 2},
+           "data": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")},
+           "method": {"name": "lora", "r": 4}, "partition": {"num_clients": 2},
+           "federation": {"rounds": 2, "local_steps": 2, "batch_size": 4, "lr": 1e-2},
+           "runtime": {"seed": 0, "progress": False}, "output": {"save_model": False}, "privacy": SAMPLE}
+    for name, table in sections.items():
+        raw[name] = {**raw.get(name, {}), **table}
+    return Config.from_dict(raw)
+
+
+@pytest.mark.parametrize("method,engine", [("lora", "opacus"), ("prompt", "loop")])
+def test_causal_lm_per_sample_gradient_is_the_gradient_of_that_rows_mean_response_loss(tmp_path, method, engine):
+    """Each row's per-sample gradient equals autograd of the model's own loss on that row alone,
+    unpadded (the mean over its response tokens): whatever the other rows' lengths."""
+    exp = build_experiment(causal_cfg(tmp_path, method={"name": method}), with_test=False)
+    model = exp.model
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = exp.train.batch(torch.arange(5))
+    lengths = batch["attention_mask"].sum(1)
+    responses = (batch["labels"] != -100).sum(1)
+    assert len(set(lengths.tolist())) > 1 and len(set(responses.tolist())) > 1  # ragged rows and responses
+    reference = []
+    for i, n in enumerate(lengths.tolist()):  # independent: HF's loss on the row cut to its own tokens
+        row = {k: v[i : i + 1, :n] for k, v in batch.items()}
+        grads = torch.autograd.grad(model(**row).loss, params, allow_unused=True)
+        reference.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
+    hook = SampleDPHook(SampleDP(0.0, 1e9, 1e-5, 5, 0, engine))
+    hook.begin(0, 1, 100)
+    captured = []
+    hook._accumulate = lambda grads, total: captured.append([g.clone() for g in grads])
+    hook.backward(SimpleNamespace(model=model, params=params), batch)
+    per_sample = [torch.cat([c[j] for c in captured]) for j in range(len(params))]  # (5, *shape) per param
+    for i in range(5):
+        for j, p in enumerate(params):
+            assert torch.allclose(per_sample[j][i], reference[i][j], rtol=1e-4, atol=1e-7), (i, j)
+
+
+def test_causal_lm_dp_sgd_run_trains_and_spends_opacus_epsilon(tmp_path):
+    summary = run_experiment(causal_cfg(tmp_path), out=tmp_path / "run")
+    rows = rows_of(tmp_path / "run")
+    steps, q = {}, 4 / 12  # iid over 2 clients: 12 rows each, batch 4
+    for r in rows:
+        assert r["aggregated"] and np.isfinite(r["train_loss"]) and r["eval_loss"] is not None
+        for c in r["clients"]:
+            steps[c["id"]] = steps.get(c["id"], 0) + int(c["steps"])
+            assert c["epsilon"] == pytest.approx(opacus_epsilon(1.0, q, steps[c["id"]], 1e-3), rel=1e-9)
+    assert summary["status"] == "finished" and summary["privacy"] == "sample" and summary["epsilon"] > 0
+    exp = build_experiment(causal_cfg(tmp_path), with_test=False)
+    start, final = exp.initial_state(), final_state(tmp_path / "run")
+    assert any(not np.array_equal(start[k], final[k]) for k in start)  # the LoRA factors moved

@@ -125,9 +125,6 @@ class TaskConfig:
         _check(cfg.attack.kind != "label_flip", "attack.kind",
                '"label_flip" flips class labels; with task.kind = "causal-lm" there are none: use "scale", '
                '"sign_flip" or "gaussian"')
-        _check(cfg.privacy.mode != "sample", "privacy.mode",
-               '"sample" (DP-SGD) with task.kind = "causal-lm" is not built yet (per-token losses of a row '
-               'would need one clip per row); use a client-level mode or "none"')
 
 
 @dataclass

@@ -114,6 +114,35 @@ def plan_sample_dp(cfg: "Config", sizes: list[int], steps_per_round: list[int]) 
 # ----------------------------------------------------------------------------- the gradient step
 
 
+def row_mean_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A causal LM's DP-SGD loss: ``mean_i l_i``, ``l_i`` the mean next-token cross-entropy over
+    row ``i``'s response tokens (labels ``-100`` elsewhere), so every row weighs the same whatever
+    its response length (the model's own loss is the mean over the batch's tokens, which would
+    make one row's gradient depend on the other rows' lengths).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A causal LM; logits ``(B, P + L, V)`` (``P`` virtual tokens first, if any).
+    batch : dict of str to torch.Tensor
+        Model inputs and ``labels`` ``(B, L)``.
+
+    Returns
+    -------
+    torch.Tensor
+        The scalar loss, float32.
+    """
+    labels = batch["labels"]
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    logits = logits[:, -labels.shape[1]:]  # drop virtual tokens (prompt tuning): they have no label
+    target = labels[:, 1:]  # the token each position predicts
+    tokens = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+        ignore_index=-100, reduction="none").view(target.shape)  # (B, L - 1)
+    counted = (target != -100).to(tokens.dtype)
+    return ((tokens * counted).sum(1) / counted.sum(1).clamp_min(1.0)).mean()
+
+
 def clip_factors(norms: torch.Tensor, clip: float) -> torch.Tensor:
     """``min(1, C / ||g_i||)`` per row (1 for a zero gradient)."""
     return torch.where(norms > clip, clip / norms.clamp_min(1e-30), torch.ones_like(norms))
@@ -166,7 +195,15 @@ class SampleDPHook:
         return loss
 
     def _loss(self, trainer: Any, batch: dict[str, torch.Tensor], counts: torch.Tensor | None) -> torch.Tensor:
-        return trainer.model(**batch).loss if counts is None else trainer._label_skew_loss(batch, counts)
+        """The batch's loss as the mean over its rows of one loss per row, so a per-sample gradient
+        is the gradient of that row's loss: a classifier's cross-entropy (or the label-skew loss);
+        a causal LM's (``(B, L)`` labels) :func:`row_mean_lm_loss`, which for one row is the model's
+        own loss (the mean over its response tokens)."""
+        if counts is not None:
+            return trainer._label_skew_loss(batch, counts)
+        if batch["labels"].dim() == 2 and len(batch["labels"]) > 1:  # causal-lm: not the token mean
+            return row_mean_lm_loss(trainer.model, batch)
+        return trainer.model(**batch).loss
 
     def _accumulate(self, grads: list[torch.Tensor], total: list[torch.Tensor]) -> None:
         """Clip per-sample gradients (``grads[j]``: ``(n, *shape)``) and add their sum to ``total``."""
