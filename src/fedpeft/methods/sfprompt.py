@@ -15,6 +15,7 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -107,6 +108,9 @@ def full_training_flops(model: nn.Module, info: ModelInfo) -> TrainingFlops:
     return flops
 
 
+TAIL_FILE = "tail.safetensors"  # text export: the trained tail + above-block modules, plain names
+
+
 @register
 class SFPrompt(Method):
     """Split federated prompt tuning: prompts + tail on the client, the frozen body on the server.
@@ -150,5 +154,36 @@ class SFPrompt(Method):
         return SplitTrainer(model, names, train, cfg, seed, self.split, self.options, self.full_flops)
 
     def save_pretrained(self, model: nn.Module, directory: Path, state: NamedArrays) -> None:
-        """``exchanged.safetensors``: the prompts, the tail blocks and the above-block modules."""
-        Method.save_pretrained(self, model, directory, state)
+        """What plain ``transformers`` (+ ``peft``) load: the global model is the prompts, the tail
+        blocks and the modules above them (pooler, final norm, head) over the frozen body.
+
+        Text (peft prompt tuning): a peft adapter folder (the prompts; the head as peft's module
+        to save) and :data:`TAIL_FILE`, the tail blocks and the modules above them under their
+        plain ``transformers`` names, loaded into the base model before the adapter wraps it.
+        ViT: ``exchanged.safetensors`` (names as in the model), loaded after
+        :func:`~fedpeft.methods.prompt.add_visual_prompt` (:meth:`rebuild_code`).
+        """
+        if not hasattr(model, "peft_config"):
+            Method.save_pretrained(self, model, directory, state)
+            return
+        from safetensors.numpy import save_file
+
+        from fedpeft.methods.lora import save_peft_folder
+
+        save_peft_folder(model, directory, state)
+        plain = {n for n, _ in model.get_base_model().named_parameters()
+                 if ".modules_to_save." not in n and ".original_module." not in n}
+        tail = {n.removeprefix("base_model."): v for n, v in state.items() if n.removeprefix("base_model.") in plain}
+        in_adapter = [n for n in state if n.startswith("prompt_encoder.") or ".modules_to_save." in n]
+        left = sorted(set(state) - set(in_adapter) - {f"base_model.{n}" for n in tail})
+        if left:  # every exchanged tensor is in the export, or it says which is not
+            raise ValueError(f"sfprompt export: no place for {', '.join(left[:5])}")
+        save_file({k: np.ascontiguousarray(v) for k, v in tail.items()}, directory / TAIL_FILE)
+
+    def rebuild_code(self, model: nn.Module) -> str | None:
+        """ViT: :func:`~fedpeft.methods.prompt.add_visual_prompt` with this run's prompt tokens;
+        text (a peft adapter folder): None."""
+        if hasattr(model, "peft_config"):
+            return None
+        return ("from fedpeft.methods.prompt import add_visual_prompt\n\n"
+                f"add_visual_prompt(model, num_virtual_tokens={self.options.num_prompt_tokens})")
