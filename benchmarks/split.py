@@ -10,7 +10,8 @@ setup, benchmarks/skew.py, so its full FedAvg run is the same run). Variants:
   the embeddings + ``head_blocks`` and the last ``tail_blocks`` + classifier, the server the
   frozen body; EL2N pruning keeps ``prune_keep`` of each client's rows; a local-loss phase
   trains prompts + tail on the client's own head output before the split phase,
-- ``sfprompt-noprune`` (``prune = false``) and ``sfprompt-nolocal`` (``local_loss = false``).
+- ``sfprompt-noprune`` (``prune = false``), ``sfprompt-nolocal`` (``local_loss = false``) and
+  ``sfprompt-split-only`` (neither: the split phase alone).
 
 Learning rates come from ``fedpeft tune`` on this config (``--tune``: ``OUT/tune``, 2 proxy rounds
 on validation rows of the train split) or from :data:`LEARNING_RATES`; ``full`` takes the skew
@@ -41,6 +42,7 @@ VARIANTS = {  # name -> (method, options)
     "sfprompt": ("sfprompt", {}),
     "sfprompt-noprune": ("sfprompt", {"prune": False}),
     "sfprompt-nolocal": ("sfprompt", {"local_loss": False}),
+    "sfprompt-split-only": ("sfprompt", {"prune": False, "local_loss": False}),  # neither: what each adds alone
 }
 LEARNING_RATES = {"full": 3e-4, "prompt": 1e-2, "sfprompt": 1e-3}
 
