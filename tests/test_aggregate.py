@@ -134,7 +134,8 @@ def test_in_process_round_folds_results_as_they_arrive_and_keeps_no_states():
     def fit(cid, part, state, rnd):
         return ClientResult(cid, {"w": np.full(size, cid, np.float32)}, int(part))
 
-    exp = SimpleNamespace(trainer=SimpleNamespace(fit=fit), parts=list(range(1, clients + 1)))
+    exp = SimpleNamespace(trainer=SimpleNamespace(fit=fit), parts=list(range(1, clients + 1)),
+                          cfg=SimpleNamespace(federation=FederationConfig()))
     aggregation = FedAvgStrategy(FederationConfig(), clients, 0).start_round(1, ref)
     tracemalloc.start()
     try:

@@ -87,7 +87,7 @@ def test_control_variates_and_server_state_match_a_hand_computation(optimizer):
                            weight_decay=0.0, clients_per_round=2, scaffold=True)
     trainer = ClientTrainer(model, ["w", "b"], split, cfg, seed=0)
     strategy = FedAvgStrategy(cfg, N, seed=0)
-    clients = InProcessClients(SimpleNamespace(trainer=trainer, parts=PARTS))
+    clients = InProcessClients(SimpleNamespace(trainer=trainer, parts=PARTS, cfg=SimpleNamespace(federation=cfg)))
     state = {"w": np.array([0.5, -1.0], np.float32), "b": np.array([0.25], np.float32)}
 
     # the paper's Algorithm 1, written out in float64
