@@ -1,13 +1,14 @@
 """Differential privacy: how much accuracy does a formal (epsilon, delta) guarantee cost?
 
-Setup (issue 16): all-MiniLM-L6-v2 on banking77, batch 16, max_length 32, delta 1e-5, one seed,
+Setup (issue 16): all-MiniLM-L6-v2 on banking77, max_length 32, delta 1e-5, one seed,
 accuracy and macro-F1 at epsilon = infinity (no privacy), 8, 3 and 1 for BitFit, LoRA and soft
 prompts, each at its banking77 lr (benchmarks/methods.py, tuned without privacy):
 
 - ``sample`` level (DP-SGD with Opacus, per client: every client's own rows are protected,
-  Poisson-sampled batches, per-sample clipping at ``--max-grad-norm``, the noise multiplier
-  solved for ``privacy.target_epsilon`` by Opacus's RDP accountant over the client's local steps
-  of every round): 8 IID clients, all in every round, ``--rounds`` rounds x 1 local epoch;
+  ``--rows`` training rows, Poisson-sampled batches of expected size ``--batch-size`` (16),
+  per-sample clipping at ``--max-grad-norm``, the noise multiplier solved for
+  ``privacy.target_epsilon`` by Opacus's RDP accountant over the client's local steps of every
+  round): 8 IID clients, all in every round, ``--rounds`` rounds x 1 local epoch;
 - ``client`` level (DP-FedAvg, client-central: each client's delta clipped to ``--clip-norm``,
   Gaussian noise on the sum at the server, the noise multiplier solved for the target over the
   rounds at the client sampling rate): ``--clients`` IID clients (default 100), ``--per-round``
@@ -52,7 +53,7 @@ def config(args: argparse.Namespace, level: str, method: str, epsilon: float) ->
         "method": {"name": method},
         "federation": {"rounds": args.client_rounds if client else args.rounds,
                        "clients_per_round": args.per_round if client else 8, "local_epochs": 1.0,
-                       "batch_size": 16, "lr": LEARNING_RATES[method]},
+                       "batch_size": args.batch_size, "lr": LEARNING_RATES[method]},
         "runtime": {"seed": args.seed, "progress": False},
         "output": {"save_model": False},
         **({"privacy": privacy} if privacy else {}),
@@ -68,7 +69,8 @@ def table(args: argparse.Namespace, levels: list[str], methods: list[str]) -> st
     and the epsilon spent with the noise multiplier used."""
     lines = ["# Differential privacy: banking77, MiniLM, delta = " + f"{args.delta:g}", ""]
     for level in levels:
-        head = (f"sample level (DP-SGD): 8 IID clients, {args.rounds} rounds, max_grad_norm {args.max_grad_norm:g}"
+        head = (f"sample level (DP-SGD): {args.rows} rows over 8 IID clients, batch {args.batch_size}, {args.rounds} rounds, "
+                f"max_grad_norm {args.max_grad_norm:g}"
                 if level == "sample" else
                 f"client level (DP-FedAvg, server noise): {args.clients} IID clients, {args.per_round} per round, "
                 f"{args.client_rounds} rounds, clip_norm {args.clip_norm:g}")
@@ -103,6 +105,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1600, help="training rows at sample level")
     parser.add_argument("--client-rows", type=int, default=6000, help="training rows at client level")
     parser.add_argument("--test-rows", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="expected batch at sample level (Poisson): larger batches raise the signal-to-noise ratio")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--client-rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=100)
