@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from fedpeft.config import ModelConfig
+from fedpeft.errors import FedPeftError
+from fedpeft.experiment import run_experiment
+from fedpeft.federation.client import ClientTrainer
 from fedpeft.models import LoadedModel, load_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model or data hub
@@ -57,6 +60,30 @@ TEXTS = [
     "federated learning with few parameters",
     "ok",
 ]
+
+
+def interrupt_at(monkeypatch: pytest.MonkeyPatch, rnd: int) -> Callable:
+    """Make every client's fit in round ``rnd`` raise KeyboardInterrupt (Ctrl-C); returns the
+    real ``ClientTrainer.fit`` to put back."""
+    real_fit = ClientTrainer.fit
+
+    def fit(self, client, indices, state, r, **kwargs):
+        if r == rnd:
+            raise KeyboardInterrupt
+        return real_fit(self, client, indices, state, r, **kwargs)
+
+    monkeypatch.setattr(ClientTrainer, "fit", fit)
+    return real_fit
+
+
+def interrupt_and_resume(monkeypatch: pytest.MonkeyPatch, cfg, out: Path, rnd: int) -> dict:
+    """Run ``cfg`` into ``out`` killed (Ctrl-C) in round ``rnd``, check it says so, then resume
+    it to the end; returns the resumed run's summary."""
+    real_fit = interrupt_at(monkeypatch, rnd)
+    with pytest.raises(FedPeftError, match=f"interrupted after round {rnd - 1}"):
+        run_experiment(cfg, out=out)
+    monkeypatch.setattr(ClientTrainer, "fit", real_fit)
+    return run_experiment(cfg, out=out, resume=True)
 
 
 def make_batch(loaded: LoadedModel, n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import interrupt_and_resume
+
 from fedpeft.config import Config, ModelConfig
 from fedpeft.errors import ConfigError
 from fedpeft.methods import get_method_class, method_names, trainable_names
@@ -534,9 +536,7 @@ def test_plan_prices_causal_lm_methods_and_refuses_head(learned, tmp_path):
 def test_resumed_run_ends_as_the_uninterrupted_one(tmp_path, monkeypatch):
     import json
 
-    from fedpeft.errors import FedPeftError
     from fedpeft.experiment import run_experiment
-    from fedpeft.federation.client import ClientTrainer
     from fedpeft.results import RunDir
 
     rows = [{"prompt": p, "response": r} for p, r in PAIRS * 3]
@@ -546,18 +546,7 @@ def test_resumed_run_ends_as_the_uninterrupted_one(tmp_path, monkeypatch):
                    runtime={"seed": 0, "progress": False}, output={"save_model": False})
     cfg = Config.from_dict(raw)
     full = run_experiment(cfg, out=tmp_path / "full")
-    real_fit = ClientTrainer.fit
-
-    def failing_fit(self, client, indices, state, rnd, **kwargs):
-        if rnd == 2:
-            raise KeyboardInterrupt
-        return real_fit(self, client, indices, state, rnd, **kwargs)
-
-    monkeypatch.setattr(ClientTrainer, "fit", failing_fit)
-    with pytest.raises(FedPeftError, match="interrupted after round 1"):
-        run_experiment(cfg, out=tmp_path / "cut")
-    monkeypatch.setattr(ClientTrainer, "fit", real_fit)
-    resumed = run_experiment(cfg, out=tmp_path / "cut", resume=True)
+    resumed = interrupt_and_resume(monkeypatch, cfg, tmp_path / "cut", 2)
     a, b = RunDir(tmp_path / "full").latest_checkpoint().state, RunDir(tmp_path / "cut").latest_checkpoint().state
     assert all(np.array_equal(a[k], b[k]) for k in a)
     for key in ("final_eval_loss", "final_perplexity", "final_exact_match", "final_rouge_l", "total_bytes_up",

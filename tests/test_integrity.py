@@ -7,6 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import interrupt_and_resume, interrupt_at
+
 from fedpeft.errors import FedPeftError
 from fedpeft.experiment import evaluate_run, run_experiment
 from fedpeft.federation.client import ClientTrainer
@@ -35,18 +37,6 @@ def rows_of(run):
 def small_cfg(csv_data, **federation):
     fed = {"rounds": ROUNDS, "clients_per_round": 3, "dropout": 0.2, "local_steps": 1, **federation}
     return make_cfg(csv_data, federation=fed, output={"save_model": False})
-
-
-def interrupt_at(monkeypatch, rnd):
-    real_fit = ClientTrainer.fit
-
-    def fit(self, client, indices, state, r):
-        if r == rnd:
-            raise KeyboardInterrupt
-        return real_fit(self, client, indices, state, r)
-
-    monkeypatch.setattr(ClientTrainer, "fit", fit)
-    return real_fit
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +71,7 @@ def test_resume_with_a_server_optimizer_equals_uninterrupted(reference, csv_data
     """FedAdam's moments are checkpointed: a run killed in round 3 and resumed ends bit-identical."""
     cfg = small_cfg(csv_data, server_optimizer="fedadam", server_lr=0.05)
     full = run_experiment(cfg, out=tmp_path / "full")
-    real_fit = interrupt_at(monkeypatch, 3)
-    with pytest.raises(FedPeftError, match="interrupted after round 2"):
-        run_experiment(cfg, out=tmp_path / "cut")
-    monkeypatch.setattr(ClientTrainer, "fit", real_fit)
-    resumed = run_experiment(cfg, out=tmp_path / "cut", resume=True)
+    resumed = interrupt_and_resume(monkeypatch, cfg, tmp_path / "cut", 3)
     assert strip_times(resumed) == strip_times(full)
     a, b = final_state(tmp_path / "full"), final_state(tmp_path / "cut")
     assert metrics_equal(a, b)

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import interrupt_and_resume
+
 from fedpeft.config import Config, ModelConfig
 from fedpeft.errors import ConfigError
 from fedpeft.federation.costs import message_bytes
@@ -140,9 +142,7 @@ def rows_of(run):
 
 
 def test_a_bfloat16_run_trains_sends_half_the_bytes_and_resumes_bit_identically(lm_rows, tmp_path, monkeypatch):
-    from fedpeft.errors import FedPeftError
     from fedpeft.experiment import build_experiment, run_experiment
-    from fedpeft.federation.client import ClientTrainer
     from fedpeft.results import RunDir
 
     cfg = lm_config(lm_rows, "bfloat16", "bfloat16")
@@ -169,18 +169,7 @@ def test_a_bfloat16_run_trains_sends_half_the_bytes_and_resumes_bit_identically(
     assert all(a.dtype == np.float32 for a in final.values())
     assert any(not np.array_equal(round_bf16(a), a) for a in final.values())
     # an interrupted run resumes to the same bits
-    real_fit = ClientTrainer.fit
-
-    def failing_fit(self, client, indices, state, rnd, **kwargs):
-        if rnd == 2:
-            raise KeyboardInterrupt
-        return real_fit(self, client, indices, state, rnd, **kwargs)
-
-    monkeypatch.setattr(ClientTrainer, "fit", failing_fit)
-    with pytest.raises(FedPeftError, match="interrupted after round 1"):
-        run_experiment(cfg, out=tmp_path / "cut")
-    monkeypatch.setattr(ClientTrainer, "fit", real_fit)
-    resumed = run_experiment(cfg, out=tmp_path / "cut", resume=True)
+    resumed = interrupt_and_resume(monkeypatch, cfg, tmp_path / "cut", 2)
     again = RunDir(tmp_path / "cut").latest_checkpoint().state
     assert all(np.array_equal(final[k], again[k]) for k in final)
     assert resumed["final_eval_loss"] == bf16["final_eval_loss"] and resumed["total_bytes_up"] == bf16["total_bytes_up"]

@@ -14,6 +14,8 @@ from flwr.app import Array, ConfigRecord, Context, Message, MessageType, MetricR
 from rich.console import Console
 from torch import nn
 
+from conftest import interrupt_at
+
 from fedpeft.checkpoint import CheckpointDamaged, read_checkpoint
 from fedpeft.config import FederationConfig
 from fedpeft.data.encode import EncodedSplit
@@ -177,14 +179,7 @@ def test_bytes_count_the_control_variates_both_ways(scaffold_run):
 def test_resume_with_scaffold_equals_uninterrupted(scaffold_run, csv_data, tmp_path, monkeypatch):  # noqa: F811
     full, summary = scaffold_run
     cfg = make_cfg(csv_data, federation=RESUME_FED, output={"save_model": False})
-    real_fit = ClientTrainer.fit
-
-    def fit(self, client, indices, state, rnd, **kw):
-        if rnd == 3:
-            raise KeyboardInterrupt
-        return real_fit(self, client, indices, state, rnd, **kw)
-
-    monkeypatch.setattr(ClientTrainer, "fit", fit)
+    real_fit = interrupt_at(monkeypatch, 3)
     with pytest.raises(FedPeftError, match="interrupted after round 2"):
         run_experiment(cfg, out=tmp_path / "cut")
     monkeypatch.setattr(ClientTrainer, "fit", real_fit)
