@@ -363,18 +363,24 @@ def fake_lm_run(folder, method="lora", seed=0, loss=2.0, rounds=2):
     return folder
 
 
-def test_report_of_causal_lm_runs_shows_their_metrics_in_place_of_accuracy(tmp_path, monkeypatch):
+@pytest.fixture
+def drawn(monkeypatch):
+    """The labels of every line and scatter the report's plots draw, by file name."""
     import fedpeft.report_plots as plots_module
-    from fedpeft.report import LM_COLUMNS
 
-    drawn = {}
-    finish = plots_module._finish
+    labels, finish = {}, plots_module._finish
 
     def keep_labels(fig, ax, xlabel, ylabel, path):
-        drawn[path.name] = {line.get_label() for line in ax.get_lines()} | {c.get_label() for c in ax.collections}
+        labels[path.name] = {line.get_label() for line in ax.get_lines()} | {c.get_label() for c in ax.collections}
         finish(fig, ax, xlabel, ylabel, path)
 
     monkeypatch.setattr(plots_module, "_finish", keep_labels)
+    return labels
+
+
+def test_report_of_causal_lm_runs_shows_their_metrics_in_place_of_accuracy(tmp_path, drawn):
+    from fedpeft.report import LM_COLUMNS
+
     for seed, loss in ((0, 2.0), (1, 3.0)):
         fake_lm_run(tmp_path / f"lora{seed}", seed=seed, loss=loss)
     fake_lm_run(tmp_path / "prompt0", "prompt", loss=1.5)
@@ -395,17 +401,7 @@ def test_report_of_causal_lm_runs_shows_their_metrics_in_place_of_accuracy(tmp_p
     assert "| eval loss (mean ± std) |" in text and "accuracy (mean ± std)" not in text and "![lm_vs_mb.png]" in text
 
 
-def test_a_folder_of_classification_and_causal_lm_runs_reports_both(tmp_path, monkeypatch):
-    import fedpeft.report_plots as plots_module
-
-    drawn = {}
-    finish = plots_module._finish
-
-    def keep_labels(fig, ax, xlabel, ylabel, path):
-        drawn[path.name] = {line.get_label() for line in ax.get_lines()} | {c.get_label() for c in ax.collections}
-        finish(fig, ax, xlabel, ylabel, path)
-
-    monkeypatch.setattr(plots_module, "_finish", keep_labels)
+def test_a_folder_of_classification_and_causal_lm_runs_reports_both(tmp_path, drawn):
     fake_run(tmp_path / "head0", accuracy=0.4)
     fake_run(tmp_path / "bias0", "bias", accuracy=0.6)
     fake_lm_run(tmp_path / "lora0", loss=2.0)
