@@ -589,6 +589,26 @@ def prompt_run(tmp_path_factory):
     return root / "run"
 
 
+def assert_generates(model, prompts, expected, eos_ids, pad_id):
+    """Plain transformers' greedy ``generate`` gives fedpeft's tokens for every prompt."""
+    for p, want in zip(prompts, expected):
+        ids = torch.tensor([p])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                             eos_token_id=eos_ids, pad_token_id=pad_id)[0, len(p):].tolist()
+        cut = next((k for k, t in enumerate(out) if t in eos_ids), len(out))
+        assert out[:cut] == want
+
+
+def run_card_code(card: str) -> dict:
+    """Execute a model card's python blocks in one scope (they load from "model" and generate)."""
+    import re
+
+    scope: dict = {}
+    for code in re.findall(r"```python\n(.*?)```", card, re.S):
+        exec(code, scope)
+    return scope
+
+
 @pytest.mark.filterwarnings("ignore:Position ids are not supported")
 @pytest.mark.parametrize("which", ["lora", "prompt"])
 def test_exported_adapter_generates_fedpeft_tokens_with_plain_transformers_and_peft(which, learned, prompt_run,
@@ -596,7 +616,6 @@ def test_exported_adapter_generates_fedpeft_tokens_with_plain_transformers_and_p
     """model/ moved elsewhere, loaded with AutoModelForCausalLM + PeftModel only, generates greedily
     the tokens fedpeft's final global model generates on the held-out prompts; the card's code runs."""
     import json
-    import re
     import shutil
 
     from peft import PeftModel
@@ -628,21 +647,14 @@ def test_exported_adapter_generates_fedpeft_tokens_with_plain_transformers_and_p
     assert [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts] == prompts  # encodes as fedpeft
     base = AutoModelForCausalLM.from_pretrained(folder / "base")
     model = PeftModel.from_pretrained(base, folder).eval()
-    for p, want in zip(prompts, expected):
-        ids = torch.tensor([p])
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
-                             eos_token_id=exp.eos_ids, pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist()
-        cut = next((k for k, t in enumerate(out) if t in exp.eos_ids), len(out))
-        assert out[:cut] == want
+    assert_generates(model, prompts, expected, exp.eos_ids, tokenizer.pad_token_id)
     if which == "lora":  # the saved generations are the global model's
         saved = [json.loads(line) for line in (run / "generations" / "round_4.jsonl").read_text().splitlines()]
         assert [g["generation"] for g in saved] == [tokenizer.decode(t, skip_special_tokens=True).strip() for t in expected[:3]]
     card = (folder / "README.md").read_text()
     assert "pipeline_tag: text-generation" in card and "AutoModelForCausalLM" in card
     monkeypatch.chdir(tmp_path)
-    scope: dict = {}
-    for code in re.findall(r"```python\n(.*?)```", card, re.S):
-        exec(code, scope)  # loads from "model", generates from a prompt
+    scope = run_card_code(card)
     assert isinstance(scope["model"], PeftModel)
 
 
@@ -670,7 +682,6 @@ def test_full_weight_export_loads_and_generates_with_plain_transformers(whole_mo
     (no base/, no adapter): AutoModelForCausalLM.from_pretrained of the folder alone holds the
     trained weights (not the base's) and generates greedily fedpeft's global model's tokens."""
     import json
-    import re
     import shutil
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -705,18 +716,11 @@ def test_full_weight_export_loads_and_generates_with_plain_transformers(whole_mo
     prompts = [exp.test.features["input_ids"][i, :int(lengths[i])].tolist() for i in range(4)]
     expected = [greedy_generate(exp.model, [p], exp.processor.pad_token_id, exp.eos_ids, 5, 1)[0] for p in prompts]
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    for p, want in zip(prompts, expected):
-        ids = torch.tensor([p])
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
-                             eos_token_id=exp.eos_ids, pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist()
-        cut = next((k for k, t in enumerate(out) if t in exp.eos_ids), len(out))
-        assert out[:cut] == want
+    assert_generates(model, prompts, expected, exp.eos_ids, tokenizer.pad_token_id)
     card = (folder / "README.md").read_text()
     assert "library_name: transformers" in card and "whole model" in card and "PeftModel" not in card
     monkeypatch.chdir(tmp_path)
-    scope: dict = {}
-    for code in re.findall(r"```python\n(.*?)```", card, re.S):
-        exec(code, scope)  # loads from "model", generates from a prompt
+    scope = run_card_code(card)
     assert type(scope["model"]) is type(model)
 
 
