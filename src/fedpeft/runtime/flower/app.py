@@ -260,6 +260,15 @@ class FlowerClients:
                 )
             self.nodes[pid] = reply.metadata.src_node_id
 
+    def connected(self, clients: list[int]) -> set[int]:
+        """The node ids connected now, after asking new nodes first if a SuperNode of ``clients``
+        is missing (a restarted SuperNode has a new node id)."""
+        connected = set(self.grid.get_node_ids())
+        if any(self.nodes.get(c) not in connected for c in clients):
+            self.discover(self.runtime.connect_timeout)
+            connected = set(self.grid.get_node_ids())
+        return connected
+
     def client_state(self) -> NamedArrays | None:
         """The server's copy of every client's DP-SGD accountant (``privacy.mode = "sample"``);
         otherwise None: each SuperNode keeps its own client state (SCAFFOLD's ``c_i``) in
@@ -273,10 +282,7 @@ class FlowerClients:
 
     def fit_round(self, plan: RoundPlan, state: NamedArrays, on_result: Callable[[ClientResult], None],
                   control: NamedArrays | None = None) -> Delivery:
-        connected = set(self.grid.get_node_ids())
-        if any(self.nodes.get(c) not in connected for c in plan.training):
-            self.discover(self.runtime.connect_timeout)  # a restarted SuperNode has a new node id
-            connected = set(self.grid.get_node_ids())
+        connected = self.connected(plan.training)
         if self.secagg is not None:  # SecAgg+: the server learns only the clients' mean delta
             if control is not None:
                 raise FedPeftError("privacy.secure_aggregation with SCAFFOLD is not built")

@@ -182,10 +182,7 @@ class SplitFlowerClients:
         if control is not None:
             raise FedPeftError("sfprompt takes no SCAFFOLD control variates")
         clients, runtime = self.clients, self.clients.runtime
-        connected = set(clients.grid.get_node_ids())
-        if any(clients.nodes.get(c) not in connected for c in plan.training):
-            clients.discover(runtime.connect_timeout)  # a restarted SuperNode has a new node id
-            connected = set(clients.grid.get_node_ids())
+        connected = clients.connected(plan.training)
         records = {"arrays": state_to_record(state)}
         delivery = Delivery(wire_up={}, wire_down={})
         msgs: dict[int, Message] = {}
