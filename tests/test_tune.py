@@ -178,3 +178,132 @@ def test_next_lr_walks_the_half_decade_grid():
 
     assert [next_lr(v, True) for v in ("1e-2", "3e-2", "3e-4")] == ["3e-2", "1e-1", "1e-3"]
     assert [next_lr(v, False) for v in ("1e-2", "3e-2", "1e-5")] == ["3e-3", "1e-2", "3e-6"]
+
+
+class Scripted:
+    """A fake ``execute`` that writes a believable proxy run folder (a metrics row per round, a
+    finished summary) from scripted validation scores ``{lr: {round: (macro_f1, loss)}}``.
+    Resumed, it writes only the rounds after the folder's last row; every row records which call
+    wrote it."""
+
+    def __init__(self, scores):
+        self.scores, self.calls = scores, []
+
+    def __call__(self, cfg, folder, resume):
+        run = RunDir(folder)
+        rows = run.read_metrics()
+        assert resume == bool(rows), "a fresh run into a folder holding rows, or a resume of nothing"
+        self.calls.append((folder.name, resume, cfg.federation.rounds))
+        folder.mkdir(parents=True, exist_ok=True)
+        for r in range(len(rows) + 1, cfg.federation.rounds + 1):
+            f1, loss = self.scores[cfg.federation.lr][r]
+            rows.append({"round": r, "macro_f1": f1, "accuracy": f1, "loss": loss, "cum_bytes_up": 1e6 * r,
+                         "cum_bytes_down": 1e6 * r, "call": len(self.calls)})
+        run.write_metrics(rows)
+        run.summary.write_text(json.dumps({"status": "finished", "rounds_completed": cfg.federation.rounds}))
+        return {}
+
+
+def scripted(round_2, later=None):
+    """Scores of the four bias lrs: ``round_2[lr]`` at rounds 1 and 2, ``later[lr]`` from round 3 on."""
+    later = later or round_2
+    return {lr: {r: (round_2 if r <= 2 else later)[lr] for r in range(1, 9)} for lr in round_2}
+
+
+BIAS = ["bias"]
+COLLAPSED = {1e-3: (0.156, 0.70), 3e-3: (0.1565, 0.60), 1e-2: (0.156, 0.65), 3e-2: (0.100, 0.50)}
+
+
+def test_a_tie_at_the_top_runs_only_the_tied_candidates_longer_and_the_longer_run_decides(poisoned, tmp_path):
+    """ag_news in docs/results.md: after 2 proxy rounds three lrs share macro-F1 0.156 (within
+    TIE_TOLERANCE), so only they resume their folders to round 4; there 1e-2 wins, which round 2
+    would not have chosen (3e-3 has the highest macro-F1, by 5e-4, and the lowest loss)."""
+    config = write_config(poisoned, tmp_path / "c.toml", rounds=8)
+    execute = Scripted(scripted(COLLAPSED, {1e-3: (0.25, 0.6), 3e-3: (0.60, 0.4), 1e-2: (0.62, 0.45), 3e-2: (0.9, 0.1)}))
+    tuning = run_tune(config, tmp_path / "out", BIAS, rounds=2, execute=execute)
+    by_lr = {c.lr: c for c in tuning.candidates}
+    assert tuning.choices["bias"] is by_lr[1e-2] and by_lr[1e-2].metrics["macro_f1"] == 0.62
+    assert {lr: c.rounds for lr, c in by_lr.items()} == {1e-3: 4, 3e-3: 4, 1e-2: 4, 3e-2: 2}
+    assert by_lr[3e-2].metrics["macro_f1"] == 0.100  # not tied: never run past round 2 (its 0.9 unseen)
+    resumed = [(name, rounds) for name, resume, rounds in execute.calls if resume]
+    assert sorted(resumed) == sorted((f"method.name=bias__federation.lr={lr}__seed=0", 4) for lr in ("1e-3", "3e-3", "1e-2"))
+    assert len(execute.calls) == 4 + 3
+    for lr in (1e-3, 3e-3, 1e-2):  # rounds 1-2 written once, by the first run; 3-4 by the resume
+        rows = RunDir(tmp_path / "out" / by_lr[lr].runs[0]).read_metrics()
+        assert [r["round"] for r in rows] == [1, 2, 3, 4]
+        first = next(i for i, (name, _, _) in enumerate(execute.calls, 1) if name == by_lr[lr].runs[0])
+        assert [r["call"] for r in rows[:2]] == [first] * 2 and rows[2]["call"] == rows[3]["call"] > 4
+    (tie,) = tuning.ties
+    assert (tie.round, tie.extended_to, [c.lr for c in tie.candidates]) == (2, 4, [3e-3, 1e-2, 1e-3])
+    record = json.loads((tmp_path / "out" / "tune.json").read_text())
+    assert {c["settings"]["federation.lr"]: c["rounds"] for c in record["candidates"]} == {
+        "1e-3": 4, "3e-3": 4, "1e-2": 4, "3e-2": 2}
+    assert record["ties"] == [{"method": "bias", "round": 2, "score": 0.1565, "extended_to": 4, "candidates": [
+        {"federation.lr": "3e-3"}, {"federation.lr": "1e-2"}, {"federation.lr": "1e-3"}]}]
+    assert record["proxy"]["tie_tolerance"] == 1e-3 and record["proxy"]["max_rounds"] == 8
+    md = (tmp_path / "out" / "tune.md").read_text()
+    assert "| bias | federation.lr=1e-2 | 0.62 | 0.62 | 0.45 | 8 | 4 | **chosen**; tied at round 2 -> 4 |" in md
+    assert "| bias | federation.lr=3e-2 | 0.1 | 0.1 | 0.5 | 4 | 2 |  |" in md
+    assert "bias: 3 candidates tied at round 2 (val macro-F1 0.1565; federation.lr=3e-3; federation.lr=1e-2; " \
+           "federation.lr=1e-3): ran them to round 4" in md
+    again = Scripted(execute.scores)  # re-running resumes nothing: every folder is finished
+    assert run_tune(config, tmp_path / "out", BIAS, rounds=2, execute=again).choices["bias"].lr == 1e-2
+    assert again.calls == []
+
+
+def test_no_tie_at_the_top_runs_nothing_longer(poisoned, tmp_path):
+    config = write_config(poisoned, tmp_path / "c.toml", rounds=8)
+    scores = {1e-3: (0.30, 0.7), 3e-3: (0.302, 0.6), 1e-2: (0.40, 0.65), 3e-2: (0.40 - 1.5e-3, 0.1)}  # 1e-2 by > 1e-3
+    execute = Scripted(scripted(scores))
+    tuning = run_tune(config, tmp_path / "out", BIAS, rounds=2, execute=execute)
+    assert [resume for _, resume, _ in execute.calls] == [False] * 4 and {c.rounds for c in tuning.candidates} == {2}
+    assert tuning.choices["bias"].lr == 1e-2 and tuning.ties == []
+    assert json.loads((tmp_path / "out" / "tune.json").read_text())["ties"] == []
+    assert "Ties at the top" not in (tmp_path / "out" / "tune.md").read_text()
+
+
+def test_tied_candidates_run_at_most_the_configs_rounds_then_the_tie_break_chooses(poisoned, tmp_path):
+    """Tied through round 5, the config's federation.rounds: 2 -> 4 -> 5, never more, then the
+    lower validation loss decides, and the CLI says so."""
+    config = write_config(poisoned, tmp_path / "c.toml", rounds=5)
+    tied = {1e-3: (0.156, 0.70), 3e-3: (0.156, 0.60), 1e-2: (0.156, 0.65), 3e-2: (0.100, 0.50)}
+    execute = Scripted(scripted(tied))
+    tuning = run_tune(config, tmp_path / "out", BIAS, rounds=2, execute=execute)
+    assert [rounds for _, resume, rounds in execute.calls if resume] == [4] * 3 + [5] * 3
+    assert max(r["round"] for c in tuning.candidates for r in RunDir(tmp_path / "out" / c.runs[0]).read_metrics()) == 5
+    assert tuning.choices["bias"].lr == 3e-3 and tuning.choices["bias"].rounds == 5  # the lowest loss of the tied
+    assert [(t.round, t.extended_to) for t in tuning.ties] == [(2, 4), (4, 5), (5, None)]
+    md = (tmp_path / "out" / "tune.md").read_text()
+    assert "tied at round 2 -> 4, 4 -> 5, 5: tie-break" in md
+    assert "at the config's federation.rounds, so the tie-break (lower validation loss) chose federation.lr=3e-3" in md
+    # the CLI on the same folder: every run is finished (nothing runs), it prints the ties and the usual commands
+    result = CliRunner().invoke(app, ["tune", str(config), "--methods", "bias", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "Ties at the top:\n- bias: 3 candidates tied at round 2 (val macro-F1 0.156; " in result.stdout
+    assert "- bias: 3 candidates tied at round 5 (" in result.stdout and "the tie-break (lower validation loss) chose" in result.stdout
+    assert f"fedpeft run {config} --set method.name=bias --set federation.lr=0.003" in result.stdout
+    # a proxy as long as the config: nothing can run longer, the tie-break decides at once
+    again = Scripted(scripted(tied))
+    short = run_tune(write_config(poisoned, tmp_path / "c2.toml", rounds=2), tmp_path / "out2", BIAS, rounds=4, execute=again)
+    assert [resume for _, resume, _ in again.calls] == [False] * 4 and [(t.round, t.extended_to) for t in short.ties] == [(2, None)]
+    assert short.choices["bias"].lr == 3e-3
+
+
+def test_an_lr_added_past_the_grid_edge_runs_as_long_as_the_choice_and_its_ties_run_longer(poisoned, tmp_path):
+    """1e-2 and 3e-2 tie at round 2; at round 4 3e-2 wins, an edge, so 1e-1 is tried at 4 rounds
+    too; it ties with 3e-2 there, both run to 8 and 1e-1 wins; 3e-1 is then tried at 8 rounds."""
+    config = write_config(poisoned, tmp_path / "c.toml", rounds=8)
+    def curve(early, late, at=2):
+        return {r: early if r <= at else late for r in range(1, 9)}
+    execute = Scripted({1e-3: curve((0.1, 1), (0.1, 1)), 3e-3: curve((0.1, 1), (0.1, 1)),
+                        1e-2: curve((0.156, 0.5), (0.3, 0.5)), 3e-2: curve((0.156, 0.6), (0.5, 0.5)),
+                        1e-1: curve((0.5, 0.4), (0.7, 0.4), at=4), 3e-1: curve((0.2, 1), (0.2, 1))})
+    tuning = run_tune(config, tmp_path / "out", BIAS, rounds=2, execute=execute)
+    by_lr = {c.lr: c for c in tuning.candidates}
+    assert tuning.choices["bias"] is by_lr[1e-1]
+    assert {lr: c.rounds for lr, c in by_lr.items()} == {1e-3: 2, 3e-3: 2, 1e-2: 4, 3e-2: 8, 1e-1: 8, 3e-1: 8}
+    assert [(lr, resume, rounds) for lr, resume, rounds in ((n.split("=")[2].split("__")[0], r, k)
+            for n, r, k in execute.calls)][4:] == [
+        ("1e-2", True, 4), ("3e-2", True, 4), ("1e-1", False, 4), ("1e-1", True, 8), ("3e-2", True, 8), ("3e-1", False, 8)]
+    assert [(t.round, t.extended_to, [c.lr for c in t.candidates]) for t in tuning.ties] == [
+        (2, 4, [1e-2, 3e-2]), (4, 8, [1e-1, 3e-2])]

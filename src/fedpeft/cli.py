@@ -118,14 +118,14 @@ def tune(
         "--grid", "-g", help="Replace or add a candidate axis: section.key=v1,v2 (repeatable), e.g. federation.lr=1e-3,1e-2.")] = None,
     set_: SetOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Tune folder (default: tune-<config stem>).")] = None,
-    rounds: Annotated[int, typer.Option(min=1, help="Proxy rounds (at most the config's federation.rounds).")] = 2,
+    rounds: Annotated[int, typer.Option(min=1, help="Proxy rounds (at most the config's federation.rounds; candidates tied at the top run longer, up to it).")] = 2,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds: one proxy run per seed and candidate.")] = "0",
     validation_fraction: Annotated[float, typer.Option(help="Share of the rows a run trains on held out to score on (from the train split).")] = 0.2,
     halving: Annotated[bool, typer.Option(help="Successive halving: the better half goes on after 1, 2, 4, ... rounds.")] = False,
 ) -> None:
     """Choose each method's federation.lr (and server_lr) on short proxy runs scored on validation
     rows of the train split, and print the commands to run with them."""
-    from fedpeft.tune import grid_table, run_tune
+    from fedpeft.tune import grid_table, run_tune, tie_notes
 
     logging.getLogger("fedpeft").setLevel(logging.INFO)
     stop_on_sigterm()
@@ -133,6 +133,8 @@ def tune(
     method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     tuning = run_tune(config, out, method_list, grid or [], set_ or [], _seeds(seeds), rounds, validation_fraction, halving)
     typer.echo(grid_table(tuning))
+    if tuning.ties:
+        typer.echo("Ties at the top:\n" + "\n".join(f"- {note}" for note in tie_notes(tuning)) + "\n")
     typer.echo("\n".join(tuning.commands()))
     console.print(f"wrote {out / 'tune.json'}, tune.md and tune.png", markup=False, soft_wrap=True)
     unchosen = sorted({c.method for c in tuning.candidates} - set(tuning.choices))
