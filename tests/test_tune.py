@@ -307,3 +307,29 @@ def test_an_lr_added_past_the_grid_edge_runs_as_long_as_the_choice_and_its_ties_
         ("1e-2", True, 4), ("3e-2", True, 4), ("1e-1", False, 4), ("1e-1", True, 8), ("3e-2", True, 8), ("3e-1", False, 8)]
     assert [(t.round, t.extended_to, [c.lr for c in t.candidates]) for t in tuning.ties] == [
         (2, 4, [1e-2, 3e-2]), (4, 8, [1e-1, 3e-2])]
+
+
+def test_a_forced_tie_resumes_real_proxy_runs_without_rerunning_their_rounds(poisoned, tmp_path, monkeypatch):
+    """The real run path: with every macro-F1 a tie, both candidates resume to round 3 (the
+    config's rounds, below 2 x 2); rounds 1-2 keep the rows (wall times included) the first run wrote."""
+    from fedpeft import tune
+
+    monkeypatch.setitem(tune.TIE_TOLERANCE, "macro_f1", 1.0)
+    config = write_config(poisoned, tmp_path / "c.toml", rounds=3, local_steps=2)
+    out, first_resume = tmp_path / "out", {}  # run name -> its rows when it first resumed
+
+    def execute(cfg, folder, resume):
+        if resume:
+            first_resume.setdefault(folder.name, RunDir(folder).read_metrics())
+        execute.calls.append((folder.name, resume, cfg.federation.rounds))
+        return default_execute(cfg, folder, resume)
+
+    execute.calls = []
+    tuning = run_tune(config, out, ["lora"], ["federation.lr=1e-7,3e-2"], rounds=2, execute=execute)
+    assert [(resume, rounds) for _, resume, rounds in execute.calls] == [(False, 2)] * 2 + [(True, 3)] * 2
+    for c in tuning.candidates:
+        rows = RunDir(out / c.runs[0]).read_metrics()
+        assert [r["round"] for r in rows] == [1, 2, 3] and c.rounds == 3
+        assert [r["round"] for r in first_resume[c.runs[0]]] == [1, 2] and rows[:2] == first_resume[c.runs[0]]
+    assert [(t.round, t.extended_to) for t in tuning.ties] == [(2, 3), (3, None)]
+    assert tuning.choices["lora"] is min(tuning.candidates, key=lambda c: c.metrics["loss"])
