@@ -102,7 +102,8 @@ def run_tune(
     seeds : list of int, optional
         One proxy run per seed and candidate (default ``[0]``).
     rounds : int
-        Proxy rounds (at most the config's ``federation.rounds``).
+        Proxy rounds (at most the config's ``federation.rounds``). Candidates tied at the top
+        then run longer, up to the config's ``federation.rounds`` (:meth:`_Proxy.settle`).
     validation_fraction : float
         Share of the train split held out for scoring (``data.validation_fraction``).
     halving : bool
@@ -113,8 +114,8 @@ def run_tune(
     Returns
     -------
     Tuning
-        The candidates with their scores, and each method's choice (a method whose candidates
-        all failed has none).
+        The candidates with their scores (each at the round it was scored at), the ties run
+        longer, and each method's choice (a method whose candidates all failed has none).
     """
     sets, seeds, grid = sets or [], seeds or [0], grid or []
     base = load_config(config, sets)
@@ -123,7 +124,7 @@ def run_tune(
     stages = halving_stages(min(rounds, cap), halving)
     methods = methods or [base.method.name]
     plans = {(m, r): plan_sweep(config, method_grid(m, base, grid), [*sets, *proxy_sets(validation_fraction, r)], seeds)
-             for m in methods for r in {*stages, cap}}  # every run is validated before the first starts
+             for m in methods for r in {*stages, cap}}  # every run (ties: up to cap) validated before the first starts
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     proxy = _Proxy(config, sets, seeds, validation_fraction, out, execute, cap)
