@@ -177,6 +177,7 @@ def test_under_secure_aggregation_the_server_holds_only_the_sum_and_it_is_the_pl
     for rnd, row in enumerate(rows, 1):
         info = row["secure_aggregation"]
         assert info["message_rounds"] == 4 and info["clipped_values"] == 0
+        assert len(info["stage_s"]) == 4 and 0 < sum(info["stage_s"]) <= info["protocol_s"]
         assert {c["aggregation"] for c in row["clients"] if c["status"] == "ok"} == {"secure"}
         # 3. the mean the server got = the plain weighted mean of the true deltas, within the bound
         deltas = [(d, w) for (r, _), (d, w) in sent.items() if r == rnd]

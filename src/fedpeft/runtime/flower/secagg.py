@@ -149,8 +149,10 @@ class _CountingGrid:
         self.down: dict[int, int] = {}  # node id -> bytes sent to it, every stage
         self.up: dict[int, int] = {}
         self.stages = 0
+        self.stage_s: list[float] = []  # each stage's seconds, from the first push to the last reply
 
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        t0 = time.perf_counter()
         msgs = {m.metadata.dst_node_id: m for m in messages}
         for nid, m in msgs.items():
             self.down[nid] = self.down.get(nid, 0) + wire_bytes(m.content)
@@ -160,6 +162,7 @@ class _CountingGrid:
             if not reply.has_error():
                 self.up[nid] = self.up.get(nid, 0) + wire_bytes(reply.content)
         self.stages += 1
+        self.stage_s.append(time.perf_counter() - t0)
         return list(replies.values())
 
 
@@ -214,7 +217,7 @@ def secure_fit_round(clients: "FlowerClients", plan: RoundPlan, state: NamedArra
     clipped = int(sum(res.metrics.get(CLIPPED_METRIC, 0) for res in contributed.values()))
     info = {"message_rounds": grid.stages, "error_bound": settings.error_bound(weights), "clipped_values": clipped,
             "clipping_range": settings.clipping_range, "quantization_range": settings.quantization_range,
-            "protocol_s": time.perf_counter() - t0}
+            "protocol_s": time.perf_counter() - t0, "stage_s": grid.stage_s}
     for cid, res in sorted(contributed.items()):
         metrics = {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}
         delivery.results.append(ClientResult(cid, {}, int(metrics.pop("num-examples", res.num_examples)), metrics))
