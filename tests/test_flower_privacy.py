@@ -192,6 +192,12 @@ def test_under_secure_aggregation_the_server_holds_only_the_sum_and_it_is_the_pl
             if owner == cid:
                 assert vector.shape == delta.shape and abs(np.corrcoef(vector, delta)[0, 1]) < 0.2
         assert 0.3 < vector.mean() / 2**32 < 0.7
+    # every update sent was the masked vector, one 64-bit integer per value: the summary's update
+    # size (the largest, used for upload_reduction_vs_full) is that, not the plain float32 state's
+    sizes = {c["bytes_up"] for r in rows for c in r["clients"] if c["status"] == "ok"}
+    assert sizes == {8 * summary["exchanged_params"]} == {summary["bytes_per_client_update"]}
+    assert summary["bytes_per_client_update_mean"] == summary["bytes_per_client_update"]
+    assert summary["upload_reduction_vs_full"] == summary["full_model_bytes_per_message"] / (8 * summary["exchanged_params"])
     if privacy:  # client-local DP: the same epsilon as without secure aggregation (same accountant)
         assert summary["epsilon"] == pytest.approx(float(rows[-1]["epsilon"])) and summary["epsilon"] > 0
 

@@ -27,7 +27,13 @@ from fedpeft.federation.aggregate import validate_update
 from fedpeft.federation.assignment import Assignment
 from fedpeft.federation.attacks import AttackingTrainer, malicious_clients
 from fedpeft.federation.client import ClientTrainer, evaluate
-from fedpeft.federation.costs import message_bytes, model_message_bytes, param_counts, train_state_bytes
+from fedpeft.federation.costs import (
+    message_bytes,
+    model_message_bytes,
+    param_counts,
+    secagg_update_bytes,
+    train_state_bytes,
+)
 from fedpeft.federation.generative import eos_token_ids, evaluate_causal_lm
 from fedpeft.federation.strategy import FedAvgStrategy
 from fedpeft.methods import Method, NamedArrays, build_method, get_state, set_state
@@ -116,7 +122,9 @@ class Experiment:
             "exchanged_params": int(sum(a.size for a in state.values())),
             # a client that trains every exchanged name; with an assignment (layers, heterogeneous k)
             # the largest update: the rows have each client's, the summary their mean
-            "bytes_per_client_update": copies * message_bytes(state, dtype),
+            # (secure aggregation: the masked vector, 64 bits a value, whatever the exchange dtype)
+            "bytes_per_client_update": (secagg_update_bytes(state) if self.cfg.privacy.secure_aggregation
+                                        else copies * message_bytes(state, dtype)),
             # the global state (FedEx-LoRA: at most, with the dense base weights; rows have each client's) + c
             "bytes_per_client_download": message_bytes(self.initial_state(), dtype) + (copies - 1) * message_bytes(state, dtype),
             "full_model_bytes_per_message": model_message_bytes(self.model, dtype),

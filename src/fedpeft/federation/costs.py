@@ -37,6 +37,15 @@ def message_bytes(state: Mapping[str, np.ndarray], exchange_dtype: str = "float3
     return sum(value_bytes(a, exchange_dtype) + len(name.encode("utf-8")) for name, a in state.items())
 
 
+SECAGG_VALUE_BYTES = 8  # SecAgg+ (Flower): an update is a masked vector of 64-bit integers, one per value
+
+
+def secagg_update_bytes(state: Mapping[str, np.ndarray]) -> int:
+    """Bytes of one SecAgg+ update of ``state`` (``privacy.secure_aggregation``): its values as one
+    flat masked vector of 64-bit integers, without names (:mod:`fedpeft.runtime.flower.secagg`)."""
+    return SECAGG_VALUE_BYTES * sum(int(np.size(a)) for a in state.values())
+
+
 def model_message_bytes(model: nn.Module, exchange_dtype: str = "float32") -> int:
     """What one message would cost if it carried every parameter (the full-FedAvg equivalent),
     each value at ``exchange_dtype``'s size (a bfloat16 model's state crosses as float32 unless

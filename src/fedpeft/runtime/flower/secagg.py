@@ -59,6 +59,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 
 from fedpeft.errors import FedPeftError
+from fedpeft.federation.costs import SECAGG_VALUE_BYTES
 from fedpeft.federation.strategy import AggregateResult, ClientResult, RoundPlan
 from fedpeft.methods.base import NamedArrays
 from fedpeft.runtime.flower.wire import record_to_state, state_to_record, wire_bytes
@@ -221,7 +222,7 @@ def secure_fit_round(clients: "FlowerClients", plan: RoundPlan, state: NamedArra
     for cid, res in sorted(contributed.items()):
         metrics = {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}
         delivery.results.append(ClientResult(cid, {}, int(metrics.pop("num-examples", res.num_examples)), metrics))
-        delivery.bytes_up[cid] = flat.size * 8  # one masked 64-bit integer per coordinate
+        delivery.bytes_up[cid] = flat.size * SECAGG_VALUE_BYTES  # one masked 64-bit integer per coordinate
     on_result(AggregateResult(sorted(contributed), average, sum(weights), info))
     return delivery
 
