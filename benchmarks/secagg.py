@@ -166,6 +166,7 @@ def measure(args: argparse.Namespace, model: str, variant: str) -> dict | None:
         "message_rounds": secure[0]["message_rounds"] if secure[0] else 1,
         "wall_round": statistics.mean(r["wall_s"] for r in rows),
         "compute_round": statistics.mean(r["client_compute_s"] for r in rows),
+        "eval_round": statistics.mean(r["eval_s"] for r in rows),
         "protocol_s": statistics.mean(s["protocol_s"] for s in secure) if secure[0] else None,
         "stage_s": [statistics.mean(st) for st in zip(*(s["stage_s"] for s in secure))]
         if secure[0] and all("stage_s" in s for s in secure) else None,
@@ -218,10 +219,10 @@ def table(args: argparse.Namespace, models: list[str]) -> str:
             lines.append(f"| {v} | {m['accuracy']:.3f} / {m['macro_f1']:.3f} | {first} | {last} | {replayed} | "
                          f"{'-' if m['clipped'] is None else m['clipped']} | {eps} |")
         lines += ["", "Cost per client and round (KB: logical payload / on the wire), message rounds per FL round, "
-                  "seconds per round (wall; clients' compute, summed over clients; SecAgg+ protocol, training included, and its "
+                  "seconds per round (wall, the server's evaluation in it; clients' compute, summed over clients; SecAgg+ protocol, training included, and its "
                   "stages: setup, share keys, collect masked vectors, unmask), CPU seconds over the whole run "
                   "(server worker + SuperLink; all nodes), the ServerApp's peak RSS:", "",
-                  "| variant | up KB | down KB | message rounds | wall s / round | compute s / round | "
+                  "| variant | up KB | down KB | message rounds | wall s / round (eval) | compute s / round | "
                   "protocol s / round (its 4 stages) | server CPU s | nodes CPU s | server peak RSS MB |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for v in VARIANTS:
@@ -231,7 +232,7 @@ def table(args: argparse.Namespace, models: list[str]) -> str:
             cpu = m["cpu"] or {}
             lines.append(
                 f"| {v} | {kb(m['up'])} / {kb(m['wire_up'])} | {kb(m['down'])} / {kb(m['wire_down'])} | "
-                f"{m['message_rounds']} | {m['wall_round']:.2f} | {m['compute_round']:.2f} | "
+                f"{m['message_rounds']} | {m['wall_round']:.2f} ({m['eval_round']:.2f}) | {m['compute_round']:.2f} | "
                 f"{'-' if m['protocol_s'] is None else format(m['protocol_s'], '.2f')}"
                 f"{' (' + ' / '.join(f'{x:.2f}' for x in m['stage_s']) + ')' if m['stage_s'] else ''} | "
                 f"{cpu.get('server', float('nan')):.1f} | {cpu.get('nodes', float('nan')):.1f} | "
