@@ -27,8 +27,9 @@ processes and their children, read before and after; ``cpu.json`` in the run fol
 ServerApp's peak RSS (``peak_rss_mb``).
 
 Every run is a normal run folder ``OUT/<model>/<variant>``; re-running skips finished runs and
-resumes killed ones (a resumed run's CPU seconds count only its last part); the deployment is
-started only when some run is not finished. ``OUT/secagg.md`` holds the tables.
+starts unfinished ones again (a run's ``runtime.superlink`` is the address of the deployment it
+ran on, which is gone, and the key does not change on resume); the deployment is started only
+when some run is not finished, the replays are done when missing. ``OUT/secagg.md`` holds the tables.
 
 Usage::
 
@@ -192,17 +193,17 @@ def kb(x: float) -> str:
 
 
 def table(args: argparse.Namespace, models: list[str]) -> str:
-    lines = [f"# Secure aggregation (SecAgg+) on a loopback deployment: banking77, BitFit, {args.clients} IID "
-             f"clients all in every round, {args.rounds} rounds x 1 epoch, {args.rows} train / {args.test_rows} test rows", ""]
+    lines = [(f"# Secure aggregation (SecAgg+) on a loopback deployment: banking77, BitFit, {args.clients} IID "
+              f"clients all in every round, {args.rounds} rounds x 1 epoch, {args.rows} train / {args.test_rows} test rows"), ""]
     for model in models:
         got = {v: measure(args, model, v) for v in VARIANTS}
         if not any(got.values()):
             continue
         n = next(m["trainable"] for m in got.values() if m)
         lines += [f"## {model} ({n:,} exchanged values)", "",
-                  "| variant | accuracy / macro-F1 | max abs diff vs plain run: round 1 (bound) | "
-                  f"round {args.rounds} (sum of bounds) | vs plain replay of the round: round {args.rounds} (bound) "
-                  "| values clipped | epsilon |",
+                  ("| variant | accuracy / macro-F1 | max abs diff vs plain run: round 1 (bound) | "
+                   f"round {args.rounds} (sum of bounds) | vs plain replay of the round: round {args.rounds} (bound) "
+                   "| values clipped | epsilon |"),
                   "|---|---|---|---|---|---|---|"]
         for v in VARIANTS:
             m = got[v]
@@ -218,12 +219,13 @@ def table(args: argparse.Namespace, models: list[str]) -> str:
             eps = "-" if m["epsilon"] is None else f"{m['epsilon']:.2f}"
             lines.append(f"| {v} | {m['accuracy']:.3f} / {m['macro_f1']:.3f} | {first} | {last} | {replayed} | "
                          f"{'-' if m['clipped'] is None else m['clipped']} | {eps} |")
-        lines += ["", "Cost per client and round (KB: logical payload / on the wire), message rounds per FL round, "
-                  "seconds per round (wall, the server's evaluation in it; clients' compute, summed over clients; SecAgg+ protocol, training included, and its "
-                  "stages: setup, share keys, collect masked vectors, unmask), CPU seconds over the whole run "
-                  "(server worker + SuperLink; all nodes), the ServerApp's peak RSS:", "",
-                  "| variant | up KB | down KB | message rounds | wall s / round (eval) | compute s / round | "
-                  "protocol s / round (its 4 stages) | server CPU s | nodes CPU s | server peak RSS MB |",
+        lines += ["", ("Cost per client and round (KB: logical payload / on the wire), message rounds per FL round, "
+                       "seconds per round (wall, the server's evaluation in it; clients' compute, summed over clients; "
+                       "SecAgg+ protocol, training included, and its stages: setup, share keys, collect masked vectors, "
+                       "unmask), CPU seconds over the whole run (server worker + SuperLink; all nodes), the ServerApp's "
+                       "peak RSS:"), "",
+                  ("| variant | up KB | down KB | message rounds | wall s / round (eval) | compute s / round | "
+                   "protocol s / round (its 4 stages) | server CPU s | nodes CPU s | server peak RSS MB |"),
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for v in VARIANTS:
             m = got[v]
