@@ -1,8 +1,9 @@
 """Differential privacy: how much accuracy does a formal (epsilon, delta) guarantee cost?
 
 Setup (issue 16): all-MiniLM-L6-v2 on banking77 (``--dataset``: another known one, e.g. sst2),
-max_length 32, delta 1e-5, one seed, accuracy and macro-F1 at epsilon = infinity (no privacy), 8, 3 and 1 for BitFit, LoRA and soft
-prompts, each at its banking77 lr (benchmarks/methods.py, tuned without privacy):
+max_length 32, delta 1e-5, one seed, accuracy and macro-F1 at epsilon = infinity (no privacy),
+8, 3 and 1 for BitFit, LoRA and soft prompts, each at its banking77 lr (benchmarks/methods.py,
+tuned without privacy):
 
 - ``sample`` level (DP-SGD with Opacus, per client: every client's own rows are protected,
   ``--rows`` training rows, Poisson-sampled batches of expected size ``--batch-size`` (16),
