@@ -21,6 +21,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# Files that each take minutes (real Flower deployments, Ray simulations, MiniLM): collected
+# first, so the two pytest-xdist workers (``--dist loadfile``: a file stays on one worker) start
+# them early and end together, not one worker finishing a deployment alone at the end.
+SLOW_FILES = ("test_flower_secure.py", "test_integration.py", "test_flower.py", "test_flower_killed_node.py",
+              "test_flower_privacy.py", "test_robust_rounds.py", "test_lora_aggregation.py", "test_runs.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Encoded-data cache in a temporary folder, not the user's ~/.cache/fedpeft."""
