@@ -133,10 +133,7 @@ def run_tune(
         alive = _candidates(plans[method, stages[0]], objective)
         candidates += alive
         for stage in stages:
-            names = {name for c in alive for name in c.runs}
-            outcomes = run_planned([r for r in plans[method, stage] if r.name in names], out, execute)
-            for candidate in alive:
-                _score(candidate, out, outcomes, stage)
+            proxy.run(alive, stage)
             if stage < stages[-1]:  # successive halving: the better half goes on
                 scored = sorted((c for c in alive if c.error is None), key=Candidate.rank)
                 alive = scored[:max(1, math.ceil(len(scored) / 2))]
