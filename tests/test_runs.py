@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import interrupt_at
+
 from fedpeft.config import Config
 from fedpeft.errors import FedPeftError
 from fedpeft.experiment import evaluate_run, run_experiment
@@ -114,14 +116,7 @@ def test_resume_after_interrupt_equals_uninterrupted(csv_data, tmp_path, monkeyp
 
     from fedpeft.federation.client import ClientTrainer
 
-    real_fit = ClientTrainer.fit
-
-    def failing_fit(self, client, indices, state, rnd):
-        if rnd == 3:
-            raise KeyboardInterrupt
-        return real_fit(self, client, indices, state, rnd)
-
-    monkeypatch.setattr(ClientTrainer, "fit", failing_fit)
+    real_fit = interrupt_at(monkeypatch, 3)
     with pytest.raises(FedPeftError, match="interrupted after round 2; continue with: fedpeft run --resume"):
         run_experiment(cfg, out=tmp_path / "cut")
     monkeypatch.setattr(ClientTrainer, "fit", real_fit)
